@@ -1,0 +1,29 @@
+# The two commands of the README: `make run` and `make test`. Both set up what is missing first.
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+
+.PHONY: run test lint clean
+
+run: $(STAMP)
+	$(VENV)/bin/huddle serve
+
+test: $(STAMP)
+	scripts/system-deps test
+	$(VENV)/bin/ruff check .
+	scripts/in-netns $(VENV)/bin/pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+$(STAMP): pyproject.toml
+	scripts/system-deps run
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,121 @@
+"""Command line: `huddle serve` runs a node, `huddle token` prints a join link."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+from urllib.parse import quote
+
+from huddle import config, logs
+from huddle.signaling import tokens
+from huddle.signaling.messages import valid_room_name
+
+
+def _default_url() -> str:
+    host = os.environ.get("HUDDLE_HOST") or config.Settings().host
+    port = os.environ.get("HUDDLE_PORT") or str(config.Settings().port)
+    return f"http://{host}:{port}"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="huddle", description="Self-hosted video calls.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser(
+        "serve",
+        help="run a Huddle node",
+        description="Run a Huddle node: the call page and signaling over HTTP/WebSocket, a STUN server "
+        "and the media port. When ready it prints one JSON line on stdout: "
+        '{"event": "ready", "http": PORT, "stun": PORT, "media": PORT}. Logs go to stderr.',
+    )
+    config.add_arguments(serve)
+
+    token = sub.add_parser(
+        "token",
+        help="print a join link for one person and one room",
+        description="Sign a join token (JWT HS256) with the server's secret and print the join URL.",
+    )
+    token.add_argument("--room", required=True, help="room the link admits to")
+    token.add_argument("--identity", required=True, help="stable identity of the person (e.g. a user id)")
+    token.add_argument("--name", help="display name shown to others (default: the identity)")
+    token.add_argument("--ttl", type=int, default=tokens.DEFAULT_TTL, help="seconds the link stays valid")
+    token.add_argument("--no-publish", action="store_true", help="may watch but not send media")
+    token.add_argument("--no-record", action="store_true", help="may not start recordings")
+    token.add_argument(
+        "--url",
+        default=os.environ.get("HUDDLE_URL", _default_url()),
+        help="base URL of the server [env HUDDLE_URL]",
+    )
+    config.add_arguments(token, ("secret",))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "token":
+        return _token(args)
+    try:
+        settings = config.from_namespace(args)
+    except ValueError as exc:
+        print(f"huddle serve: {exc}", file=sys.stderr)
+        return 2
+    logs.setup(settings.log_level)
+    try:
+        asyncio.run(_serve(settings))
+    except OSError as exc:
+        print(
+            f"huddle serve: cannot listen: {exc}. Is another server using the port? Pick others with "
+            "--port, --stun-port and --media-port (0 picks a free one).",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+async def _serve(settings: config.Settings) -> None:
+    from huddle.node import Node
+
+    node = Node(settings)
+    ports = await node.start()
+    print(
+        json.dumps({"event": "ready", "http": ports.http, "stun": ports.stun, "media": ports.media}),
+        flush=True,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await node.stop()
+
+
+def _token(args: argparse.Namespace) -> int:
+    if not args.secret:
+        print(
+            "huddle token: no secret: pass --secret or set HUDDLE_SECRET (the one the server runs with)",
+            file=sys.stderr,
+        )
+        return 2
+    if not valid_room_name(args.room):
+        print("huddle token: --room must be 1-64 letters, digits, '-' or '_'", file=sys.stderr)
+        return 2
+    if args.ttl <= 0:
+        print("huddle token: --ttl must be a positive number of seconds", file=sys.stderr)
+        return 2
+    permissions = tokens.Permissions(publish=not args.no_publish, record=not args.no_record)
+    token = tokens.issue(
+        args.secret,
+        room=args.room,
+        identity=args.identity,
+        name=args.name,
+        ttl=args.ttl,
+        permissions=permissions,
+    )
+    print(f"{args.url.rstrip('/')}/r/{quote(args.room)}?token={token}")
+    return 0

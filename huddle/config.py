@@ -1,0 +1,73 @@
+"""One Settings object for a Huddle node: command-line flags > HUDDLE_* environment > defaults."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, fields
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    stun_port: int = 3478
+    media_port: int = 7882
+    secret: str | None = None
+    log_level: str = "info"
+    max_participants: int = 100
+
+    @property
+    def open_rooms(self) -> bool:
+        return not self.secret
+
+
+# Help text per setting; the flag is --name-with-dashes and the variable HUDDLE_NAME_IN_CAPS.
+_HELP = {
+    "host": "address to listen on for HTTP, WebSocket, STUN and media",
+    "port": "HTTP and WebSocket port (0 picks a free port)",
+    "stun_port": "STUN server port, UDP and TCP (0 picks a free port)",
+    "media_port": "UDP port for SFU media (0 picks a free port)",
+    "secret": "key that signs join tokens (HS256); unset means open rooms: anyone with the room name joins",
+    "log_level": "log level for the structured logs on stderr",
+    "max_participants": "most participants one room admits",
+}
+
+
+def env_name(field_name: str) -> str:
+    return "HUDDLE_" + field_name.upper()
+
+
+def add_arguments(parser: argparse.ArgumentParser, names: tuple[str, ...] | None = None) -> None:
+    """Add one flag per setting, with defaults taken from the environment so that flags win over it."""
+    defaults = Settings()
+    for f in fields(Settings):
+        if names is not None and f.name not in names:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        kind = int if isinstance(default, int) else str
+        env = os.environ.get(env_name(f.name))
+        value = kind(env) if env not in (None, "") else default
+        kwargs: dict = {
+            "type": kind,
+            "default": value,
+            "help": f"{_HELP[f.name]} [env {env_name(f.name)}; default {default!r}]",
+        }
+        if f.name == "log_level":
+            kwargs["choices"] = LOG_LEVELS
+        parser.add_argument(flag, dest=f.name, **kwargs)
+
+
+def from_namespace(ns: argparse.Namespace) -> Settings:
+    values = {f.name: getattr(ns, f.name) for f in fields(Settings) if hasattr(ns, f.name)}
+    settings = Settings(**values)
+    for name in ("port", "stun_port", "media_port"):
+        port = getattr(settings, name)
+        if not 0 <= port <= 65535:
+            raise ValueError(f"--{name.replace('_', '-')} must be 0-65535, got {port}")
+    if settings.max_participants < 1:
+        raise ValueError("--max-participants must be at least 1")
+    return settings

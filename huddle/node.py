@@ -1,0 +1,103 @@
+"""One Huddle node: signaling over HTTP/WebSocket, the STUN server and the media port, started together."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from huddle.calls.room import Rooms
+from huddle.config import Settings
+from huddle.logs import event
+from huddle.metrics import Metrics
+from huddle.signaling.app import build_app
+from huddle.signaling.session import Context
+from huddle.signaling.tokens import weak_secret
+from huddle.stun import StunServer
+
+log = logging.getLogger("huddle.node")
+
+
+@dataclass(frozen=True, slots=True)
+class Ports:
+    http: int
+    stun: int
+    media: int
+
+
+class _MediaPort(asyncio.DatagramProtocol):
+    """The SFU's UDP port. Until transports own addresses (the SFU issue), every datagram is dropped and
+    counted."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._dropped = metrics.media_dropped.labels(reason="no_transport")
+
+    def datagram_received(self, data: bytes, addr: tuple) -> None:
+        self._dropped.inc()
+
+
+class Node:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.rooms = Rooms(settings.max_participants)
+        self.metrics.rooms.set_function(lambda: len(self.rooms))
+        self.metrics.participants.set_function(self.rooms.participant_count)
+        self.stun = StunServer(self.metrics)
+        self._runner: web.AppRunner | None = None
+        self._media: asyncio.DatagramTransport | None = None
+
+    async def start(self) -> Ports:
+        s = self.settings
+        stun_port = await self.stun.start(s.host, s.stun_port)
+        loop = asyncio.get_running_loop()
+        self._media, _ = await loop.create_datagram_endpoint(
+            lambda: _MediaPort(self.metrics), local_addr=(s.host, s.media_port)
+        )
+        media_port = self._media.get_extra_info("sockname")[1]
+        ctx = Context(settings=s, rooms=self.rooms, metrics=self.metrics, stun_port=stun_port)
+        self._runner = web.AppRunner(build_app(ctx), access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, s.host, s.port, reuse_address=True)
+        await site.start()
+        server = site._server
+        assert server is not None and server.sockets
+        http_port = next(
+            sock.getsockname()[1]
+            for sock in server.sockets
+            if sock.family in (socket.AF_INET, socket.AF_INET6)
+        )
+        if s.secret and weak_secret(s.secret):
+            event(
+                log,
+                logging.WARNING,
+                "the --secret is short: use at least 32 random bytes, e.g. from "
+                "`python3 -c 'import secrets; print(secrets.token_urlsafe(32))'`",
+            )
+        ports = Ports(http=http_port, stun=stun_port, media=media_port)
+        event(
+            log,
+            logging.INFO,
+            "serving",
+            url=f"http://{_url_host(s.host)}:{http_port}",
+            stun=stun_port,
+            media=media_port,
+            open_rooms=s.open_rooms,
+        )
+        return ports
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        if self._media is not None:
+            self._media.close()
+            self._media = None
+        await self.stun.close()
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host

@@ -1,0 +1,1 @@
+"""Signaling: the aiohttp app, the WebSocket protocol, join tokens."""

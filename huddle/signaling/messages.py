@@ -1,0 +1,136 @@
+"""Typed schemas of the signaling messages a client may send (docs/protocol.md, version 1).
+
+Validation happens in `decode`, before anything acts on a message, and turns every problem into a
+`ProtocolError` that carries the error code to answer with.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError
+
+PROTOCOL_VERSION = 1
+MAX_MESSAGE_BYTES = 64 * 1024
+ROOM_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+RequestId = Annotated[str, StringConstraints(min_length=1, max_length=64)] | int
+ParticipantId = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+
+
+class ProtocolError(Exception):
+    def __init__(self, code: str, message: str, request_id: Any = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+
+
+class _Message(BaseModel):
+    # Strict: "true" is not a boolean and "1" is not a number. Unknown fields are ignored so that newer
+    # clients still talk to this server.
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+    v: Literal[1] | None = None
+    id: RequestId | None = None
+
+
+class Join(_Message):
+    type: Literal["join"]
+    room: Annotated[str, StringConstraints(max_length=256)]
+    name: Annotated[str, StringConstraints(max_length=256)] | None = None
+    token: Annotated[str, StringConstraints(max_length=8192)] | None = None
+
+
+class Leave(_Message):
+    type: Literal["leave"]
+
+
+class Offer(_Message):
+    type: Literal["offer"]
+    to: ParticipantId
+    sdp: Annotated[str, StringConstraints(min_length=1, max_length=60_000)]
+
+
+class Answer(_Message):
+    type: Literal["answer"]
+    to: ParticipantId
+    sdp: Annotated[str, StringConstraints(min_length=1, max_length=60_000)]
+
+
+class CandidateInit(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+    candidate: Annotated[str, StringConstraints(max_length=1024)]
+    sdpMid: Annotated[str, StringConstraints(max_length=64)] | None = None
+    sdpMLineIndex: Annotated[int, Field(ge=0, le=1024)] | None = None
+    usernameFragment: Annotated[str, StringConstraints(max_length=256)] | None = None
+
+
+class Candidate(_Message):
+    type: Literal["candidate"]
+    to: ParticipantId
+    candidate: CandidateInit | None
+
+
+class Media(_Message):
+    type: Literal["media"]
+    audio: bool | None = None
+    video: bool | None = None
+
+
+class Ping(_Message):
+    type: Literal["ping"]
+
+
+ClientMessage = Annotated[
+    Join | Leave | Offer | Answer | Candidate | Media | Ping, Field(discriminator="type")
+]
+_ADAPTER: TypeAdapter[ClientMessage] = TypeAdapter(ClientMessage)
+MESSAGE_TYPES = frozenset({"join", "leave", "offer", "answer", "candidate", "media", "ping"})
+
+
+def decode(text: str) -> ClientMessage:
+    """Parse and validate one text frame. Raises ProtocolError with the code to answer with."""
+    if len(text) > MAX_MESSAGE_BYTES or len(text.encode()) > MAX_MESSAGE_BYTES:
+        raise ProtocolError("too_large", f"message is over {MAX_MESSAGE_BYTES} bytes")
+    try:
+        raw = json.loads(text)
+    except (ValueError, RecursionError):
+        raise ProtocolError("bad_json", "message is not valid JSON") from None
+    if not isinstance(raw, dict):
+        raise ProtocolError("bad_json", "message must be a JSON object")
+    request_id = raw.get("id")
+    if not (isinstance(request_id, int | str) and not isinstance(request_id, bool)):
+        request_id = None
+    elif isinstance(request_id, str) and not 1 <= len(request_id) <= 64:
+        request_id = None
+    kind = raw.get("type")
+    if not isinstance(kind, str):
+        raise ProtocolError("bad_message", "message needs a string field 'type'", request_id)
+    if kind not in MESSAGE_TYPES:
+        raise ProtocolError("unknown_type", f"unknown message type {kind[:40]!r}", request_id)
+    if raw.get("v", PROTOCOL_VERSION) != PROTOCOL_VERSION:
+        raise ProtocolError(
+            "unsupported_version", f"protocol version {PROTOCOL_VERSION} is the only one", request_id
+        )
+    try:
+        return _ADAPTER.validate_python(raw)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False, include_input=False)[0]
+        where = ".".join(str(part) for part in first["loc"][1:]) or "message"
+        raise ProtocolError("bad_message", f"{kind}: {where}: {first['msg']}", request_id) from None
+
+
+def valid_room_name(name: str) -> bool:
+    return ROOM_NAME.fullmatch(name) is not None
+
+
+def clean_display_name(name: str | None) -> str | None:
+    """The display name as shown to others, or None when it is not acceptable."""
+    if name is None:
+        return None
+    name = " ".join(name.split())
+    if not 1 <= len(name) <= 64 or not name.isprintable():
+        return None
+    return name

@@ -1,0 +1,310 @@
+"""One signaling connection: validates what the client sends and acts on it (docs/protocol.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+from huddle.calls.room import Participant, Room, RoomFull, Rooms
+from huddle.config import Settings
+from huddle.logs import event
+from huddle.metrics import Metrics
+from huddle.signaling import messages as m
+from huddle.signaling.tokens import Permissions, TokenError, verify
+
+log = logging.getLogger("huddle.signaling")
+
+RATE_PER_SECOND = 50.0
+RATE_BURST = 200.0
+DROPS_BEFORE_CLOSE = 2000
+OUTBOX_LIMIT = 512
+
+CLOSE_NORMAL = 1000
+CLOSE_POLICY = 1008
+CLOSE_TRY_AGAIN = 1013
+CLOSE_UNAUTHORIZED = 4001
+CLOSE_REPLACED = 4002
+
+
+@dataclass(slots=True)
+class Context:
+    """What every session of one server shares."""
+
+    settings: Settings
+    rooms: Rooms
+    metrics: Metrics
+    stun_port: int
+
+
+class TokenBucket:
+    __slots__ = ("burst", "level", "rate", "stamp")
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.level = burst
+        self.stamp = time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.level = min(self.burst, self.level + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.level >= 1.0:
+            self.level -= 1.0
+            return True
+        return False
+
+
+_CLOSE = object()
+
+
+class Session:
+    def __init__(self, ws: web.WebSocketResponse, ctx: Context, request: web.Request) -> None:
+        self.ws = ws
+        self.ctx = ctx
+        self.request = request
+        self.room: Room | None = None
+        self.participant: Participant | None = None
+        self.leave_reason = "disconnected"
+        self._outbox: asyncio.Queue[Any] = asyncio.Queue(OUTBOX_LIMIT)
+        self._bucket = TokenBucket(RATE_PER_SECOND, RATE_BURST)
+        self._dropped = 0
+        self._last_rate_error = 0.0
+        self._closing = False
+
+    # -- Outbox (what calls.room sees) ------------------------------------------------------------------
+
+    def send(self, message: dict[str, Any]) -> None:
+        if self._closing:
+            return
+        try:
+            self._outbox.put_nowait(message)
+        except asyncio.QueueFull:
+            # A client that does not read its socket must not make the server buffer without bound.
+            self._count_error("slow_consumer")
+            self._closing = True
+            asyncio.get_running_loop().create_task(
+                self.ws.close(code=CLOSE_TRY_AGAIN, message=b"not reading fast enough")
+            )
+
+    def close(self, code: int, reason: str) -> None:
+        """Close after what is already queued has gone out (so an error reaches the client first)."""
+        if self._closing:
+            return
+        self._closing = True
+        with contextlib.suppress(asyncio.QueueFull):
+            self._outbox.put_nowait((_CLOSE, code, reason))
+
+    async def _write(self) -> None:
+        while True:
+            item = await self._outbox.get()
+            if isinstance(item, tuple) and item[0] is _CLOSE:
+                await self.ws.close(code=item[1], message=item[2].encode()[:120])
+                return
+            try:
+                await self.ws.send_str(json.dumps(item, separators=(",", ":")))
+            except (ConnectionError, RuntimeError):
+                return
+
+    # -- Reading ----------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        writer = asyncio.create_task(self._write())
+        try:
+            async for msg in self.ws:
+                if msg.type == WSMsgType.TEXT:
+                    self._receive(msg.data)
+                elif msg.type == WSMsgType.BINARY:
+                    self._error("binary_not_supported", "send JSON in text frames")
+                elif msg.type == WSMsgType.ERROR:
+                    # aiohttp closes the socket itself (1009 for a frame over max_msg_size).
+                    self._count_error("too_large" if "size" in str(msg.data) else "protocol_violation")
+                    break
+        finally:
+            self._depart()
+            if not self._closing:
+                writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ConnectionError, RuntimeError):
+                await asyncio.wait_for(writer, timeout=2.0)
+
+    def _receive(self, text: str) -> None:
+        if not self._bucket.take():
+            self._dropped += 1
+            self._count_error("rate_limited")
+            now = time.monotonic()
+            if now - self._last_rate_error >= 1.0:
+                self._last_rate_error = now
+                self.send(
+                    {
+                        "type": "error",
+                        "code": "rate_limited",
+                        "message": f"over {RATE_PER_SECOND:.0f} messages per second; messages are dropped",
+                    }
+                )
+            if self._dropped > DROPS_BEFORE_CLOSE:
+                self.close(CLOSE_POLICY, "flooding")
+            return
+        try:
+            message = m.decode(text)
+        except m.ProtocolError as exc:
+            self.ctx.metrics.messages.labels(type="invalid").inc()
+            self._error(exc.code, exc.message, exc.request_id)
+            return
+        self.ctx.metrics.messages.labels(type=message.type).inc()
+        handler = getattr(self, "_on_" + message.type)
+        if message.type not in ("join", "ping") and self.participant is None:
+            self._error("not_joined", "send 'join' first", message.id)
+            return
+        handler(message)
+
+    def _count_error(self, kind: str) -> None:
+        self.ctx.metrics.errors.labels(kind=kind).inc()
+
+    def _error(self, code: str, message: str, request_id: Any = None) -> None:
+        self._count_error(code)
+        event(log, logging.DEBUG, "signaling error", code=code, detail=message, peer=self.request.remote)
+        reply: dict[str, Any] = {"type": "error", "code": code, "message": message}
+        if request_id is not None:
+            reply["id"] = request_id
+        self.send(reply)
+
+    # -- Handlers ---------------------------------------------------------------------------------------
+
+    def _on_ping(self, msg: m.Ping) -> None:
+        reply: dict[str, Any] = {"type": "pong", "time": time.time()}
+        if msg.id is not None:
+            reply["id"] = msg.id
+        self.send(reply)
+
+    def _on_join(self, msg: m.Join) -> None:
+        ctx = self.ctx
+        if self.participant is not None:
+            self._error("already_joined", "this socket has joined already; open another one", msg.id)
+            return
+        if not m.valid_room_name(msg.room):
+            self._error("invalid_room", "room name must be 1-64 letters, digits, '-' or '_'", msg.id)
+            return
+        permissions = Permissions()
+        if ctx.settings.secret:
+            if not msg.token:
+                self._refuse("unauthorized", "this server needs a join token; ask for a join link", msg.id)
+                return
+            try:
+                grant = verify(ctx.settings.secret, msg.token, msg.room)
+            except TokenError as exc:
+                self._refuse(exc.code, exc.message, msg.id)
+                return
+            identity, name, permissions = grant.identity, grant.name, grant.permissions
+        else:
+            name = m.clean_display_name(msg.name)
+            if name is None:
+                self._error("invalid_name", "a display name of 1-64 printable characters is needed", msg.id)
+                return
+            identity = "guest-" + secrets.token_hex(4)
+
+        room = ctx.rooms.get_or_create(msg.room)
+        previous = room.by_identity(identity)
+        if previous is not None:
+            # The same person joining again (a second device, a reloaded tab): the newest wins.
+            room.remove(previous)
+            room.broadcast({"type": "participant_left", "id": previous.id, "reason": "replaced"})
+            previous.outbox.close(CLOSE_REPLACED, "joined again from elsewhere")
+        participant = Participant(identity=identity, name=name, outbox=self, permissions=permissions)
+        try:
+            room.add(participant)
+        except RoomFull:
+            ctx.rooms.discard_if_empty(room)
+            self._error("room_full", f"room '{msg.room}' is full ({room.capacity} participants)", msg.id)
+            return
+        self.room, self.participant = room, participant
+        reply: dict[str, Any] = {
+            "type": "joined",
+            "v": m.PROTOCOL_VERSION,
+            "self": participant.describe(),
+            "room": room.name,
+            "participants": [p.describe() for p in room if p is not participant],
+            "mode": room.mode,
+            "ice_servers": self._ice_servers(),
+            "permissions": permissions.as_dict(),
+        }
+        if msg.id is not None:
+            reply["id"] = msg.id
+        self.send(reply)
+        room.broadcast(
+            {"type": "participant_joined", "participant": participant.describe()}, exclude=participant
+        )
+        event(
+            log,
+            logging.INFO,
+            "participant joined",
+            room=room.name,
+            participant=participant.id,
+            size=len(room),
+        )
+
+    def _refuse(self, code: str, message: str, request_id: Any) -> None:
+        self._error(code, message, request_id)
+        self.close(CLOSE_UNAUTHORIZED, code)
+
+    def _ice_servers(self) -> list[dict[str, Any]]:
+        host = self.request.url.host or self.ctx.settings.host
+        if ":" in host:
+            host = f"[{host}]"
+        return [{"urls": [f"stun:{host}:{self.ctx.stun_port}"]}]
+
+    def _on_leave(self, msg: m.Leave) -> None:
+        self.leave_reason = "left"
+        self._depart()
+        self.close(CLOSE_NORMAL, "left")
+
+    def _relay(self, msg: m.Offer | m.Answer | m.Candidate, payload: dict[str, Any]) -> None:
+        assert self.room is not None and self.participant is not None
+        target = self.room.participants.get(msg.to)
+        if target is None or target is self.participant:
+            self._error("unknown_participant", f"no participant {msg.to!r} in this room", msg.id)
+            return
+        target.outbox.send({"type": msg.type, "from": self.participant.id, **payload})
+
+    def _on_offer(self, msg: m.Offer) -> None:
+        self._relay(msg, {"sdp": msg.sdp})
+
+    def _on_answer(self, msg: m.Answer) -> None:
+        self._relay(msg, {"sdp": msg.sdp})
+
+    def _on_candidate(self, msg: m.Candidate) -> None:
+        candidate = None if msg.candidate is None else msg.candidate.model_dump(exclude_none=True)
+        self._relay(msg, {"candidate": candidate})
+
+    def _on_media(self, msg: m.Media) -> None:
+        assert self.room is not None and self.participant is not None
+        if msg.audio is not None:
+            self.participant.audio = msg.audio
+        if msg.video is not None:
+            self.participant.video = msg.video
+        self.room.broadcast({"type": "participant_updated", "participant": self.participant.describe()})
+
+    def _depart(self) -> None:
+        room, participant = self.room, self.participant
+        if room is None or participant is None:
+            return
+        self.room = self.participant = None
+        if room.remove(participant):
+            room.broadcast({"type": "participant_left", "id": participant.id, "reason": self.leave_reason})
+            event(
+                log,
+                logging.INFO,
+                "participant left",
+                room=room.name,
+                participant=participant.id,
+                reason=self.leave_reason,
+                size=len(room),
+            )
+        self.ctx.rooms.discard_if_empty(room)

@@ -1,0 +1,191 @@
+"""Real headless Chromium (Debian's, fake camera and microphone) driving the real call page.
+
+These tests carry media, so `make test` runs them inside a network namespace that has only loopback
+(scripts/in-netns): Chromium gathers candidates on every interface it sees.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from playwright.sync_api import Browser, Page, sync_playwright
+
+CHROMIUM = os.environ.get("HUDDLE_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--use-fake-device-for-media-stream",
+    "--use-fake-ui-for-media-stream",
+    "--allow-loopback-in-peer-connection",
+    "--autoplay-policy=no-user-gesture-required",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen
+    http: int
+    stun: int
+    media: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http}"
+
+
+def start_server(*extra: str) -> Server:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HUDDLE_")}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "huddle",
+            "serve",
+            "--port",
+            "0",
+            "--stun-port",
+            "0",
+            "--media-port",
+            "0",
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
+    line = proc.stdout.readline()
+    if not line:
+        proc.wait(5)
+        raise RuntimeError(f"huddle serve exited with {proc.returncode} before it was ready")
+    ready = json.loads(line)
+    return Server(proc, ready["http"], ready["stun"], ready["media"])
+
+
+def stop_server(server: Server) -> None:
+    server.proc.send_signal(signal.SIGTERM)
+    try:
+        server.proc.wait(10)
+    except subprocess.TimeoutExpired:
+        server.proc.kill()
+        raise
+    assert server.proc.returncode == 0, f"server exited with {server.proc.returncode}"
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Server]:
+    s = start_server()
+    yield s
+    stop_server(s)
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Browser]:
+    # A browser test must fail, not skip, when Chromium is missing: `make test` installs it.
+    assert shutil.which(CHROMIUM) or os.path.exists(CHROMIUM), (
+        f"Chromium not found at {CHROMIUM}: run `make test` (it installs Debian's chromium) "
+        "or apt-get install chromium"
+    )
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def new_page(browser: Browser) -> Iterator[Callable[[str], Page]]:
+    """Each page in its own context, as separate people on separate machines would be."""
+    contexts = []
+
+    def make(url: str) -> Page:
+        context = browser.new_context(viewport={"width": 1000, "height": 700})
+        contexts.append(context)
+        page = context.new_page()
+        page.on("pageerror", lambda exc: print(f"[page error] {exc}"))
+        page.goto(url)
+        return page
+
+    yield make
+    for context in contexts:
+        context.close()
+
+
+# Per remote peer: decoded video frames, received audio, and the selected candidate pair's two ends.
+STATS_JS = """
+async () => {
+  const out = [];
+  for (const {participantId, pc} of window.huddle.peerConnections()) {
+    const stats = await pc.getStats();
+    const peer = {participantId, framesDecoded: 0, frameWidth: 0, audioPackets: 0, audioSamples: 0,
+                  pair: null, connectionState: pc.connectionState};
+    const byId = new Map();
+    stats.forEach(r => byId.set(r.id, r));
+    stats.forEach(r => {
+      if (r.type === 'inbound-rtp' && r.kind === 'video') {
+        peer.framesDecoded += r.framesDecoded || 0;
+        peer.frameWidth = Math.max(peer.frameWidth, r.frameWidth || 0);
+      }
+      if (r.type === 'inbound-rtp' && r.kind === 'audio') {
+        peer.audioPackets += r.packetsReceived || 0;
+        peer.audioSamples += r.totalSamplesReceived || 0;
+      }
+      if (r.type === 'transport' && r.selectedCandidatePairId) {
+        const pair = byId.get(r.selectedCandidatePairId);
+        const local = byId.get(pair.localCandidateId), remote = byId.get(pair.remoteCandidateId);
+        peer.pair = {state: pair.state,
+                     local: {address: local.address, port: local.port, type: local.candidateType,
+                             protocol: local.protocol},
+                     remote: {address: remote.address, port: remote.port, type: remote.candidateType,
+                              protocol: remote.protocol}};
+      }
+    });
+    out.push(peer);
+  }
+  return out;
+}
+"""
+
+
+def peer_stats(page: Page) -> list[dict[str, Any]]:
+    return page.evaluate(STATS_JS)
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.25) -> Any:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
+
+
+def wait_decoding(page: Page, peers: int, frames: int = 30, timeout: float = 30) -> list[dict[str, Any]]:
+    """Wait until the page decodes at least `frames` video frames from each of `peers` remote peers."""
+
+    def enough() -> list[dict[str, Any]] | None:
+        stats = peer_stats(page)
+        if len(stats) == peers and all(s["framesDecoded"] >= frames for s in stats):
+            return stats
+        return None
+
+    return wait_for(enough, timeout, f"{frames} decoded frames from {peers} peers")
+
+
+def remote_tiles(page: Page) -> list[str]:
+    return page.eval_on_selector_all(".tile.remote", "els => els.map(e => e.dataset.name)")

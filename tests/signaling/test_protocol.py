@@ -1,0 +1,162 @@
+"""The signaling protocol as two clients in a room see it (docs/protocol.md)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from huddle.config import Settings
+
+from .conftest import Harness
+
+
+async def test_join_lists_participants_and_hands_out_our_stun_server(harness: Harness) -> None:
+    ada = await harness.connect()
+    joined = await ada.join("standup", "Ada")
+    assert joined["id"] == "j"
+    assert joined["participants"] == []
+    assert joined["mode"] == "p2p"
+    assert joined["self"]["name"] == "Ada"
+    assert joined["ice_servers"] == [{"urls": [f"stun:127.0.0.1:{harness.ports.stun}"]}]
+
+    bob = await harness.connect()
+    joined_bob = await bob.join("standup", "  Bob  ")
+    assert [p["name"] for p in joined_bob["participants"]] == ["Ada"]
+    assert joined_bob["self"]["name"] == "Bob"
+    seen = await ada.expect("participant_joined")
+    assert seen["participant"]["id"] == joined_bob["self"]["id"]
+    assert seen["participant"]["name"] == "Bob"
+
+
+async def test_offer_answer_and_candidates_are_relayed_between_the_two_peers(harness: Harness) -> None:
+    ada, bob = await harness.connect(), await harness.connect()
+    ada_id = (await ada.join("pair", "Ada"))["self"]["id"]
+    bob_id = (await bob.join("pair", "Bob"))["self"]["id"]
+    await ada.expect("participant_joined")
+
+    await bob.send({"type": "offer", "to": ada_id, "sdp": "v=0\r\noffer"})
+    offer = await ada.expect("offer")
+    assert offer == {"type": "offer", "from": bob_id, "sdp": "v=0\r\noffer"}
+
+    await ada.send({"type": "answer", "to": bob_id, "sdp": "v=0\r\nanswer"})
+    assert (await bob.expect("answer"))["sdp"] == "v=0\r\nanswer"
+
+    cand = {
+        "candidate": "candidate:1 1 udp 2122260223 127.0.0.1 50123 typ host",
+        "sdpMid": "0",
+        "sdpMLineIndex": 0,
+    }
+    await ada.send({"type": "candidate", "to": bob_id, "candidate": cand})
+    relayed = await bob.expect("candidate")
+    assert relayed["from"] == ada_id and relayed["candidate"] == cand
+    await ada.send({"type": "candidate", "to": bob_id, "candidate": None})
+    assert (await bob.expect("candidate"))["candidate"] is None
+
+
+async def test_rooms_are_separate(harness: Harness) -> None:
+    ada, eve = await harness.connect(), await harness.connect()
+    await ada.join("one", "Ada")
+    eve_id = (await eve.join("two", "Eve"))["self"]["id"]
+    await ada.send({"type": "offer", "id": 5, "to": eve_id, "sdp": "v=0"})
+    error = await ada.expect("error")
+    assert error["code"] == "unknown_participant" and error["id"] == 5
+    assert eve.ws.closed is False
+    await eve.send({"type": "ping", "id": "p"})
+    assert (await eve.recv())["type"] == "pong"  # nothing from room "one" reached Eve
+
+
+async def test_mute_and_camera_state_reach_everyone(harness: Harness) -> None:
+    ada, bob = await harness.connect(), await harness.connect()
+    await ada.join("r", "Ada")
+    bob_id = (await bob.join("r", "Bob"))["self"]["id"]
+    await bob.send({"type": "media", "audio": False})
+    for client in (ada, bob):
+        update = await client.expect("participant_updated")
+        assert update["participant"]["id"] == bob_id
+        assert update["participant"]["audio"] is False and update["participant"]["video"] is True
+    carol = await harness.connect()
+    listed = (await carol.join("r", "Carol"))["participants"]
+    assert [(p["name"], p["audio"]) for p in listed] == [("Ada", True), ("Bob", False)]
+
+
+async def test_leave_and_closed_socket_are_announced(harness: Harness) -> None:
+    ada, bob, carol = await harness.connect(), await harness.connect(), await harness.connect()
+    await ada.join("r", "Ada")
+    bob_id = (await bob.join("r", "Bob"))["self"]["id"]
+    carol_id = (await carol.join("r", "Carol"))["self"]["id"]
+
+    await bob.send({"type": "leave"})
+    left = await ada.expect("participant_left")
+    assert left == {"type": "participant_left", "id": bob_id, "reason": "left"}
+    assert await bob.closed() == 1000
+
+    await carol.ws.close()
+    left = await ada.expect("participant_left")
+    assert left == {"type": "participant_left", "id": carol_id, "reason": "disconnected"}
+    assert await harness.metric("huddle_participants") == 1
+
+
+async def test_a_vanished_client_is_gone_for_the_others_within_10_seconds(harness: Harness) -> None:
+    ada = await harness.connect()
+    await ada.join("r", "Ada")
+    # autoping off and never reading: the server's WebSocket pings go unanswered, as from a frozen tab
+    # or a machine whose network vanished without closing the TCP connection.
+    ghost = await harness.connect(autoping=False)
+    await ghost.send({"type": "join", "room": "r", "name": "Ghost"})
+    joined = await ada.expect("participant_joined")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    left = await ada.expect("participant_left", timeout=12)
+    assert left["id"] == joined["participant"]["id"] and left["reason"] == "disconnected"
+    assert loop.time() - started < 10
+
+
+async def test_ping_is_answered_with_the_request_id(harness: Harness) -> None:
+    client = await harness.connect()
+    await client.send({"type": "ping", "id": 41})
+    pong = await client.recv()
+    assert pong["type"] == "pong" and pong["id"] == 41 and pong["time"] > 0
+
+
+async def test_in_open_rooms_two_tabs_with_one_name_are_two_participants(harness: Harness) -> None:
+    a1, a2 = await harness.connect(), await harness.connect()
+    first = await a1.join("r", "Ada")
+    second = await a2.join("r", "Ada")
+    assert [p["id"] for p in second["participants"]] == [first["self"]["id"]]
+    assert first["self"]["identity"] != second["self"]["identity"]
+
+
+@pytest.mark.parametrize("settings", [Settings(max_participants=3)])
+async def test_room_capacity(harness: Harness) -> None:
+    room_size = 3
+    clients = [await harness.connect() for _ in range(room_size)]
+    for i, client in enumerate(clients):
+        await client.join("big", f"P{i}")
+    late = await harness.connect()
+    await late.send({"type": "join", "id": 1, "room": "big", "name": "Late"})
+    error = await late.expect("error")
+    assert error["code"] == "room_full"
+
+
+async def test_healthz_and_metrics(harness: Harness) -> None:
+    async with harness.http.get(harness.base + "/healthz") as resp:
+        assert resp.status == 200
+    ada = await harness.connect()
+    await ada.join("r", "Ada")
+    await ada.send({"type": "ping"})
+    await ada.recv()
+    async with harness.http.get(harness.base + "/metrics") as resp:
+        assert resp.status == 200
+        text = await resp.text()
+    assert "huddle_rooms 1.0" in text
+    assert "huddle_participants 1.0" in text
+    assert 'huddle_signaling_messages_total{type="join"} 1.0' in text
+    assert 'huddle_signaling_messages_total{type="ping"} 1.0' in text
+
+
+async def test_call_page_and_client_are_served(harness: Harness) -> None:
+    for path in ("/", "/r/standup", "/static/client.js", "/static/call.js", "/static/style.css"):
+        async with harness.http.get(harness.base + path) as resp:
+            assert resp.status == 200, path
+            assert len(await resp.read()) > 100, path
