@@ -37,7 +37,7 @@ class Metrics:
         )
         self.stun_dropped = Counter(
             "huddle_stun_dropped",
-            "STUN input dropped without an answer, by reason",
+            "STUN input dropped, or refused with an error answer, by reason",
             ["transport", "reason"],
             registry=r,
         )

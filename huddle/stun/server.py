@@ -1,0 +1,381 @@
+"""A STUN Binding server (RFC 8489): a pure decision function, and a thin asyncio layer over it.
+
+`handle` decides, for one incoming message, what to answer and why; it does no I/O, so every case
+is tested by feeding it bytes. `StunServer` only moves bytes between sockets and `handle`, on one
+port number for both UDP and TCP (RFC 8489 §6.2.2 frames messages on a stream by their own length).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import logging
+import socket
+from dataclasses import dataclass
+from typing import Any, Final, cast
+
+from huddle.metrics import Metrics
+from huddle.stun.message import (
+    BINDING,
+    ERROR_CODE,
+    FINGERPRINT,
+    HEADER_SIZE,
+    KNOWN_ATTRIBUTES,
+    MAGIC_COOKIE,
+    MESSAGE_INTEGRITY,
+    SOFTWARE,
+    UNKNOWN_ATTRIBUTES,
+    XOR_MAPPED_ADDRESS,
+    MessageClass,
+    StunError,
+    StunMessage,
+    encode,
+    encode_error_code,
+    encode_software,
+    encode_unknown_attributes,
+    encode_xor_mapped_address,
+    is_stun,
+    parse,
+    verify_fingerprint,
+)
+
+__all__ = ["REASONS", "Outcome", "StunServer", "handle"]
+
+logger = logging.getLogger("huddle.stun")
+
+# Every reason is a Prometheus label value, so the set is fixed: input never picks a label.
+NOT_STUN: Final = "not_stun"
+TRUNCATED: Final = "truncated"
+BAD_FINGERPRINT: Final = "bad_fingerprint"
+NOT_REQUEST: Final = "not_request"
+BAD_REQUEST: Final = "bad_request"
+UNKNOWN_ATTRIBUTE: Final = "unknown_attribute"
+UNKNOWN_METHOD: Final = "unknown_method"
+TOO_LARGE: Final = "too_large"
+TOO_MANY_CONNECTIONS: Final = "too_many_connections"
+INTERNAL_ERROR: Final = "internal_error"
+REASONS: Final = frozenset(
+    {
+        NOT_STUN,
+        TRUNCATED,
+        BAD_FINGERPRINT,
+        NOT_REQUEST,
+        BAD_REQUEST,
+        UNKNOWN_ATTRIBUTE,
+        UNKNOWN_METHOD,
+        TOO_LARGE,
+        TOO_MANY_CONNECTIONS,
+        INTERNAL_ERROR,
+    }
+)
+
+_COOKIE_BYTES = MAGIC_COOKIE.to_bytes(4, "big")
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What to do with one message: send `reply` (if any); `reason` is set unless it was a success."""
+
+    reply: bytes | None
+    reason: str | None = None
+
+
+def handle(data: bytes, source: tuple[Any, ...], *, software: str) -> Outcome:
+    """Decide how to answer one message that arrived from `source` (host, port, ...)."""
+    if len(data) < HEADER_SIZE:
+        return Outcome(None, TRUNCATED if _could_be_stun_header(data) else NOT_STUN)
+    if not is_stun(data):
+        return Outcome(None, NOT_STUN)
+    if len(data) < HEADER_SIZE + int.from_bytes(data[2:4], "big"):
+        return Outcome(None, TRUNCATED)
+    message_type = int.from_bytes(data[0:2], "big")
+    transaction_id = bytes(data[8:20])
+    method = (message_type & 0x000F) | ((message_type >> 1) & 0x0070) | ((message_type >> 2) & 0x0F80)
+    # Only requests get answers (RFC 8489 §6.3): answering a response could start a loop.
+    if message_type & 0x0110:
+        return Outcome(None, NOT_REQUEST)
+    try:
+        request = parse(data)
+    except StunError:
+        return _error(method, transaction_id, 400, "Bad Request", software, BAD_REQUEST)
+    if request.attributes and request.attributes[-1].type == FINGERPRINT and not verify_fingerprint(data):
+        # A wrong FINGERPRINT usually means another protocol's packet on this port: stay silent.
+        return Outcome(None, BAD_FINGERPRINT)
+    if method != BINDING:
+        return _error(method, transaction_id, 400, "Bad Request", software, UNKNOWN_METHOD)
+    unknown = _unknown_required(request)
+    if unknown:
+        return _error(
+            method, transaction_id, 420, "Unknown Attribute", software, UNKNOWN_ATTRIBUTE, unknown=unknown
+        )
+    response = StunMessage(BINDING, MessageClass.SUCCESS, transaction_id)
+    host, port = _mapped_address(source)
+    response.add(XOR_MAPPED_ADDRESS, encode_xor_mapped_address(host, port, transaction_id))
+    response.add(SOFTWARE, encode_software(software))
+    return Outcome(encode(response, fingerprint=True))
+
+
+def _could_be_stun_header(data: bytes) -> bool:
+    """Whether a too-short datagram starts like a STUN header, so 'truncated' rather than 'not_stun'."""
+    if not data or data[0] >= 0x40:
+        return False
+    return data[4:8] == _COOKIE_BYTES[: max(0, len(data) - 4)]
+
+
+def _unknown_required(request: StunMessage) -> list[int]:
+    unknown: list[int] = []
+    for attr_type, _ in request.attributes:
+        # Attributes after MESSAGE-INTEGRITY are to be ignored (RFC 8489 §14.5), known or not.
+        if attr_type == MESSAGE_INTEGRITY:
+            break
+        if attr_type < 0x8000 and attr_type not in KNOWN_ATTRIBUTES and attr_type not in unknown:
+            unknown.append(attr_type)
+    return unknown
+
+
+def _mapped_address(source: tuple[Any, ...]) -> tuple[str, int]:
+    host, port = str(source[0]), int(source[1])
+    ip = ipaddress.ip_address(host)
+    # A dual-stack socket reports IPv4 peers as ::ffff:a.b.c.d; the client knows itself as a.b.c.d.
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped), port
+    return host, port
+
+
+def _error(
+    method: int,
+    transaction_id: bytes,
+    code: int,
+    phrase: str,
+    software: str,
+    reason: str,
+    *,
+    unknown: list[int] | None = None,
+) -> Outcome:
+    response = StunMessage(method, MessageClass.ERROR, transaction_id)
+    response.add(ERROR_CODE, encode_error_code(code, phrase))
+    if unknown:
+        response.add(UNKNOWN_ATTRIBUTES, encode_unknown_attributes(unknown))
+    response.add(SOFTWARE, encode_software(software))
+    return Outcome(encode(response, fingerprint=True), reason)
+
+
+# --- asyncio ------------------------------------------------------------------------------------
+
+UDP: Final = "udp"
+TCP: Final = "tcp"
+_PORT_ATTEMPTS = 8
+
+
+class StunServer:
+    """STUN over UDP and TCP on one port number."""
+
+    def __init__(
+        self,
+        metrics: Metrics,
+        *,
+        software: str = "huddle",
+        idle_timeout: float = 30.0,
+        max_connections: int = 256,
+        max_message_size: int = 4096,
+    ) -> None:
+        encode_software(software)  # fail at construction, not on the first request
+        self._metrics = metrics
+        self._software = software
+        self._idle_timeout = idle_timeout
+        self._max_connections = max_connections
+        self._max_message_size = max_message_size
+        self._udp: asyncio.DatagramTransport | None = None
+        self._tcp: asyncio.Server | None = None
+        self._connections: set[asyncio.Task[Any]] = set()
+        self._port: int | None = None
+        self._closing = False
+
+    @property
+    def port(self) -> int | None:
+        return self._port
+
+    async def start(self, host: str, port: int) -> int:
+        """Listen on UDP and TCP `port` (0: a port free for both); return the port number."""
+        if self._udp is not None:
+            raise RuntimeError("StunServer already started")
+        self._closing = False
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE)
+        family, _, _, _, sockaddr = infos[0]
+        udp_sock, tcp_sock = _bind_pair(family, sockaddr, port)
+        try:
+            self._udp, _ = await loop.create_datagram_endpoint(lambda: _UdpProtocol(self), sock=udp_sock)
+            self._tcp = await asyncio.start_server(self._on_connection, sock=tcp_sock)
+        except BaseException:
+            if self._udp is not None:
+                self._udp.close()
+                self._udp = None
+            udp_sock.close()
+            tcp_sock.close()
+            raise
+        self._port = int(udp_sock.getsockname()[1])
+        logger.info("STUN listening on %s port %d (udp, tcp)", sockaddr[0], self._port)
+        return self._port
+
+    async def close(self) -> None:
+        """Stop listening and close every TCP connection."""
+        self._closing = True
+        if self._udp is not None:
+            self._udp.close()
+            self._udp = None
+        tcp, self._tcp = self._tcp, None
+        if tcp is not None:
+            tcp.close()
+        tasks = list(self._connections)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if tcp is not None:
+            await tcp.wait_closed()
+
+    def _count(self, transport: str, outcome: Outcome) -> None:
+        if outcome.reply is not None:
+            self._metrics.stun_requests.labels(transport=transport).inc()
+        if outcome.reason is not None:
+            self._metrics.stun_dropped.labels(transport=transport, reason=outcome.reason).inc()
+
+    def _drop(self, transport: str, reason: str) -> None:
+        self._metrics.stun_dropped.labels(transport=transport, reason=reason).inc()
+
+    def _on_datagram(self, data: bytes, addr: tuple[Any, ...], transport: asyncio.DatagramTransport) -> None:
+        try:
+            outcome = handle(data, addr, software=self._software)
+            if outcome.reply is not None:
+                transport.sendto(outcome.reply, addr)
+            self._count(UDP, outcome)
+            logger.debug("udp %s: %d bytes, %s", addr, len(data), outcome.reason or "answered")
+        except Exception:
+            logger.debug("udp %s: failed to handle a datagram", addr, exc_info=True)
+            self._drop(UDP, INTERNAL_ERROR)
+
+    async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        if self._closing:
+            # Accepted just before close() but started after it cancelled the others.
+            writer.transport.abort()
+            return
+        if len(self._connections) >= self._max_connections:
+            logger.debug("tcp %s: refused, %d connections open", peer, len(self._connections))
+            self._drop(TCP, TOO_MANY_CONNECTIONS)
+            writer.transport.abort()
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        try:
+            await self._serve(reader, writer, peer)
+        except OSError as e:
+            logger.debug("tcp %s: %s", peer, e)
+        except Exception:
+            logger.debug("tcp %s: failed to serve a connection", peer, exc_info=True)
+            self._drop(TCP, INTERNAL_ERROR)
+        finally:
+            self._connections.discard(task)
+            if writer.transport.get_write_buffer_size():
+                # A peer that stopped reading must not keep the socket alive until the data drains.
+                writer.transport.abort()
+            else:
+                writer.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: Any) -> None:
+        while True:
+            try:
+                async with asyncio.timeout(self._idle_timeout):
+                    header = await reader.readexactly(HEADER_SIZE)
+                    # Framing relies on the header alone, so anything else ends the stream.
+                    if not is_stun(header):
+                        logger.debug("tcp %s: not STUN, closing", peer)
+                        self._drop(TCP, NOT_STUN)
+                        return
+                    length = int.from_bytes(header[2:4], "big")
+                    if HEADER_SIZE + length > self._max_message_size:
+                        logger.debug("tcp %s: %d-byte message, closing", peer, HEADER_SIZE + length)
+                        self._drop(TCP, TOO_LARGE)
+                        return
+                    body = await reader.readexactly(length)
+            except asyncio.IncompleteReadError as e:
+                if e.partial:
+                    self._drop(TCP, TRUNCATED)
+                return
+            except TimeoutError:
+                logger.debug("tcp %s: idle, closing", peer)
+                return
+            outcome = handle(header + body, peer, software=self._software)
+            self._count(TCP, outcome)
+            logger.debug("tcp %s: %d bytes, %s", peer, HEADER_SIZE + length, outcome.reason or "answered")
+            if outcome.reply is not None:
+                writer.write(outcome.reply)
+                async with asyncio.timeout(self._idle_timeout):
+                    await writer.drain()
+
+
+class _UdpProtocol(asyncio.DatagramProtocol):
+    def __init__(self, server: StunServer) -> None:
+        self._server = server
+        self._transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Python 3.11's selector transport does not inherit from DatagramTransport; it has sendto.
+        self._transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        if self._transport is not None:
+            self._server._on_datagram(data, addr, self._transport)
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP errors for earlier replies (port unreachable and the like): nothing to do.
+        logger.debug("udp: %s", exc)
+
+
+def _with_port(sockaddr: tuple[Any, ...], port: int) -> tuple[Any, ...]:
+    return (sockaddr[0], port, *sockaddr[2:])
+
+
+def _bind_udp(family: int, address: tuple[Any, ...]) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock.setblocking(False)
+        sock.bind(address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _bind_tcp(family: int, address: tuple[Any, ...]) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        # Lets a restarted server bind while its old connections sit in TIME_WAIT.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setblocking(False)
+        sock.bind(address)
+        sock.listen(128)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _bind_pair(family: int, sockaddr: tuple[Any, ...], port: int) -> tuple[socket.socket, socket.socket]:
+    """Bind UDP then TCP on the same port; with port 0, retry when the UDP-chosen port is taken on TCP."""
+    attempts = _PORT_ATTEMPTS if port == 0 else 1
+    for attempt in range(1, attempts + 1):
+        udp = _bind_udp(family, _with_port(sockaddr, port))
+        chosen = int(udp.getsockname()[1])
+        try:
+            tcp = _bind_tcp(family, _with_port(sockaddr, chosen))
+        except OSError as e:
+            udp.close()
+            if port != 0 or e.errno != errno.EADDRINUSE or attempt == attempts:
+                raise
+            logger.debug("port %d is free on UDP but not TCP, trying another", chosen)
+            continue
+        return udp, tcp
+    raise AssertionError("unreachable")
