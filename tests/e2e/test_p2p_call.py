@@ -76,5 +76,7 @@ def test_leave_button_and_mute_state(new_page, server: Server) -> None:
 
     bob.click("#leave")
     wait_for(lambda: remote_tiles(ada) == [], 10, "Bob's tile to go after he leaves")
-    wait_for(lambda: bob.get_attribute("#status", "data-state") == "disconnected", 5, "Bob's page to say so")
+    wait_for(lambda: bob.is_visible("#left-panel"), 5, "Bob's page to say he left")
+    assert "left" in bob.text_content("#left-title").lower()
+    assert bob.get_attribute("#status", "data-state") == "idle"
     assert peer_stats(bob) == []

@@ -43,7 +43,12 @@ def test_invite_links_admit_and_bad_links_are_refused_without_media(new_page, se
     }
     for why, url in bad_links.items():
         eve = new_page(url)
-        message = wait_for(lambda eve=eve: eve.text_content("#error") or "", 10, f"an error for a {why} link")
+        message = wait_for(
+            lambda eve=eve: (eve.text_content("#error .error-text") or "").strip(),
+            10,
+            f"an error for a {why} link",
+        )
+        assert eve.is_visible("#error"), why
         assert any(word in message.lower() for word in ("invite", "link", "token")), (why, message)
         assert eve.get_attribute("#status", "data-state") in ("error", "disconnected"), why
         assert remote_tiles(eve) == [], why
