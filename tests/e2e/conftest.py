@@ -93,7 +93,9 @@ def server() -> Iterator[Server]:
     stop_server(s)
 
 
-@pytest.fixture(scope="session")
+# Module scope, not session: while sync Playwright runs, its event loop is the running loop of this
+# thread, and the asyncio tests of other modules could not start theirs.
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
     # A browser test must fail, not skip, when Chromium is missing: `make test` installs it.
     assert shutil.which(CHROMIUM) or os.path.exists(CHROMIUM), (
