@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 .PHONY: run test lint clean
 
 run: $(STAMP)
-	$(VENV)/bin/huddle serve
+	@$(VENV)/bin/huddle serve
 
 test: $(STAMP)
 	scripts/system-deps test
