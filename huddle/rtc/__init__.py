@@ -1,0 +1,1 @@
+"""WebRTC media transport pieces, one module per protocol: RTP and RTCP codecs first."""

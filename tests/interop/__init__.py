@@ -1,0 +1,1 @@
+"""Interop with a second WebRTC stack (aiortc) in one process, without sockets."""
