@@ -18,6 +18,9 @@ class Settings:
     secret: str | None = None
     log_level: str = "info"
     max_participants: int = 100
+    sfu_always: bool = False
+    announce_ip: str | None = None
+    reconnect_grace: float = 20.0
 
     @property
     def open_rooms(self) -> bool:
@@ -33,6 +36,10 @@ _HELP = {
     "secret": "key that signs join tokens (HS256); unset means open rooms: anyone with the room name joins",
     "log_level": "log level for the structured logs on stderr",
     "max_participants": "most participants one room admits",
+    "sfu_always": "send every call through the SFU, even 1:1 calls (default: 1:1 calls are peer to peer)",
+    "announce_ip": "address put in the SFU's ICE candidates, when clients reach the node at another address "
+    "than --host (behind NAT, or --host 0.0.0.0)",
+    "reconnect_grace": "seconds a participant whose connection dropped keeps its place before removal",
 }
 
 
@@ -48,14 +55,15 @@ def add_arguments(parser: argparse.ArgumentParser, names: tuple[str, ...] | None
             continue
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
-        kind = int if isinstance(default, int) else str
         env = os.environ.get(env_name(f.name))
+        help_text = f"{_HELP[f.name]} [env {env_name(f.name)}; default {default!r}]"
+        if isinstance(default, bool):
+            value = env.lower() in ("1", "true", "yes", "on") if env else default
+            parser.add_argument(flag, dest=f.name, action="store_true", default=value, help=help_text)
+            continue
+        kind = type(default) if isinstance(default, int | float) else str
         value = kind(env) if env not in (None, "") else default
-        kwargs: dict = {
-            "type": kind,
-            "default": value,
-            "help": f"{_HELP[f.name]} [env {env_name(f.name)}; default {default!r}]",
-        }
+        kwargs: dict = {"type": kind, "default": value, "help": help_text}
         if f.name == "log_level":
             kwargs["choices"] = LOG_LEVELS
         parser.add_argument(flag, dest=f.name, **kwargs)
@@ -68,6 +76,8 @@ def from_namespace(ns: argparse.Namespace) -> Settings:
         port = getattr(settings, name)
         if not 0 <= port <= 65535:
             raise ValueError(f"--{name.replace('_', '-')} must be 0-65535, got {port}")
+    if settings.reconnect_grace < 0:
+        raise ValueError("--reconnect-grace must be 0 or more seconds")
     if settings.max_participants < 1:
         raise ValueError("--max-participants must be at least 1")
     return settings

@@ -7,7 +7,12 @@ is counted under a fixed label, never as a new time series.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
@@ -48,5 +53,45 @@ class Metrics:
             registry=r,
         )
 
+    def watch_media_port(self, port: Any) -> None:
+        self.registry.register(_MediaPortCollector(port))
+
+    def watch_sfu(self, source: Any) -> None:
+        """`source.sfu_totals()` returns per-node SFU counts: producers, consumers, nacks, plis, ..."""
+        self.registry.register(_SfuCollector(source))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _MediaPortCollector(Collector):
+    def __init__(self, port: Any) -> None:
+        self.port = port
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        packets = CounterMetricFamily("huddle_media_packets", "Packets on the media port", labels=["direction"])
+        packets.add_metric(["in"], self.port.packets_in)
+        packets.add_metric(["out"], self.port.packets_out)
+        octets = CounterMetricFamily("huddle_media_bytes", "Bytes on the media port", labels=["direction"])
+        octets.add_metric(["in"], self.port.bytes_in)
+        octets.add_metric(["out"], self.port.bytes_out)
+        yield packets
+        yield octets
+
+
+class _SfuCollector(Collector):
+    def __init__(self, source: Any) -> None:
+        self.source = source
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        totals = self.source.sfu_totals()
+        for name in ("producers", "consumers", "transports"):
+            yield GaugeMetricFamily(f"huddle_sfu_{name}", f"SFU {name} on this node", value=totals[name])
+        for name, text in (
+            ("rtp_in", "RTP packets received from publishers"),
+            ("rtp_out", "RTP packets forwarded to subscribers"),
+            ("nacks_in", "NACKed packets asked for by subscribers"),
+            ("retransmits", "packets re-sent from the NACK cache"),
+            ("plis_out", "keyframe requests sent to publishers"),
+        ):
+            yield CounterMetricFamily(f"huddle_sfu_{name}", text, value=totals[name])

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from huddle.calls.room import Rooms
+from huddle.calls.registry import Calls
 from huddle.config import Settings
 from huddle.logs import event
 from huddle.metrics import Metrics
@@ -43,9 +43,13 @@ class Node:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.metrics = Metrics()
-        self.rooms = Rooms(settings.max_participants)
-        self.metrics.rooms.set_function(lambda: len(self.rooms))
-        self.metrics.participants.set_function(self.rooms.participant_count)
+        self.calls = Calls(
+            capacity=settings.max_participants,
+            reconnect_grace=settings.reconnect_grace,
+            sfu_always=settings.sfu_always,
+        )
+        self.metrics.rooms.set_function(lambda: len(self.calls))
+        self.metrics.participants.set_function(self.calls.participant_count)
         self.stun = StunServer(self.metrics)
         self._runner: web.AppRunner | None = None
         self._media: asyncio.DatagramTransport | None = None
@@ -58,7 +62,7 @@ class Node:
             lambda: _MediaPort(self.metrics), local_addr=(s.host, s.media_port)
         )
         media_port = self._media.get_extra_info("sockname")[1]
-        ctx = Context(settings=s, rooms=self.rooms, metrics=self.metrics, stun_port=stun_port)
+        ctx = Context(settings=s, calls=self.calls, metrics=self.metrics, stun_port=stun_port)
         self._runner = web.AppRunner(build_app(ctx), access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, s.host, s.port, reuse_address=True)
@@ -90,6 +94,7 @@ class Node:
         return ports
 
     async def stop(self) -> None:
+        self.calls.close()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

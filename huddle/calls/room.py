@@ -1,14 +1,21 @@
-"""Rooms and participants: the one place that knows who is in which call."""
+"""Rooms and participants: the one place that knows who is in which call, and in which mode."""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from huddle.signaling.tokens import Permissions
+
+if TYPE_CHECKING:
+    from huddle.sfu.router import Router
+
+P2P = "p2p"
+SFU = "sfu"
 
 
 class Outbox(Protocol):
@@ -26,9 +33,13 @@ class Participant:
     outbox: Outbox
     permissions: Permissions = field(default_factory=Permissions)
     id: str = field(default_factory=lambda: "p_" + secrets.token_hex(4))
+    # Secret enough that nobody can take over a dropped participant by guessing it.
+    resume_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     audio: bool = True
     video: bool = True
+    connection: str = "connected"  # or "reconnecting": signaling lost, within the grace period
     joined_at: float = field(default_factory=time.time)
+    grace_timer: asyncio.TimerHandle | None = None
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -37,6 +48,7 @@ class Participant:
             "name": self.name,
             "audio": self.audio,
             "video": self.video,
+            "connection": self.connection,
         }
 
 
@@ -48,9 +60,10 @@ class RoomFull(Exception):
 class Room:
     name: str
     capacity: int
-    # Insertion order is join order, which decides who offers to whom.
+    # Insertion order is join order, which decides who offers to whom in p2p mode.
     participants: dict[str, Participant] = field(default_factory=dict)
-    mode: str = "p2p"
+    mode: str = P2P
+    router: Router | None = None
 
     def __len__(self) -> int:
         return len(self.participants)
@@ -76,30 +89,3 @@ class Room:
         for p in self:
             if p is not exclude:
                 p.outbox.send(message)
-
-
-class Rooms:
-    """All rooms of this node. A room exists while it has participants."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._rooms: dict[str, Room] = {}
-
-    def __len__(self) -> int:
-        return len(self._rooms)
-
-    def get(self, name: str) -> Room | None:
-        return self._rooms.get(name)
-
-    def get_or_create(self, name: str) -> Room:
-        room = self._rooms.get(name)
-        if room is None:
-            room = self._rooms[name] = Room(name, self.capacity)
-        return room
-
-    def discard_if_empty(self, room: Room) -> None:
-        if not room.participants and self._rooms.get(room.name) is room:
-            del self._rooms[room.name]
-
-    def participant_count(self) -> int:
-        return sum(len(r) for r in self._rooms.values())

@@ -41,6 +41,7 @@ class Join(_Message):
     room: Annotated[str, StringConstraints(max_length=256)]
     name: Annotated[str, StringConstraints(max_length=256)] | None = None
     token: Annotated[str, StringConstraints(max_length=8192)] | None = None
+    resume: Annotated[str, StringConstraints(min_length=1, max_length=128)] | None = None
 
 
 class Leave(_Message):
@@ -79,15 +80,31 @@ class Media(_Message):
     video: bool | None = None
 
 
+class SfuOffer(_Message):
+    type: Literal["sfu_offer"]
+    pc: Literal["publish"]
+    sdp: Annotated[str, StringConstraints(min_length=1, max_length=60_000)]
+
+
+class SfuAnswer(_Message):
+    type: Literal["sfu_answer"]
+    pc: Literal["subscribe"]
+    sdp: Annotated[str, StringConstraints(min_length=1, max_length=60_000)]
+    revision: Annotated[int, Field(ge=0)]
+
+
 class Ping(_Message):
     type: Literal["ping"]
 
 
 ClientMessage = Annotated[
-    Join | Leave | Offer | Answer | Candidate | Media | Ping, Field(discriminator="type")
+    Join | Leave | Offer | Answer | Candidate | Media | SfuOffer | SfuAnswer | Ping,
+    Field(discriminator="type"),
 ]
 _ADAPTER: TypeAdapter[ClientMessage] = TypeAdapter(ClientMessage)
-MESSAGE_TYPES = frozenset({"join", "leave", "offer", "answer", "candidate", "media", "ping"})
+MESSAGE_TYPES = frozenset(
+    {"join", "leave", "offer", "answer", "candidate", "media", "sfu_offer", "sfu_answer", "ping"}
+)
 
 
 def decode(text: str) -> ClientMessage:

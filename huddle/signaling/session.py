@@ -13,7 +13,8 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from huddle.calls.room import Participant, Room, RoomFull, Rooms
+from huddle.calls.registry import Calls, ResumeFailed
+from huddle.calls.room import P2P, SFU, Participant, Room, RoomFull
 from huddle.config import Settings
 from huddle.logs import event
 from huddle.metrics import Metrics
@@ -31,7 +32,6 @@ CLOSE_NORMAL = 1000
 CLOSE_POLICY = 1008
 CLOSE_TRY_AGAIN = 1013
 CLOSE_UNAUTHORIZED = 4001
-CLOSE_REPLACED = 4002
 
 
 @dataclass(slots=True)
@@ -39,7 +39,7 @@ class Context:
     """What every session of one server shares."""
 
     settings: Settings
-    rooms: Rooms
+    calls: Calls
     metrics: Metrics
     stun_port: int
 
@@ -73,7 +73,7 @@ class Session:
         self.request = request
         self.room: Room | None = None
         self.participant: Participant | None = None
-        self.leave_reason = "disconnected"
+        self._left = False
         self._outbox: asyncio.Queue[Any] = asyncio.Queue(OUTBOX_LIMIT)
         self._bucket = TokenBucket(RATE_PER_SECOND, RATE_BURST)
         self._dropped = 0
@@ -160,6 +160,9 @@ class Session:
             return
         self.ctx.metrics.messages.labels(type=message.type).inc()
         handler = getattr(self, "_on_" + message.type)
+        if self.participant is not None and self.participant.outbox is not self:
+            # Replaced, resumed elsewhere or removed: this connection speaks for nobody any more.
+            self.room = self.participant = None
         if message.type not in ("join", "ping") and self.participant is None:
             self._error("not_joined", "send 'join' first", message.id)
             return
@@ -192,6 +195,14 @@ class Session:
         if not m.valid_room_name(msg.room):
             self._error("invalid_room", "room name must be 1-64 letters, digits, '-' or '_'", msg.id)
             return
+        if msg.resume is not None:
+            try:
+                room, participant = ctx.calls.resume(msg.room, msg.resume, self)
+            except ResumeFailed:
+                self._error("resume_failed", "that call connection is over; join afresh", msg.id)
+                return
+            self._welcome(room, participant, msg.id, resumed=True)
+            return
         permissions = Permissions()
         if ctx.settings.secret:
             if not msg.token:
@@ -209,21 +220,16 @@ class Session:
                 self._error("invalid_name", "a display name of 1-64 printable characters is needed", msg.id)
                 return
             identity = "guest-" + secrets.token_hex(4)
-
-        room = ctx.rooms.get_or_create(msg.room)
-        previous = room.by_identity(identity)
-        if previous is not None:
-            # The same person joining again (a second device, a reloaded tab): the newest wins.
-            room.remove(previous)
-            room.broadcast({"type": "participant_left", "id": previous.id, "reason": "replaced"})
-            previous.outbox.close(CLOSE_REPLACED, "joined again from elsewhere")
-        participant = Participant(identity=identity, name=name, outbox=self, permissions=permissions)
         try:
-            room.add(participant)
+            room, participant = ctx.calls.join(
+                msg.room, identity=identity, name=name, permissions=permissions, outbox=self
+            )
         except RoomFull:
-            ctx.rooms.discard_if_empty(room)
-            self._error("room_full", f"room '{msg.room}' is full ({room.capacity} participants)", msg.id)
+            self._error("room_full", f"room '{msg.room}' is full ({ctx.calls.capacity} participants)", msg.id)
             return
+        self._welcome(room, participant, msg.id, resumed=False)
+
+    def _welcome(self, room: Room, participant: Participant, request_id: Any, *, resumed: bool) -> None:
         self.room, self.participant = room, participant
         reply: dict[str, Any] = {
             "type": "joined",
@@ -233,22 +239,15 @@ class Session:
             "participants": [p.describe() for p in room if p is not participant],
             "mode": room.mode,
             "ice_servers": self._ice_servers(),
-            "permissions": permissions.as_dict(),
+            "permissions": participant.permissions.as_dict(),
+            "resume_token": participant.resume_token,
+            "reconnect_grace": self.ctx.calls.reconnect_grace,
+            "resumed": resumed,
         }
-        if msg.id is not None:
-            reply["id"] = msg.id
+        if request_id is not None:
+            reply["id"] = request_id
+        # The router defers its offers to a later loop turn, so `joined` always goes out first.
         self.send(reply)
-        room.broadcast(
-            {"type": "participant_joined", "participant": participant.describe()}, exclude=participant
-        )
-        event(
-            log,
-            logging.INFO,
-            "participant joined",
-            room=room.name,
-            participant=participant.id,
-            size=len(room),
-        )
 
     def _refuse(self, code: str, message: str, request_id: Any) -> None:
         self._error(code, message, request_id)
@@ -261,12 +260,16 @@ class Session:
         return [{"urls": [f"stun:{host}:{self.ctx.stun_port}"]}]
 
     def _on_leave(self, msg: m.Leave) -> None:
-        self.leave_reason = "left"
-        self._depart()
+        assert self.room is not None and self.participant is not None
+        self._left = True
+        self.ctx.calls.leave(self.room, self.participant)
         self.close(CLOSE_NORMAL, "left")
 
     def _relay(self, msg: m.Offer | m.Answer | m.Candidate, payload: dict[str, Any]) -> None:
         assert self.room is not None and self.participant is not None
+        if self.room.mode != P2P:
+            self._error("wrong_mode", "this room is in sfu mode: use sfu_offer / sfu_answer", msg.id)
+            return
         target = self.room.participants.get(msg.to)
         if target is None or target is self.participant:
             self._error("unknown_participant", f"no participant {msg.to!r} in this room", msg.id)
@@ -291,20 +294,38 @@ class Session:
             self.participant.video = msg.video
         self.room.broadcast({"type": "participant_updated", "participant": self.participant.describe()})
 
-    def _depart(self) -> None:
-        room, participant = self.room, self.participant
-        if room is None or participant is None:
+    def _on_sfu_offer(self, msg: m.SfuOffer) -> None:
+        router = self._router(msg)
+        if router is None:
             return
+        assert self.participant is not None
+        try:
+            answer = router.on_publish_offer(self.participant, msg.sdp)
+        except ValueError as exc:
+            self._error("bad_sdp", f"publish offer not accepted: {exc}", msg.id)
+            return
+        self.send({"type": "sfu_answer", "pc": "publish", "sdp": answer})
+
+    def _on_sfu_answer(self, msg: m.SfuAnswer) -> None:
+        router = self._router(msg)
+        if router is None:
+            return
+        assert self.participant is not None
+        try:
+            router.on_subscribe_answer(self.participant, msg.sdp, msg.revision)
+        except ValueError as exc:
+            self._error("bad_sdp", f"subscribe answer not accepted: {exc}", msg.id)
+
+    def _router(self, msg: m.SfuOffer | m.SfuAnswer):
+        assert self.room is not None
+        if self.room.mode != SFU or self.room.router is None:
+            self._error("wrong_mode", "this room is in p2p mode: use offer / answer / candidate", msg.id)
+            return None
+        return self.room.router
+
+    def _depart(self) -> None:
+        """The socket is gone: a participant that did not say `leave` may still come back."""
+        room, participant = self.room, self.participant
         self.room = self.participant = None
-        if room.remove(participant):
-            room.broadcast({"type": "participant_left", "id": participant.id, "reason": self.leave_reason})
-            event(
-                log,
-                logging.INFO,
-                "participant left",
-                room=room.name,
-                participant=participant.id,
-                reason=self.leave_reason,
-                size=len(room),
-            )
-        self.ctx.rooms.discard_if_empty(room)
+        if room is not None and participant is not None and not self._left:
+            self.ctx.calls.lost(room, participant, self)

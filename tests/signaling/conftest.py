@@ -81,7 +81,8 @@ async def start(settings: Settings | None = None) -> tuple[Node, Ports]:
 
 @pytest.fixture
 def settings() -> Settings:
-    return Settings()
+    # No grace period unless a test is about reconnection: a dropped socket leaves at once.
+    return Settings(reconnect_grace=0)
 
 
 @pytest.fixture

@@ -97,6 +97,7 @@ async def test_leave_and_closed_socket_are_announced(harness: Harness) -> None:
     assert await harness.metric("huddle_participants") == 1
 
 
+@pytest.mark.parametrize("settings", [Settings(reconnect_grace=1)])
 async def test_a_vanished_client_is_gone_for_the_others_within_10_seconds(harness: Harness) -> None:
     ada = await harness.connect()
     await ada.join("r", "Ada")
@@ -107,9 +108,13 @@ async def test_a_vanished_client_is_gone_for_the_others_within_10_seconds(harnes
     joined = await ada.expect("participant_joined")
     loop = asyncio.get_running_loop()
     started = loop.time()
-    left = await ada.expect("participant_left", timeout=12)
-    assert left["id"] == joined["participant"]["id"] and left["reason"] == "disconnected"
+    # First shown as reconnecting (it may come back), then removed when the grace period is over.
+    update = await ada.expect("participant_updated", timeout=10)
+    assert update["participant"]["id"] == joined["participant"]["id"]
+    assert update["participant"]["connection"] == "reconnecting"
     assert loop.time() - started < 10
+    left = await ada.expect("participant_left", timeout=5)
+    assert left["id"] == joined["participant"]["id"] and left["reason"] == "timeout"
 
 
 async def test_ping_is_answered_with_the_request_id(harness: Harness) -> None:
@@ -160,3 +165,47 @@ async def test_call_page_and_client_are_served(harness: Harness) -> None:
         async with harness.http.get(harness.base + path) as resp:
             assert resp.status == 200, path
             assert len(await resp.read()) > 100, path
+
+
+@pytest.mark.parametrize("settings", [Settings(reconnect_grace=5)])
+async def test_a_dropped_client_resumes_with_its_identity_within_the_grace_period(harness: Harness) -> None:
+    ada, bob = await harness.connect(), await harness.connect()
+    await ada.join("r", "Ada")
+    bob_joined = await bob.join("r", "Bob")
+    await ada.expect("participant_joined")
+    await bob.ws.close()
+    update = await ada.expect("participant_updated")
+    assert update["participant"]["connection"] == "reconnecting"
+
+    again = await harness.connect()
+    await again.send({"type": "join", "id": 2, "room": "r", "resume": bob_joined["resume_token"]})
+    resumed = await again.expect("joined")
+    assert resumed["resumed"] is True
+    assert resumed["self"]["id"] == bob_joined["self"]["id"]
+    assert resumed["self"]["name"] == "Bob"
+    assert [p["name"] for p in resumed["participants"]] == ["Ada"]
+    update = await ada.expect("participant_updated")
+    assert update["participant"]["connection"] == "connected"
+    # Messages reach Bob over his new connection, and nobody ever saw him leave.
+    await ada.send({"type": "offer", "to": bob_joined["self"]["id"], "sdp": "v=0"})
+    assert (await again.expect("offer"))["from"] == ada_joined_id(resumed)
+    assert await harness.metric("huddle_participants") == 2
+
+
+def ada_joined_id(joined: dict) -> str:
+    return joined["participants"][0]["id"]
+
+
+@pytest.mark.parametrize("settings", [Settings(reconnect_grace=5)])
+async def test_resume_with_a_wrong_or_used_up_token_fails_clearly(harness: Harness) -> None:
+    bob = await harness.connect()
+    token = (await bob.join("r", "Bob"))["resume_token"]
+    for room, resume in (("r", "not-a-token"), ("other", token)):
+        client = await harness.connect()
+        await client.send({"type": "join", "id": 1, "room": room, "resume": resume})
+        assert (await client.expect("error"))["code"] == "resume_failed"
+    await bob.send({"type": "leave"})
+    await bob.closed()
+    late = await harness.connect()
+    await late.send({"type": "join", "id": 1, "room": "r", "resume": token})
+    assert (await late.expect("error"))["code"] == "resume_failed"
