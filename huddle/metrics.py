@@ -12,8 +12,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import Collector
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
 
@@ -69,7 +69,9 @@ class _MediaPortCollector(Collector):
         self.port = port
 
     def collect(self) -> Iterator[CounterMetricFamily]:
-        packets = CounterMetricFamily("huddle_media_packets", "Packets on the media port", labels=["direction"])
+        packets = CounterMetricFamily(
+            "huddle_media_packets", "Packets on the media port", labels=["direction"]
+        )
         packets.add_metric(["in"], self.port.packets_in)
         packets.add_metric(["out"], self.port.packets_out)
         octets = CounterMetricFamily("huddle_media_bytes", "Bytes on the media port", labels=["direction"])

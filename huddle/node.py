@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import socket
 from dataclasses import dataclass
@@ -13,6 +12,10 @@ from huddle.calls.registry import Calls
 from huddle.config import Settings
 from huddle.logs import event
 from huddle.metrics import Metrics
+from huddle.rtc.certificate import Certificate
+from huddle.rtc.port import MediaPort
+from huddle.rtc.sdp import Candidate
+from huddle.sfu.router import Sfu
 from huddle.signaling.app import build_app
 from huddle.signaling.session import Context
 from huddle.signaling.tokens import weak_secret
@@ -28,40 +31,33 @@ class Ports:
     media: int
 
 
-class _MediaPort(asyncio.DatagramProtocol):
-    """The SFU's UDP port. Until transports own addresses (the SFU issue), every datagram is dropped and
-    counted."""
-
-    def __init__(self, metrics: Metrics) -> None:
-        self._dropped = metrics.media_dropped.labels(reason="no_transport")
-
-    def datagram_received(self, data: bytes, addr: tuple) -> None:
-        self._dropped.inc()
-
-
 class Node:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.metrics = Metrics()
+        self.media = MediaPort(self.metrics)
+        self.sfu: Sfu | None = None
         self.calls = Calls(
             capacity=settings.max_participants,
             reconnect_grace=settings.reconnect_grace,
             sfu_always=settings.sfu_always,
+            router_factory=self._router,
         )
         self.metrics.rooms.set_function(lambda: len(self.calls))
         self.metrics.participants.set_function(self.calls.participant_count)
         self.stun = StunServer(self.metrics)
         self._runner: web.AppRunner | None = None
-        self._media: asyncio.DatagramTransport | None = None
 
     async def start(self) -> Ports:
         s = self.settings
         stun_port = await self.stun.start(s.host, s.stun_port)
-        loop = asyncio.get_running_loop()
-        self._media, _ = await loop.create_datagram_endpoint(
-            lambda: _MediaPort(self.metrics), local_addr=(s.host, s.media_port)
-        )
-        media_port = self._media.get_extra_info("sockname")[1]
+        media_port = await self.media.start(s.host, s.media_port)
+        announce = s.announce_ip or (s.host if s.host not in ("0.0.0.0", "::", "") else "127.0.0.1")
+        candidates = [Candidate.host(announce, media_port)]
+        if self.media.tcp_enabled:
+            candidates.append(Candidate.host(announce, media_port, transport="tcp"))
+        self.sfu = Sfu(self.media, Certificate.generate(), candidates)
+        self.metrics.watch_sfu(self.sfu)
         ctx = Context(settings=s, calls=self.calls, metrics=self.metrics, stun_port=stun_port)
         self._runner = web.AppRunner(build_app(ctx), access_log=None, handle_signals=False)
         await self._runner.setup()
@@ -98,10 +94,14 @@ class Node:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
-        if self._media is not None:
-            self._media.close()
-            self._media = None
+        if self.sfu is not None:
+            await self.sfu.close()
+        await self.media.close()
         await self.stun.close()
+
+    def _router(self, room):
+        assert self.sfu is not None, "the node starts its SFU before it admits anyone"
+        return self.sfu.router(room, self.calls.remove_participant)
 
 
 def _url_host(host: str) -> str:

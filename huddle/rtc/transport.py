@@ -1,0 +1,210 @@
+"""One WebRTC transport: ICE-lite, DTLS and SRTP for one peer connection of one participant.
+
+The media port hands it the datagrams (or ICE-TCP frames) that belong to it; it hands decrypted RTP and
+RTCP to its owner through callbacks, and encrypts and sends what the owner gives it. Demultiplexing by first
+byte follows RFC 7983: 0-3 STUN, 20-63 DTLS, 128-191 RTP/RTCP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from huddle.rtc import rtp
+from huddle.rtc.certificate import Certificate
+from huddle.rtc.dtls import Closed, DtlsEndpoint, DtlsState, Failed, HandshakeComplete
+from huddle.rtc.ice import Address, IceLite, new_credentials
+from huddle.rtc.srtp import SrtpError, SrtpSession
+from huddle.stun import message as stun
+
+if TYPE_CHECKING:
+    from huddle.rtc.port import MediaPort
+
+log = logging.getLogger("huddle.rtc")
+
+# DTLS records that arrive before we know the peer's fingerprint (its answer is still on its way over
+# signaling while its ClientHello already came over UDP) wait here; a handful is a whole flight.
+EARLY_DTLS_LIMIT = 8
+
+
+class WebRtcTransport:
+    def __init__(
+        self,
+        port: MediaPort,
+        certificate: Certificate,
+        *,
+        label: str,
+        on_rtp: Callable[[WebRtcTransport, bytes], None],
+        on_rtcp: Callable[[WebRtcTransport, bytes], None],
+        on_connected: Callable[[WebRtcTransport], None] = lambda t: None,
+    ) -> None:
+        self.port = port
+        self.certificate = certificate
+        self.label = label  # e.g. "p_1234abcd/publish", for logs
+        self.on_rtp = on_rtp
+        self.on_rtcp = on_rtcp
+        self.on_connected = on_connected
+        ufrag, pwd = new_credentials()
+        self.ice = IceLite(ufrag, pwd)
+        self.dtls: DtlsEndpoint | None = None
+        self.srtp: SrtpSession | None = None
+        self.created = time.monotonic()
+        self.closed = False
+        self._early_dtls: list[tuple[bytes, Address]] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._addresses: set[Address] = set()
+        port.register(self)
+
+    # -- Negotiation ----------------------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self.srtp is not None and not self.closed
+
+    def set_remote(self, ufrag: str | None, fingerprint: str) -> None:
+        """The peer's ICE ufrag and DTLS fingerprint, from its SDP."""
+        self.ice.remote_ufrag = ufrag
+        if self.dtls is None:
+            self.dtls = DtlsEndpoint(self.certificate, fingerprint, role="server")
+            early, self._early_dtls = self._early_dtls, []
+            for data, addr in early:
+                self._receive_dtls(data, addr)
+
+    def restart_ice(self) -> None:
+        """New local credentials (an ICE restart); DTLS and SRTP carry on over whatever path wins."""
+        old = self.ice.ufrag
+        ufrag, pwd = new_credentials()
+        self.ice.restart(ufrag, pwd, None)
+        self.port.rekey(self, old)
+
+    # -- Receiving ------------------------------------------------------------------------------------------
+
+    def receive_stun(self, data: bytes, request: stun.StunMessage, addr: Address) -> str | None:
+        """A connectivity check for us; returns the reason when it is refused."""
+        result = self.ice.check(data, request, addr, time.monotonic())
+        if result.error is not None:
+            return result.error
+        if addr not in self._addresses:
+            self._addresses.add(addr)
+            self.port.bind(addr, self)
+        assert result.response is not None
+        self.port.send_to(result.response, addr)
+        return None
+
+    def receive(self, data: bytes, addr: Address) -> str | None:
+        """A datagram from an address that passed ICE; returns the reason when it is dropped."""
+        first = data[0]
+        if 127 < first < 192:
+            if self.srtp is None:
+                return "srtp_not_ready"
+            if rtp.is_rtcp(data):
+                try:
+                    plain = self.srtp.unprotect_rtcp(data)
+                except SrtpError:
+                    return "srtcp_auth"
+                self.on_rtcp(self, plain)
+            else:
+                try:
+                    plain = self.srtp.unprotect(data)
+                except SrtpError:
+                    return "srtp_auth"
+                self.on_rtp(self, plain)
+            return None
+        if 19 < first < 64:
+            return self._receive_dtls(data, addr)
+        return "unknown_protocol"
+
+    def _receive_dtls(self, data: bytes, addr: Address) -> str | None:
+        if self.dtls is None:
+            if len(self._early_dtls) >= EARLY_DTLS_LIMIT:
+                return "dtls_early"
+            self._early_dtls.append((data, addr))
+            return None
+        ignored = self.dtls.ignored_datagrams
+        self.dtls.receive_datagram(data, time.monotonic())
+        self._after_dtls(addr)
+        return "dtls_garbage" if self.dtls.ignored_datagrams != ignored else None
+
+    def _after_dtls(self, addr: Address | None = None) -> None:
+        dtls = self.dtls
+        assert dtls is not None
+        target = addr if addr is not None else self.ice.selected
+        for datagram in dtls.datagrams_to_send():
+            if target is not None:
+                self.port.send_to(datagram, target)
+        while (ev := dtls.next_event()) is not None:
+            if isinstance(ev, HandshakeComplete):
+                self.srtp = SrtpSession(ev.keys)
+                log.debug(
+                    "dtls connected", extra={"fields": {"transport": self.label, "profile": ev.profile.name}}
+                )
+                self.on_connected(self)
+            elif isinstance(ev, Failed | Closed):
+                log.info("dtls ended", extra={"fields": {"transport": self.label, "reason": ev.reason}})
+        self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.dtls is None or self.dtls.state is not DtlsState.CONNECTING or self.closed:
+            return
+        due = self.dtls.next_timeout()
+        if due is not None:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(max(0.0, due - time.monotonic()), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self.dtls is not None and not self.closed:
+            self.dtls.handle_timeout(time.monotonic())
+            self._after_dtls()
+
+    # -- Sending --------------------------------------------------------------------------------------------
+
+    def send_rtp(self, packet: bytes | bytearray) -> bool:
+        srtp, addr = self.srtp, self.ice.selected
+        if srtp is None or addr is None:
+            return False
+        try:
+            # pylibsrtp takes bytes only: the one copy from the rewritten bytearray happens here.
+            self.port.send_to(srtp.protect(bytes(packet)), addr)
+        except SrtpError:
+            return False
+        return True
+
+    def send_rtcp(self, packet: bytes) -> bool:
+        srtp, addr = self.srtp, self.ice.selected
+        if srtp is None or addr is None:
+            return False
+        try:
+            self.port.send_to(srtp.protect_rtcp(packet), addr)
+        except SrtpError:
+            return False
+        return True
+
+    # -- Life -----------------------------------------------------------------------------------------------
+
+    def consent_expired(self, now: float) -> bool:
+        return self.ice.consent_expired(now, self.created)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.dtls is not None:
+            self.dtls.close()
+            if self.ice.selected is not None:
+                for datagram in self.dtls.datagrams_to_send():
+                    self.port.send_to(datagram, self.ice.selected)
+        self.port.unregister(self, self._addresses)
+        self.srtp = None
+
+    def describe(self) -> dict[str, Any]:
+        return {"label": self.label, "connected": self.connected, "selected": self.ice.selected}

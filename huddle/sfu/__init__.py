@@ -1,0 +1,1 @@
+"""Selective forwarding: Routers, Producers, Consumers (mediasoup's words), never decoding media."""

@@ -1,0 +1,536 @@
+"""The SFU: a Router per call, a Peer per participant with its two transports, Producers and Consumers.
+
+Each participant has a `publish` transport (it offers, we answer; it sends its tracks) and a `subscribe`
+transport (we offer, it answers; we send everyone else's tracks), as docs/protocol.md describes. Media is
+never decoded: RTP is decrypted once, rewritten in place and encrypted once per subscriber.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from huddle.logs import event
+from huddle.rtc import rtcp, rtp, sdp
+from huddle.rtc.certificate import Certificate
+from huddle.rtc.port import MediaPort
+from huddle.rtc.transport import WebRtcTransport
+from huddle.sfu import offer
+from huddle.sfu.consumer import Consumer
+from huddle.sfu.producer import UNUSED_EXTENSION_ID, Producer
+
+if TYPE_CHECKING:
+    from huddle.calls.room import Participant, Room
+
+log = logging.getLogger("huddle.sfu")
+
+TICK = 0.1  # transport-wide feedback cadence (Chromium's own receive side sends it about this often)
+REPORT_EVERY = 10  # ticks between receiver reports and consent checks
+PUBLISH_EXTENSIONS = (sdp.URI_MID, sdp.URI_ABS_SEND_TIME, sdp.URI_AUDIO_LEVEL, sdp.URI_TRANSPORT_CC)
+
+
+class Sfu:
+    """What all Routers of a node share: the media port, the DTLS certificate, the timers and the totals."""
+
+    def __init__(self, port: MediaPort, certificate: Certificate, candidates: list[sdp.Candidate]) -> None:
+        self.port = port
+        self.certificate = certificate
+        self.candidates = candidates
+        self.routers: set[Router] = set()
+        self.totals = {"rtp_in": 0, "rtp_out": 0, "nacks_in": 0, "retransmits": 0, "plis_out": 0}
+        self._task: asyncio.Task[None] | None = None
+
+    def router(self, room: Room, on_timeout: Callable[[str, str], None]) -> Router:
+        router = Router(self, room, on_timeout)
+        self.routers.add(router)
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._tick())
+        return router
+
+    def sfu_totals(self) -> dict[str, int]:
+        totals = dict(self.totals)
+        totals["producers"] = sum(len(p.producers) for r in self.routers for p in r.peers.values())
+        totals["consumers"] = sum(len(p.consumers) for r in self.routers for p in r.peers.values())
+        totals["transports"] = self.port.counts()["transports"]
+        return totals
+
+    async def _tick(self) -> None:
+        count = 0
+        while True:
+            await asyncio.sleep(TICK)
+            count += 1
+            now = time.monotonic()
+            for router in list(self.routers):
+                try:
+                    router.tick(now, full=count % REPORT_EVERY == 0)
+                except Exception:  # one call's bug must not stop the others' feedback
+                    log.exception("router tick failed", extra={"fields": {"room": router.room.name}})
+
+    async def close(self) -> None:
+        for router in list(self.routers):
+            router.close()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+
+class Peer:
+    """One participant's side of the SFU."""
+
+    def __init__(self, router: Router, participant: Participant) -> None:
+        self.router = router
+        self.participant = participant
+        self.publish: WebRtcTransport | None = None
+        self.subscribe: WebRtcTransport | None = None
+        self.producers: dict[str, Producer] = {}  # by mid
+        self.by_ssrc: dict[int, Producer] = {}
+        self.consumers: dict[str, Consumer] = {}  # by producer id
+        self.sections: list[offer.Section] = []
+        self.revision = 0
+        self.awaiting: int | None = None
+        self.offered: dict[str, Consumer] = {}  # mid → consumer, as in the offer awaiting its answer
+        self.dirty = False
+        self.publish_ufrag: str | None = None
+        self.rtcp_ssrc = secrets.randbits(32) or 1
+        self.mid_ext: int | None = None
+        self.twcc_ext: int | None = None
+        self.twcc: list[tuple[int, int]] = []
+        self.twcc_count = 0
+        self.session_id = secrets.randbits(62)
+        self.restart_subscribe = False
+
+    # -- Publishing -----------------------------------------------------------------------------------------
+
+    def on_rtp(self, transport: WebRtcTransport, data: bytes) -> None:
+        totals = self.router.sfu.totals
+        totals["rtp_in"] += 1
+        ssrc = rtp.ssrc(data)
+        producer = self.by_ssrc.get(ssrc)
+        if self.twcc_ext is not None:
+            value = rtp.extension(data, self.twcc_ext)
+            if value is not None and len(value) == 2:
+                self.twcc.append(((value[0] << 8) | value[1], time.monotonic_ns() // 1000))
+        if producer is None:
+            producer = self._learn_ssrc(data, ssrc)
+            if producer is None:
+                self.router.sfu.port.drop("unknown_ssrc")
+                return
+        totals["rtp_out"] += producer.receive(data)
+
+    def _learn_ssrc(self, data: bytes, ssrc: int) -> Producer | None:
+        """Browsers that put no SSRC in their SDP name the m-section in the MID extension of early packets."""
+        if self.mid_ext is None:
+            return None
+        try:
+            value = rtp.extension(data, self.mid_ext)
+        except rtp.RtpError:
+            return None
+        if value is None:
+            return None
+        producer = self.producers.get(bytes(value).decode("ascii", "replace"))
+        if producer is None or producer.ssrc is not None:
+            return None  # a second SSRC for one m-section (RTX, simulcast) is not forwarded here
+        producer.ssrc = ssrc
+        self.by_ssrc[ssrc] = producer
+        producer.request_keyframe()
+        return producer
+
+    def on_publish_rtcp(self, transport: WebRtcTransport, data: bytes) -> None:
+        try:
+            packets = rtcp.parse_compound(data)
+        except rtcp.RtcpError:
+            self.router.sfu.port.drop("bad_rtcp")
+            return
+        for packet in packets:
+            if isinstance(packet, rtcp.SenderReport):
+                producer = self.by_ssrc.get(packet.ssrc)
+                if producer is None:
+                    continue
+                producer.stats.sr_ntp = packet.ntp_timestamp
+                producer.stats.sr_at = time.monotonic()
+                for consumer in producer.consumers:
+                    if consumer.ready and consumer.transport is not None:
+                        report = consumer.sender_report(packet.ntp_timestamp, packet.rtp_timestamp)
+                        consumer.transport.send_rtcp(report.serialize())
+
+    def send_pli(self, media_ssrc: int) -> bool:
+        if self.publish is None or not self.publish.connected:
+            return False
+        self.router.sfu.totals["plis_out"] += 1
+        return self.publish.send_rtcp(rtcp.Pli(self.rtcp_ssrc, media_ssrc).serialize())
+
+    # -- Subscribing ----------------------------------------------------------------------------------------
+
+    def on_subscribe_rtcp(self, transport: WebRtcTransport, data: bytes) -> None:
+        try:
+            packets = rtcp.parse_compound(data)
+        except rtcp.RtcpError:
+            self.router.sfu.port.drop("bad_rtcp")
+            return
+        for packet in packets:
+            if isinstance(packet, rtcp.GenericNack):
+                consumer = self._consumer_by_ssrc(packet.media_ssrc)
+                if consumer is not None:
+                    lost = packet.lost
+                    self.router.sfu.totals["nacks_in"] += len(lost)
+                    self.router.sfu.totals["retransmits"] += consumer.retransmit(lost)
+            elif isinstance(packet, rtcp.Pli):
+                consumer = self._consumer_by_ssrc(packet.media_ssrc)
+                if consumer is not None:
+                    consumer.producer.request_keyframe()
+            elif isinstance(packet, rtcp.Fir):
+                for target, _ in packet.entries:
+                    consumer = self._consumer_by_ssrc(target)
+                    if consumer is not None:
+                        consumer.producer.request_keyframe()
+
+    def _consumer_by_ssrc(self, ssrc: int) -> Consumer | None:
+        for consumer in self.consumers.values():
+            if consumer.ssrc == ssrc:
+                return consumer
+        return None
+
+    def _on_publish_connected(self, transport: WebRtcTransport) -> None:
+        # Subscribers that became ready before this transport was up asked for keyframes in vain.
+        for producer in self.producers.values():
+            if any(c.ready for c in producer.consumers):
+                producer.request_keyframe()
+
+    def _on_subscribe_connected(self, transport: WebRtcTransport) -> None:
+        for consumer in self.consumers.values():
+            if consumer.ready:
+                consumer.producer.request_keyframe()
+
+    # -- Periodic -------------------------------------------------------------------------------------------
+
+    def tick(self, now: float, full: bool) -> None:
+        publish = self.publish
+        if publish is not None and publish.connected:
+            if self.twcc:
+                self._send_twcc(publish)
+            if full:
+                blocks = [
+                    b
+                    for p in self.producers.values()
+                    if p.ssrc is not None
+                    for b in [p.stats.report(p.ssrc, now)]
+                    if b is not None
+                ]
+                if blocks:
+                    publish.send_rtcp(rtcp.ReceiverReport(self.rtcp_ssrc, blocks[:31]).serialize())
+
+    def _send_twcc(self, transport: WebRtcTransport) -> None:
+        arrivals, self.twcc = self.twcc, []
+        media_ssrc = next((p.ssrc for p in self.producers.values() if p.ssrc is not None), 0)
+        try:
+            feedback = rtcp.TransportCC.from_arrivals(self.rtcp_ssrc, media_ssrc, self.twcc_count, arrivals)
+        except rtcp.RtcpError:
+            return  # a gap too large to describe: the next batch starts afresh
+        self.twcc_count += 1
+        # On its own, not in a compound packet: Chromium mishandled it inside one.
+        transport.send_rtcp(feedback.serialize())
+
+    def consent_expired(self, now: float) -> bool:
+        return any(t is not None and t.consent_expired(now) for t in (self.publish, self.subscribe))
+
+    def close(self) -> None:
+        for transport in (self.publish, self.subscribe):
+            if transport is not None:
+                transport.close()
+
+
+class Router:
+    """One call on this node: who publishes what, and who receives it."""
+
+    def __init__(self, sfu: Sfu, room: Room, on_timeout: Callable[[str, str], None]) -> None:
+        self.sfu = sfu
+        self.room = room
+        self.on_timeout = on_timeout
+        self.peers: dict[str, Peer] = {}
+        self._pending: set[str] = set()
+        self._flush_scheduled = False
+        self.closed = False
+
+    # -- Membership (called by calls.registry) --------------------------------------------------------------
+
+    def add_peer(self, participant: Participant) -> None:
+        if participant.id in self.peers:
+            return
+        peer = self.peers[participant.id] = Peer(self, participant)
+        for other in self.peers.values():
+            if other is not peer:
+                for producer in other.producers.values():
+                    self._consume(producer, peer)
+
+    def remove_peer(self, participant: Participant) -> None:
+        peer = self.peers.pop(participant.id, None)
+        if peer is None:
+            return
+        for producer in list(peer.producers.values()):
+            self._drop_producer(producer)
+        for consumer in list(peer.consumers.values()):
+            consumer.producer.consumers.remove(consumer)
+        peer.consumers.clear()
+        peer.close()
+        self._pending.discard(participant.id)
+
+    def restart_ice(self, participant: Participant) -> None:
+        """The participant came back after losing its network: its next subscribe offer restarts ICE."""
+        peer = self.peers.get(participant.id)
+        if peer is not None and peer.subscribe is not None:
+            peer.restart_subscribe = True
+            self._renegotiate(peer)
+
+    # -- Negotiation (called by signaling) ------------------------------------------------------------------
+
+    def on_publish_offer(self, participant: Participant, text: str) -> str:
+        peer = self.peers[participant.id]
+        desc = sdp.parse(text)
+        media = next((m for m in desc.media if not m.rejected and m.kind in ("audio", "video")), None)
+        if media is None:
+            raise sdp.SdpError("the offer has no audio or video m-section")
+        ufrag, _ = desc.ice_credentials(media)
+        fingerprints = [f for f in desc.fingerprints_for(media) if f.algorithm.lower() == "sha-256"]
+        if not fingerprints:
+            raise sdp.SdpError("the offer has no sha-256 DTLS fingerprint")
+        if peer.publish is None:
+            peer.publish = WebRtcTransport(
+                self.sfu.port,
+                self.sfu.certificate,
+                label=f"{participant.id}/publish",
+                on_rtp=peer.on_rtp,
+                on_rtcp=peer.on_publish_rtcp,
+                on_connected=peer._on_publish_connected,
+            )
+        elif ufrag != peer.publish_ufrag:
+            peer.publish.restart_ice()  # the browser restarts ICE: the answer needs new credentials too
+        peer.publish_ufrag = ufrag
+        peer.publish.set_remote(ufrag, fingerprints[0].value)
+        answer = sdp.build_answer(
+            desc,
+            ice_ufrag=peer.publish.ice.ufrag,
+            ice_pwd=peer.publish.ice.pwd,
+            fingerprint_sha256=self.sfu.certificate.fingerprint_sha256,
+            candidates=self.sfu.candidates,
+            supported_extensions=PUBLISH_EXTENSIONS,
+            session_id=peer.session_id,
+        )
+        self._update_producers(peer, desc, answer)
+        return sdp.serialize(answer)
+
+    def _update_producers(
+        self, peer: Peer, offer_desc: sdp.SessionDescription, answer: sdp.SessionDescription
+    ) -> None:
+        extmap = sdp.bundle_extmap(answer)
+        ids = {uri: ext_id for ext_id, uri in extmap.items()}
+        peer.mid_ext = ids.get(sdp.URI_MID)
+        peer.twcc_ext = ids.get(sdp.URI_TRANSPORT_CC)
+        table = bytearray([UNUSED_EXTENSION_ID] * 16)
+        for ext_id, uri in extmap.items():
+            if uri in offer.SUBSCRIBER_EXT:
+                table[ext_id] = offer.SUBSCRIBER_EXT[uri]
+        sending: set[str] = set()
+        for media in answer.media:
+            if media.rejected or media.mid is None or media.direction not in ("recvonly", "sendrecv"):
+                continue
+            if not self._may_publish(peer):
+                continue
+            pt_map = {
+                c.pt: offer.SUBSCRIBER_PT[c.name.lower()]
+                for c in media.codecs
+                if c.name.lower() in offer.SUBSCRIBER_PT
+            }
+            if not pt_map:
+                continue
+            sending.add(media.mid)
+            producer = peer.producers.get(media.mid)
+            if producer is None or producer.kind != media.kind:
+                if producer is not None:
+                    self._drop_producer(producer)
+                producer = peer.producers[media.mid] = Producer(
+                    peer, media.kind, media.mid, pt_map, bytes(table)
+                )
+                self._learn_ssrcs(producer, offer_desc.media_by_mid(media.mid))
+                for other in self.peers.values():
+                    if other is not peer:
+                        self._consume(producer, other)
+            else:
+                producer.pt_map, producer.ext_table = pt_map, bytes(table)
+        for mid in [m for m in peer.producers if m not in sending]:
+            self._drop_producer(peer.producers[mid])
+
+    @staticmethod
+    def _may_publish(peer: Peer) -> bool:
+        return peer.participant.permissions.publish
+
+    def _learn_ssrcs(self, producer: Producer, media: sdp.MediaDescription | None) -> None:
+        if media is None or not media.ssrcs:
+            return
+        fid = next((g.ssrcs for g in media.ssrc_groups if g.semantics == "FID" and len(g.ssrcs) == 2), None)
+        primary = fid[0] if fid else media.ssrcs[0].ssrc
+        producer.ssrc = primary
+        producer.rtx_ssrc = fid[1] if fid else None
+        producer.peer.by_ssrc[primary] = producer
+
+    def _drop_producer(self, producer: Producer) -> None:
+        producer.close()
+        peer = producer.peer
+        peer.producers.pop(producer.mid, None)
+        if producer.ssrc is not None and peer.by_ssrc.get(producer.ssrc) is producer:
+            del peer.by_ssrc[producer.ssrc]
+        for consumer in list(producer.consumers):
+            consumer.subscriber.consumers.pop(producer.id, None)
+            self._renegotiate(consumer.subscriber)
+        producer.consumers.clear()
+
+    def _consume(self, producer: Producer, subscriber: Peer) -> None:
+        if producer.id in subscriber.consumers or not subscriber.participant.permissions.subscribe:
+            return
+        consumer = Consumer(producer, subscriber)
+        subscriber.consumers[producer.id] = consumer
+        producer.consumers.append(consumer)
+        self._renegotiate(subscriber)
+
+    def _renegotiate(self, peer: Peer) -> None:
+        # Deferred to a later loop turn: several changes become one offer, and a newcomer's `joined` reply
+        # always goes out before its first offer.
+        self._pending.add(peer.participant.id)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        pending, self._pending = self._pending, set()
+        for pid in pending:
+            peer = self.peers.get(pid)
+            if peer is not None and not self.closed:
+                self._send_subscribe_offer(peer)
+
+    def _send_subscribe_offer(self, peer: Peer) -> None:
+        if peer.awaiting is not None:
+            peer.dirty = True
+            return
+        wanted = {c.producer.id: c for c in peer.consumers.values()}
+        placed: set[str] = set()
+        for section in peer.sections:
+            consumer = next((c for c in wanted.values() if c.ssrc == section.ssrc), None)
+            if consumer is None:
+                section.ssrc = None  # its track is gone: idle until reused
+            else:
+                placed.add(consumer.producer.id)
+        for pid, consumer in wanted.items():
+            if pid in placed:
+                continue
+            section = next((s for s in peer.sections if s.ssrc is None and s.kind == consumer.kind), None)
+            if section is None:
+                section = offer.Section(str(len(peer.sections)), consumer.kind)
+                peer.sections.append(section)
+            section.ssrc = consumer.ssrc
+            section.stream_id = consumer.producer.peer.participant.id
+            section.track_id = consumer.producer.id
+            consumer.mid = section.mid
+        if not peer.sections:
+            return
+        if peer.subscribe is None:
+            peer.subscribe = WebRtcTransport(
+                self.sfu.port,
+                self.sfu.certificate,
+                label=f"{peer.participant.id}/subscribe",
+                on_rtp=lambda t, d: self.sfu.port.drop("rtp_on_subscribe"),
+                on_rtcp=peer.on_subscribe_rtcp,
+                on_connected=peer._on_subscribe_connected,
+            )
+        elif peer.restart_subscribe:
+            peer.subscribe.restart_ice()
+        peer.restart_subscribe = False
+        peer.revision += 1
+        peer.awaiting = peer.revision
+        peer.offered = {
+            s.mid: c
+            for s in peer.sections
+            if s.ssrc is not None
+            for c in peer.consumers.values()
+            if c.ssrc == s.ssrc
+        }
+        text = offer.build_subscribe_offer(
+            peer.sections,
+            ice_ufrag=peer.subscribe.ice.ufrag,
+            ice_pwd=peer.subscribe.ice.pwd,
+            fingerprint=self.sfu.certificate.fingerprint_sha256,
+            candidates=self.sfu.candidates,
+            session_id=peer.session_id,
+            version=peer.revision,
+        )
+        peer.participant.outbox.send(
+            {"type": "sfu_offer", "pc": "subscribe", "sdp": text, "revision": peer.revision}
+        )
+
+    def on_subscribe_answer(self, participant: Participant, text: str, revision: int) -> None:
+        peer = self.peers[participant.id]
+        if peer.awaiting != revision:
+            raise sdp.SdpError(f"revision {revision} is not the offer awaiting an answer ({peer.awaiting})")
+        desc = sdp.parse(text)
+        media = next((m for m in desc.media if not m.rejected), None)
+        if media is None or peer.subscribe is None:
+            raise sdp.SdpError("the answer accepts no m-section")
+        ufrag, _ = desc.ice_credentials(media)
+        fingerprints = [f for f in desc.fingerprints_for(media) if f.algorithm.lower() == "sha-256"]
+        if not fingerprints:
+            raise sdp.SdpError("the answer has no sha-256 DTLS fingerprint")
+        if (desc.setup_for(media) or "active") != "active":
+            raise sdp.SdpError("the answer must take a=setup:active: the SFU stays the DTLS server")
+        peer.subscribe.set_remote(ufrag, fingerprints[0].value)
+        peer.awaiting = None
+        for mid, consumer in peer.offered.items():
+            answered = desc.media_by_mid(mid)
+            if (
+                answered is None
+                or answered.rejected
+                or peer.consumers.get(consumer.producer.id) is not consumer
+            ):
+                continue
+            consumer.transport = peer.subscribe
+            if not consumer.ready:
+                consumer.ready = True
+                consumer.producer.request_keyframe()
+        if peer.dirty:
+            peer.dirty = False
+            self._renegotiate(peer)
+
+    # -- Time -----------------------------------------------------------------------------------------------
+
+    def tick(self, now: float, full: bool) -> None:
+        for peer in list(self.peers.values()):
+            peer.tick(now, full)
+            if full and peer.consent_expired(now):
+                event(
+                    log,
+                    logging.INFO,
+                    "media consent lost",
+                    room=self.room.name,
+                    participant=peer.participant.id,
+                )
+                self.on_timeout(peer.participant.id, "timeout")
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "peers": len(self.peers),
+            "producers": sum(len(p.producers) for p in self.peers.values()),
+            "consumers": sum(len(p.consumers) for p in self.peers.values()),
+            "forwarded": sum(c.packets for p in self.peers.values() for c in p.consumers.values()),
+            "retransmits": sum(c.retransmits for p in self.peers.values() for c in p.consumers.values()),
+        }
+
+    def close(self) -> None:
+        self.closed = True
+        for peer in list(self.peers.values()):
+            self.remove_peer(peer.participant)
+        self.sfu.routers.discard(self)
