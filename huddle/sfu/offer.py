@@ -59,11 +59,6 @@ def build_subscribe_offer(
     desc = sdp.SessionDescription(
         origin=sdp.Origin("-", session_id, version, "IN", "IP4", "0.0.0.0"),
         ice_lite=True,
-        ice_ufrag=ice_ufrag,
-        ice_pwd=ice_pwd,
-        fingerprints=[sdp.Fingerprint("sha-256", fingerprint)],
-        # JSEP requires actpass in an offer; browsers answer active, keeping the SFU the DTLS server.
-        setup="actpass",
         groups=[sdp.Group("BUNDLE", [s.mid for s in sections])],
         attributes=[sdp.Attribute("msid-semantic", "WMS *")],
     )
@@ -79,6 +74,13 @@ def build_subscribe_offer(
             connection=connection,
             mid=s.mid,
             direction="sendonly" if s.ssrc is not None else "inactive",
+            # Transport attributes in every section, as browsers write them: aiortc mishandles a bundle
+            # of several same-kind sections that inherit them from session level.
+            ice_ufrag=ice_ufrag,
+            ice_pwd=ice_pwd,
+            fingerprints=[sdp.Fingerprint("sha-256", fingerprint)],
+            # JSEP requires actpass in an offer; browsers answer active, keeping the SFU the DTLS server.
+            setup="actpass",
             rtcp_mux=True,
             rtcp_rsize=True,
             extmaps=list(EXTENSIONS[s.kind]),
