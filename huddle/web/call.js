@@ -9,6 +9,7 @@ const STATUS_WORDS = {
   idle: 'Not connected',
   connecting: 'Connecting…',
   connected: 'Connected',
+  reconnecting: 'Reconnecting…',
   disconnected: 'Connection lost',
   error: 'Not connected',
 };
@@ -32,10 +33,18 @@ const ERROR_WORDS = {
   connection_lost: 'The connection to the server was lost.',
   replaced: 'You joined this call from another tab or device, so this one was disconnected.',
   unsupported_mode: 'This call uses a mode this page does not support yet. Try reloading the page.',
+  resume_failed: 'The connection to the call was lost for too long to pick it up again. Rejoin to continue.',
+  removed: 'The server ended your connection to the call. Rejoin to continue.',
+  bad_sdp: 'The server could not use this browser’s audio or video. Try reloading the page.',
 };
 
 // Errors that need no words for people: retried, or only interesting to developers.
-const QUIET_ERRORS = new Set(['rate_limited', 'unknown_participant', 'aborted']);
+const QUIET_ERRORS = new Set(['rate_limited', 'unknown_participant', 'aborted', 'wrong_mode', 'timeout']);
+
+// Notes on a tile about the other person's own connection to the server (participant.connection).
+const PARTICIPANT_CONNECTION_WORDS = {
+  reconnecting: 'Reconnecting…',
+};
 
 const $ = (selector, root = document) => root.querySelector(selector);
 
@@ -125,10 +134,22 @@ function setTileMedia(tile, { audio, video }) {
   }
 }
 
+// Two sources for the note on a tile: the media connection it is shown through (data-connection, from
+// peer-state) and the person's own connection to the server (data-connection-state: connected | reconnecting,
+// from participant.connection). Someone who is reconnecting keeps their tile, with a note saying so.
 function setTileConnection(tile, state) {
   tile.dataset.connection = state;
+  updateConnectionNote(tile);
+}
+
+function setTileParticipantConnection(tile, connection) {
+  tile.dataset.connectionState = connection || 'connected';
+  updateConnectionNote(tile);
+}
+
+function updateConnectionNote(tile) {
   const note = $('.connection-note', tile);
-  const words = PEER_WORDS[state];
+  const words = PARTICIPANT_CONNECTION_WORDS[tile.dataset.connectionState] || PEER_WORDS[tile.dataset.connection];
   note.hidden = !words;
   note.textContent = words || '';
 }
@@ -151,6 +172,7 @@ function ensureRemoteTile(participant) {
   if (!tile) tile = createTile({ local: false, participantId: participant.id, name: participant.name });
   setTileName(tile, participant.name, false);
   setTileMedia(tile, { audio: participant.audio !== false, video: participant.video !== false });
+  setTileParticipantConnection(tile, participant.connection);
   return tile;
 }
 
@@ -225,13 +247,13 @@ function setStatus(state) {
   ui.status.dataset.state = state;
   ui.status.textContent = STATUS_WORDS[state] || state;
   document.body.dataset.state = state;
-  const inCall = state === 'connecting' || state === 'connected';
+  const inCall = state === 'connecting' || state === 'connected' || state === 'reconnecting';
   ui.leaveButton.disabled = !inCall;
   updateCount();
 }
 
 function updateCount() {
-  const inCall = huddle.state === 'connected';
+  const inCall = huddle.state === 'connected' || huddle.state === 'reconnecting';
   ui.count.hidden = !inCall;
   if (inCall) {
     const people = huddle.participants.size + 1;
@@ -335,12 +357,19 @@ async function joinCall() {
 
 // --- client events ---
 
+// The last error, so that the panel after a lost connection can say why.
+let lastErrorCode = null;
+
 huddle.addEventListener('state', (event) => {
   const { state } = event.detail;
   setStatus(state);
+  // While reconnecting, tiles and media stay as they are: the status says "Reconnecting…".
   if (state === 'disconnected') {
     clearRemoteTiles();
-    showLeftPanel('You are disconnected', 'The connection to the call was lost.', 'Rejoin');
+    const note = lastErrorCode === 'resume_failed'
+      ? 'The connection to the call was lost and could not be restored in time.'
+      : 'The connection to the call was lost.';
+    showLeftPanel('You are disconnected', note, 'Rejoin');
   } else if (state === 'error' && ui.joinPanel.hidden) {
     clearRemoteTiles();
     showLeftPanel('Could not join the call', '', 'Try again');
@@ -386,6 +415,15 @@ huddle.addEventListener('track', (event) => {
   playVideo(video);
 });
 
+huddle.addEventListener('track-removed', (event) => {
+  const tile = tiles.get(event.detail.participantId);
+  if (!tile) return;
+  const video = $('video', tile);
+  // Reassigning srcObject makes the element drop the track that left the stream.
+  video.srcObject = event.detail.stream;
+  playVideo(video);
+});
+
 huddle.addEventListener('peer-state', (event) => {
   const { participantId, connectionState } = event.detail;
   const tile = tiles.get(participantId);
@@ -405,6 +443,7 @@ huddle.addEventListener('local-media', () => updateLocalState());
 
 huddle.addEventListener('error', (event) => {
   const detail = event.detail;
+  lastErrorCode = detail.code;
   if (QUIET_ERRORS.has(detail.code)) {
     console.info('huddle:', detail.code, detail.message);
     return;
@@ -483,9 +522,10 @@ ui.copyLink.addEventListener('click', async () => {
   setTimeout(() => { label.textContent = 'Copy link'; }, 2000);
 });
 
-// Tell the others at once when this tab goes away (the server would notice within seconds anyway).
+// Tell the others at once when this tab goes away: a socket that closes without `leave` keeps our seat for the
+// reconnection grace period (20 s), a closed tab must not.
 window.addEventListener('pagehide', () => {
-  if (huddle.state === 'connected' || huddle.state === 'connecting') huddle.leave();
+  if (['connected', 'connecting', 'reconnecting'].includes(huddle.state)) huddle.leave();
 });
 
 // --- start ---

@@ -3,21 +3,40 @@
 // Three layers, each replaceable on its own:
 //   SignalingChannel  one WebSocket: JSON frames, request ids, ping every 5 s, 12 s of silence = lost.
 //   MeshTransport     "p2p" mode: one RTCPeerConnection (PeerLink) per remote participant.
+//   SfuTransport      "sfu" mode: two RTCPeerConnections with the server (publish: ours; subscribe: everyone else's).
 //   HuddleClient      the public API: joins a room, owns local media, turns all of it into events.
-// An SFU mode is another transport with the same small interface (start, connectTo, expect, handleSignal,
-// remove, close, connections); reconnection lives in HuddleClient, around SignalingChannel.
+// Both transports have the same small interface (start, connectTo, expect, handleSignal, remove, close,
+// connections, restartIce); HuddleClient moves a call from one to the other (p2p -> sfu) without blanking a
+// tile, and resumes the call on a new socket when the signaling socket drops (reconnection).
 //
 // Protocol: docs/protocol.md (version 1).
 
 export const PROTOCOL_VERSION = 1;
 export const ROOM_PATTERN = /^[A-Za-z0-9_-]{1,64}$/;
-export const STATES = Object.freeze(['idle', 'connecting', 'connected', 'disconnected', 'error']);
+export const STATES = Object.freeze(['idle', 'connecting', 'connected', 'reconnecting', 'disconnected', 'error']);
 
 const PING_INTERVAL_MS = 5000;
 const SILENCE_TIMEOUT_MS = 12000;
 const MEDIA_CONSTRAINTS = Object.freeze({ audio: true, video: { width: 1280, height: 720 } });
 const MAX_ICE_RESTARTS = 3;
+const CLOSE_UNAUTHORIZED = 4001; // token refused: reconnecting cannot help
 const CLOSE_REPLACED = 4002; // the server's close code when the same identity joined again elsewhere
+const CLOSE_REMOVED = 4004; // the server removed this participant (e.g. its media timed out)
+const CLOSE_DROPPED = 4000; // our own code for a socket we gave up on (silence, or the test hook)
+// Reconnection: waits before each attempt to open a new socket, the last one repeating until the grace
+// period (`reconnect_grace` from `joined`) is over. One attempt may take at most RESUME_ATTEMPT_MS.
+const RECONNECT_DELAYS_MS = Object.freeze([500, 1000, 2000]);
+const RESUME_ATTEMPT_MS = 5000;
+const RESUME_LAST_MARGIN_MS = 250;
+const DEFAULT_RECONNECT_GRACE_S = 20;
+// Moving a call p2p -> sfu: a participant's P2P connection is kept until their media flows through the SFU,
+// at most MIGRATION_WAIT_MS after their first SFU track arrived (MIGRATION_CAP_MS after the switch when none
+// arrives), and for MIGRATION_LINGER_MS more so that the other side (switching at about the same moment)
+// keeps receiving us until its own SFU copy of us flows.
+const MIGRATION_WAIT_MS = 5000;
+const MIGRATION_CAP_MS = 15000;
+const MIGRATION_LINGER_MS = 1500;
+const MIGRATION_POLL_MS = 100;
 
 /** An error with a protocol code (`code`) as well as words for people (`message`). */
 export class HuddleError extends Error {
@@ -135,6 +154,20 @@ export class SignalingChannel extends EventTarget {
     this._finish({ code, reason, lost: false });
   }
 
+  /**
+   * Abandons the socket at once, as a lost network would: no `leave`, no waiting for the closing handshake.
+   * The `close` event (lost: true) fires before this returns.
+   */
+  drop(reason = 'connection dropped') {
+    const ws = this.ws;
+    this._finish({ code: CLOSE_DROPPED, reason, lost: true });
+    try {
+      if (ws && ws.readyState <= WebSocket.OPEN) ws.close(CLOSE_DROPPED, reason);
+    } catch {
+      // already closing
+    }
+  }
+
   _onFrame(data) {
     this.lastMessageAt = performance.now();
     if (typeof data !== 'string') return;
@@ -170,15 +203,7 @@ export class SignalingChannel extends EventTarget {
       }
     }, this.pingInterval));
     this._timers.push(setInterval(() => {
-      if (performance.now() - this.lastMessageAt > this.silenceTimeout) {
-        const ws = this.ws;
-        this._finish({ code: 4000, reason: 'no message from the server', lost: true });
-        try {
-          ws.close(4000, 'heartbeat timeout');
-        } catch {
-          // already closing
-        }
-      }
+      if (performance.now() - this.lastMessageAt > this.silenceTimeout) this.drop('no message from the server');
     }, Math.min(1000, this.silenceTimeout / 4)));
   }
 
@@ -230,6 +255,7 @@ class PeerLink {
     this.pendingCandidates = [];
     this.iceRestarts = 0;
     this.closed = false;
+    this.retired = false; // the call moved to the SFU: this link only carries media until it is closed
     this._queue = Promise.resolve();
 
     const pc = new RTCPeerConnection({ iceServers });
@@ -244,14 +270,18 @@ class PeerLink {
   start() {
     if (!this.initiator) return;
     this._enqueue(async () => {
-      for (const kind of ['audio', 'video']) {
-        const track = this.publish ? this.localTracks[kind] : null;
-        const init = { direction: direction(Boolean(track), this.subscribe) };
-        if (track && this.localTracks.stream) init.streams = [this.localTracks.stream];
-        this.pc.addTransceiver(track || kind, init);
-      }
+      await this._addInitiatorTransceivers();
       await this._sendOffer(false);
     });
+  }
+
+  async _addInitiatorTransceivers() {
+    for (const kind of ['audio', 'video']) {
+      const track = this.publish ? this.localTracks[kind] : null;
+      const init = { direction: direction(Boolean(track), this.subscribe) };
+      if (track && this.localTracks.stream) init.streams = [this.localTracks.stream];
+      this.pc.addTransceiver(track || kind, init);
+    }
   }
 
   handleSignal(message) {
@@ -260,6 +290,29 @@ class PeerLink {
       else if (message.type === 'answer') await this._onAnswer(message.sdp);
       else if (message.type === 'candidate') await this._onRemoteCandidate(message.candidate);
     });
+  }
+
+  /**
+   * ICE restart after our signaling came back (reconnection): the initiator sends a new offer with fresh ICE
+   * credentials, first dropping an offer of ours whose answer was lost with the old socket.
+   */
+  restartIce() {
+    if (!this.initiator || this.retired) return;
+    this._enqueue(async () => {
+      if (this.pc.signalingState === 'have-local-offer') await this.pc.setLocalDescription({ type: 'rollback' });
+      if (this.pc.signalingState === 'stable') await this._sendOffer(true);
+    });
+  }
+
+  /** The call moved to the SFU: no more signaling on this link (the server would refuse it), no ICE restarts. */
+  retire() {
+    this.retired = true;
+    this.send = () => false;
+  }
+
+  /** Whether any media track arrived over this link. */
+  get hasRemoteMedia() {
+    return this.remoteStream.getTracks().length > 0;
   }
 
   close() {
@@ -378,7 +431,7 @@ class PeerLink {
   _onStateChange() {
     const { connectionState, iceConnectionState } = this.pc;
     this.events.peerState(this.participantId, { connectionState, iceConnectionState, state: connectionState });
-    if (connectionState === 'failed' && this.initiator && this.iceRestarts < MAX_ICE_RESTARTS) {
+    if (connectionState === 'failed' && this.initiator && !this.retired && this.iceRestarts < MAX_ICE_RESTARTS) {
       this.iceRestarts += 1;
       this._enqueue(async () => {
         if (this.pc.signalingState === 'stable') await this._sendOffer(true);
@@ -402,22 +455,30 @@ export class MeshTransport {
     this.send = send;
     this.events = events;
     this.links = new Map(); // participant id -> PeerLink
+    this.retired = false;
+  }
+
+  get mode() {
+    return 'p2p';
   }
 
   start() {}
 
   /** We joined after `participantId`: we offer. */
   connectTo(participantId) {
+    if (this.retired) return;
     this._link(participantId, true).start();
   }
 
   /** `participantId` joined after us: they will offer. */
   expect(participantId) {
+    if (this.retired) return;
     this._link(participantId, false);
   }
 
   /** An offer, answer or candidate from another participant (`from`). */
   handleSignal(message) {
+    if (this.retired) return;
     const from = message.from;
     if (typeof from !== 'string') return;
     let link = this.links.get(from);
@@ -443,6 +504,32 @@ export class MeshTransport {
     return [...this.links.values()].map((link) => ({ participantId: link.participantId, pc: link.pc }));
   }
 
+  /** After our signaling came back: restart ICE on every link we initiated (the later joiner restarts). */
+  restartIce(participantId) {
+    for (const link of this.links.values()) {
+      if (participantId === undefined || link.participantId === participantId) link.restartIce();
+    }
+  }
+
+  /** The call moved to the SFU: links only carry media from now on; links that never carried any close. */
+  retire() {
+    this.retired = true;
+    for (const link of [...this.links.values()]) {
+      link.retire();
+      if (!link.hasRemoteMedia) this.remove(link.participantId);
+    }
+  }
+
+  /** The tracks received from `participantId` over this mesh (empty when there is no such link). */
+  remoteTracks(participantId) {
+    const link = this.links.get(participantId);
+    return link && !link.closed ? link.remoteStream.getTracks() : [];
+  }
+
+  has(participantId) {
+    return this.links.has(participantId);
+  }
+
   _link(participantId, initiator) {
     this.remove(participantId);
     const link = new PeerLink({
@@ -457,6 +544,369 @@ export class MeshTransport {
     });
     this.links.set(participantId, link);
     return link;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// SFU
+
+/** The participant ids under which SfuTransport.connections() lists its two peer connections. */
+export const SFU_PUBLISH_ID = 'sfu:publish';
+export const SFU_SUBSCRIBE_ID = 'sfu:subscribe';
+
+/**
+ * "sfu" mode (docs/protocol.md, "SFU mode"): two RTCPeerConnections with the server, so that neither side
+ * ever waits for the other's offer.
+ *   publish    we offer (`sfu_offer` pc "publish") our microphone and camera as sendonly transceivers, one
+ *              encoding each; the server answers (`sfu_answer`). Offered again when the local tracks change and
+ *              for ICE restarts, one offer at a time.
+ *   subscribe  the server offers (`sfu_offer` pc "subscribe" with a `revision`) one sendonly m-section per
+ *              remote track; we answer (`sfu_answer`, same revision). Offers are applied strictly in order.
+ * The server is ICE-lite and learns our address from our STUN checks: no candidates go either way.
+ *
+ * Remote tracks are grouped by the stream id of their msid (= the publishing participant's id) into one
+ * MediaStream per participant holding their audio and video, reported with the same `track` events as
+ * MeshTransport. A track goes again (event `trackRemoved`) when the server's offer makes its m-section
+ * inactive or rejects it (port 0), when it ends, or when its msid stream loses it.
+ */
+export class SfuTransport {
+  constructor({ iceServers, localTracks, permissions, send, events }) {
+    this.iceServers = iceServers || [];
+    this.localTracks = localTracks;
+    this.publish = permissions?.publish !== false;
+    this.subscribe = permissions?.subscribe !== false;
+    this.send = send;
+    this.events = events;
+    this.publishPc = null;
+    this.subscribePc = null;
+    this.closed = false;
+    this.revision = null; // of the last subscribe offer applied
+    this.streams = new Map(); // participant id -> MediaStream (what the page shows)
+    this._owners = new Map(); // remote MediaStreamTrack -> participant id
+    this._watched = new WeakSet(); // tracks and msid streams we listen to already
+    this._publishQueue = Promise.resolve();
+    this._subscribeQueue = Promise.resolve();
+    this._offerOut = false; // a publish offer waits for its answer
+    this._wanted = null; // {iceRestart}: another publish offer is due once the answer is in
+    this._offers = 0;
+    this._iceRestarts = 0;
+  }
+
+  get mode() {
+    return 'sfu';
+  }
+
+  start() {
+    if (this.publishPc) return;
+    const config = { iceServers: this.iceServers, bundlePolicy: 'max-bundle' };
+    const pub = new RTCPeerConnection(config);
+    const sub = new RTCPeerConnection(config);
+    this.publishPc = pub;
+    this.subscribePc = sub;
+    // No onicecandidate: the ICE-lite server needs none of our candidates.
+    pub.onconnectionstatechange = () => this._onPublishState();
+    pub.oniceconnectionstatechange = () => this._onPublishState();
+    sub.ontrack = (event) => this._onTrack(event);
+    sub.onconnectionstatechange = () => this._onSubscribeState();
+    sub.oniceconnectionstatechange = () => this._onSubscribeState();
+    this._enqueuePublish(async () => this._syncPublishTransceivers());
+    this._negotiatePublish(false);
+  }
+
+  /** Remote tracks are announced as they come; a participant we hear of later gets theirs again. */
+  connectTo(participantId) {
+    this._announce(participantId);
+  }
+
+  expect(participantId) {
+    this._announce(participantId);
+  }
+
+  /** `sfu_offer` (subscribe), `sfu_answer` (publish), and `error` replies to our own SFU messages. */
+  handleSignal(message) {
+    if (this.closed) return;
+    if (message.type === 'sfu_offer' && message.pc === 'subscribe') this._applySubscribeOffer(message);
+    else if (message.type === 'sfu_answer' && message.pc === 'publish') this._applyPublishAnswer(message.sdp);
+    else if (message.type === 'error') this._onError(message);
+  }
+
+  /** The participant left: forget their stream (the server's next offer retires their m-sections). */
+  remove(participantId) {
+    this.streams.delete(participantId);
+    for (const [track, owner] of [...this._owners]) if (owner === participantId) this._owners.delete(track);
+  }
+
+  close() {
+    if (this.closed) return;
+    this.closed = true;
+    for (const pc of [this.publishPc, this.subscribePc]) {
+      if (!pc) continue;
+      pc.ontrack = pc.onconnectionstatechange = pc.oniceconnectionstatechange = null;
+      pc.close();
+    }
+    this.streams.clear();
+    this._owners.clear();
+  }
+
+  connections() {
+    const out = [];
+    if (this.publishPc) out.push({ participantId: SFU_PUBLISH_ID, pc: this.publishPc });
+    if (this.subscribePc) out.push({ participantId: SFU_SUBSCRIBE_ID, pc: this.subscribePc });
+    return out;
+  }
+
+  /**
+   * ICE restart of the publish connection (after our signaling came back): a new offer with fresh ICE
+   * credentials. An offer whose answer was lost with the old socket is dropped first. The subscribe side is
+   * restarted by the server's next offer.
+   */
+  restartIce() {
+    this._enqueuePublish(async () => {
+      this._offerOut = false;
+      this._wanted = null;
+    });
+    this._negotiatePublish(true);
+  }
+
+  /** New local tracks (e.g. a camera that came later): put them on the publish connection, offer again. */
+  setLocalTracks(localTracks) {
+    this.localTracks = localTracks;
+    this._enqueuePublish(async () => {
+      if (await this._syncPublishTransceivers()) this._negotiatePublish(false);
+    });
+  }
+
+  /**
+   * Whether media from the SFU is really arriving on `track`: for video at least one decoded frame, for audio
+   * at least one packet.
+   */
+  async hasMedia(track) {
+    if (!this.subscribePc || this.closed) return false;
+    const transceiver = this.subscribePc.getTransceivers().find((t) => t.receiver.track === track);
+    if (!transceiver) return false;
+    try {
+      const stats = await transceiver.receiver.getStats();
+      let flowing = false;
+      stats.forEach((report) => {
+        if (report.type !== 'inbound-rtp') return;
+        if (track.kind === 'video' ? report.framesDecoded > 0 : report.packetsReceived > 0) flowing = true;
+      });
+      return flowing;
+    } catch {
+      return !track.muted;
+    }
+  }
+
+  /** The subscribe connection's state, in the form of `peer-state` events. */
+  subscribeState() {
+    const pc = this.subscribePc;
+    const connectionState = pc ? pc.connectionState : 'new';
+    const iceConnectionState = pc ? pc.iceConnectionState : 'new';
+    return { connectionState, iceConnectionState, state: connectionState };
+  }
+
+  // --- publish ---
+
+  _enqueuePublish(task) {
+    this._publishQueue = this._publishQueue.then(async () => {
+      if (this.closed) return;
+      try {
+        await task();
+      } catch (err) {
+        if (!this.closed) {
+          this.events.error(new HuddleError('peer_error', `publishing to the server failed: ${err.message}`,
+            { cause: err }));
+        }
+      }
+    });
+  }
+
+  /** Puts the local tracks on sendonly transceivers; true when the offer has to change. */
+  async _syncPublishTransceivers() {
+    const pc = this.publishPc;
+    let changed = false;
+    for (const kind of ['audio', 'video']) {
+      const track = this.publish ? this.localTracks?.[kind] || null : null;
+      const transceiver = pc.getTransceivers().find((t) => t.receiver.track.kind === kind
+        && t.currentDirection !== 'stopped' && t.direction !== 'stopped');
+      if (!transceiver) {
+        if (!track) continue;
+        const init = { direction: 'sendonly' };
+        if (this.localTracks.stream) init.streams = [this.localTracks.stream];
+        pc.addTransceiver(track, init);
+        changed = true;
+        continue;
+      }
+      if (transceiver.sender.track !== track) await transceiver.sender.replaceTrack(track);
+      const wanted = track ? 'sendonly' : 'inactive';
+      if (transceiver.direction !== wanted) {
+        transceiver.direction = wanted;
+        changed = true;
+      }
+    }
+    return changed;
+  }
+
+  /** One publish offer at a time: a wish for another one while an offer is out waits for its answer. */
+  _negotiatePublish(iceRestart) {
+    this._enqueuePublish(async () => {
+      if (this._offerOut) {
+        this._wanted = { iceRestart: Boolean(iceRestart || this._wanted?.iceRestart) };
+        return;
+      }
+      const pc = this.publishPc;
+      if (pc.getTransceivers().length === 0) return; // nothing to publish (no devices, or no permission)
+      if (pc.signalingState === 'have-local-offer') await pc.setLocalDescription({ type: 'rollback' });
+      const offer = await pc.createOffer(iceRestart ? { iceRestart: true } : undefined);
+      await pc.setLocalDescription(offer);
+      this._offerOut = true;
+      this._offers += 1;
+      // The id comes back on an `error` (bad_sdp) only; the answer itself carries none.
+      this.send({ type: 'sfu_offer', id: `publish-${this._offers}`, pc: 'publish', sdp: pc.localDescription.sdp });
+      // Not sent (no socket): restartIce() offers again once signaling is back.
+    });
+  }
+
+  _applyPublishAnswer(sdp) {
+    this._enqueuePublish(async () => {
+      const pc = this.publishPc;
+      if (pc.signalingState !== 'have-local-offer') return; // stale or duplicate answer
+      this._offerOut = false;
+      await pc.setRemoteDescription({ type: 'answer', sdp });
+      this._followUp();
+    });
+  }
+
+  _followUp() {
+    const wanted = this._wanted;
+    this._wanted = null;
+    if (wanted) this._negotiatePublish(wanted.iceRestart);
+  }
+
+  _onError(message) {
+    if (typeof message.id !== 'string' || !message.id.startsWith('publish-')) return;
+    // The server refused our publish offer: back to the last agreed state; a later change offers again.
+    this._enqueuePublish(async () => {
+      if (!this._offerOut) return;
+      this._offerOut = false;
+      if (this.publishPc.signalingState === 'have-local-offer') {
+        await this.publishPc.setLocalDescription({ type: 'rollback' });
+      }
+      this._followUp();
+    });
+  }
+
+  _onPublishState() {
+    const pc = this.publishPc;
+    const { connectionState, iceConnectionState } = pc;
+    this.events.peerState(SFU_PUBLISH_ID, { connectionState, iceConnectionState, state: connectionState });
+    if (connectionState === 'failed' && this._iceRestarts < MAX_ICE_RESTARTS) {
+      this._iceRestarts += 1;
+      this._negotiatePublish(true);
+    } else if (connectionState === 'connected') {
+      this._iceRestarts = 0;
+    }
+  }
+
+  // --- subscribe ---
+
+  _applySubscribeOffer(message) {
+    this._subscribeQueue = this._subscribeQueue.then(async () => {
+      if (this.closed) return;
+      const pc = this.subscribePc;
+      try {
+        if (pc.signalingState !== 'stable') await pc.setLocalDescription({ type: 'rollback' });
+        await pc.setRemoteDescription({ type: 'offer', sdp: message.sdp });
+        const answer = await pc.createAnswer();
+        await pc.setLocalDescription(answer);
+        const reply = { type: 'sfu_answer', pc: 'subscribe', sdp: pc.localDescription.sdp };
+        if (message.revision !== undefined) {
+          reply.revision = message.revision;
+          reply.id = `subscribe-${message.revision}`;
+        }
+        this.revision = message.revision ?? this.revision;
+        this.send(reply);
+      } catch (err) {
+        if (!this.closed) {
+          this.events.error(new HuddleError('peer_error',
+            `could not apply the server's offer (revision ${message.revision}): ${err.message}`, { cause: err }));
+        }
+      }
+      if (!this.closed) this._dropRetiredTracks();
+    });
+  }
+
+  _onTrack(event) {
+    const { track } = event;
+    const msid = event.streams && event.streams[0];
+    if (!msid) {
+      console.debug('huddle: SFU track without a stream id ignored', track.id);
+      return;
+    }
+    if (!this._watched.has(track)) {
+      this._watched.add(track);
+      track.addEventListener('ended', () => this._drop(track));
+    }
+    if (!this._watched.has(msid)) {
+      this._watched.add(msid);
+      msid.addEventListener('removetrack', (e) => {
+        if (this._owners.get(e.track) === msid.id) this._drop(e.track);
+      });
+    }
+    this._attach(msid.id, track);
+  }
+
+  _attach(participantId, track) {
+    const previous = this._owners.get(track);
+    if (previous !== undefined && previous !== participantId) this._drop(track); // m-section reused
+    let stream = this.streams.get(participantId);
+    if (!stream) {
+      stream = new MediaStream();
+      this.streams.set(participantId, stream);
+    }
+    for (const old of stream.getTracks()) {
+      if (old !== track && old.kind === track.kind) {
+        stream.removeTrack(old);
+        this._owners.delete(old);
+      }
+    }
+    if (!stream.getTracks().includes(track)) stream.addTrack(track);
+    this._owners.set(track, participantId);
+    this.events.track(participantId, stream, track);
+    this.events.peerState(participantId, this.subscribeState());
+  }
+
+  _drop(track) {
+    const participantId = this._owners.get(track);
+    if (participantId === undefined) return;
+    this._owners.delete(track);
+    const stream = this.streams.get(participantId);
+    if (!stream || !stream.getTracks().includes(track)) return;
+    stream.removeTrack(track);
+    this.events.trackRemoved(participantId, stream, track);
+  }
+
+  /** After an offer: tracks whose m-section no longer receives (inactive, or port 0) are gone. */
+  _dropRetiredTracks() {
+    for (const transceiver of this.subscribePc.getTransceivers()) {
+      const track = transceiver.receiver.track;
+      if (!this._owners.has(track)) continue;
+      const receiving = transceiver.currentDirection === 'recvonly' || transceiver.currentDirection === 'sendrecv';
+      if (!receiving) this._drop(track);
+    }
+  }
+
+  _announce(participantId) {
+    const stream = this.streams.get(participantId);
+    if (!stream) return;
+    for (const track of stream.getTracks()) this.events.track(participantId, stream, track);
+    this.events.peerState(participantId, this.subscribeState());
+  }
+
+  _onSubscribeState() {
+    const states = this.subscribeState();
+    this.events.peerState(SFU_SUBSCRIBE_ID, states);
+    for (const participantId of this.streams.keys()) this.events.peerState(participantId, states);
   }
 }
 
@@ -506,40 +956,72 @@ async function captureLocalMedia(constraints) {
 // ---------------------------------------------------------------------------------------------------------
 // The client
 
+/** Errors after which resuming cannot work: the call is over for this client. */
+const RESUME_FATAL = new Set(['resume_failed', 'unauthorized', 'token_expired', 'wrong_room', 'invalid_room',
+  'invalid_name', 'room_full']);
+
+function withTimeout(promise, ms, what) {
+  let timer;
+  const timeout = new Promise((_, reject) => {
+    timer = setTimeout(() => reject(new HuddleError('timeout', `${what} took longer than ${ms} ms`)), ms);
+  });
+  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
+}
+
 /**
  * A participant in a Huddle call.
  *
  * Events (CustomEvent, data in `detail`):
- *   state               {state, previous}  state: idle | connecting | connected | disconnected | error
+ *   state               {state, previous}  state: idle | connecting | connected | reconnecting | disconnected |
+ *                                          error. `reconnecting`: the signaling socket dropped; media and
+ *                                          participants are kept while a new socket resumes the call.
  *   joined              {self, room, participants, mode, iceServers, permissions}
+ *   resumed             {self, room, participants, mode, iceServers, permissions}  back after `reconnecting`
+ *   mode                {mode, previous}   the call moved to the SFU (previous 'p2p')
  *   participant-joined  {participant}
  *   participant-left    {participantId, participant, reason}
- *   participant-updated {participant, isSelf}
- *   track               {participantId, stream, track}
- *   peer-state          {participantId, connectionState, iceConnectionState, state}
+ *   participant-updated {participant, isSelf}  participant.connection: 'connected' | 'reconnecting'
+ *   track               {participantId, stream, track}  stream: everything of that participant's to show
+ *   track-removed       {participantId, stream, track}  the track left `stream` (SFU mode)
+ *   peer-state          {participantId, connectionState, iceConnectionState, state}  in SFU mode also for
+ *                                          'sfu:publish' and 'sfu:subscribe'; a participant's is the state of
+ *                                          the connection their media arrives on
  *   local-stream        {stream}           the local camera/microphone stream (null once released)
  *   local-media         {audio, video}     what this client sends, after setAudioEnabled / setVideoEnabled
  *   error               {code, message, source: 'server' | 'local', fatal, requestId}
  */
 export class HuddleClient extends EventTarget {
-  constructor({ url, mediaConstraints = MEDIA_CONSTRAINTS, pingInterval, silenceTimeout } = {}) {
+  constructor({
+    url, mediaConstraints = MEDIA_CONSTRAINTS, pingInterval, silenceTimeout,
+    reconnectDelays = RECONNECT_DELAYS_MS,
+  } = {}) {
     super();
     this.url = url || null;
     this.mediaConstraints = mediaConstraints;
     this._signalingOptions = { pingInterval, silenceTimeout };
+    this._reconnectDelays = reconnectDelays.length ? [...reconnectDelays] : [...RECONNECT_DELAYS_MS];
     this.state = 'idle';
     this.self = null;
     this.room = null;
-    this.mode = null;
+    this.mode = null; // 'p2p' | 'sfu' once joined
     this.iceServers = [];
     this.permissions = null;
     this.participants = new Map();
     this.localStream = null;
     this.mediaError = null;
+    this.resumeToken = null;
+    this.reconnectGrace = null; // seconds
     this._wantAudio = true;
     this._wantVideo = true;
+    this._joinName = null;
     this._signaling = null;
     this._transport = null;
+    this._retiring = null; // the MeshTransport the call is moving away from (p2p -> sfu)
+    this._migrations = new Map(); // participant id -> {participantId, expectVideo, since, trackSince}
+    this._migrationTimer = null;
+    this._checkingMigrations = false;
+    this._resuming = null; // the SignalingChannel of a resume attempt
+    this._reconnect = null; // {deadline, attempt, timer}
     this._session = 0;
   }
 
@@ -569,7 +1051,7 @@ export class HuddleClient extends EventTarget {
    * details; rejects with a HuddleError (also reported as an `error` event).
    */
   async join({ room, name, token } = {}) {
-    if (this.state === 'connecting' || this.state === 'connected') {
+    if (this.state === 'connecting' || this.state === 'connected' || this.state === 'reconnecting') {
       throw this._fail(new HuddleError('already_joined', 'already in a call; leave it first'), false);
     }
     this._teardown();
@@ -585,16 +1067,10 @@ export class HuddleClient extends EventTarget {
 
     const session = ++this._session;
     this.room = room;
+    this._joinName = displayName;
     this._setState('connecting');
-    const signaling = new SignalingChannel(this.url || defaultSignalingUrl(), this._signalingOptions);
+    const signaling = this._newChannel();
     this._signaling = signaling;
-    // Events of a channel this client has let go of (left, torn down) are ignored.
-    signaling.addEventListener('message', (event) => {
-      if (this._signaling === signaling) this._onMessage(event.detail);
-    });
-    signaling.addEventListener('close', (event) => {
-      if (this._signaling === signaling) this._onSignalingClosed(event.detail);
-    });
 
     // Camera permission and the socket come up in parallel; `join` goes out once both are settled, so that
     // every peer connection is created with the local tracks in place.
@@ -621,7 +1097,10 @@ export class HuddleClient extends EventTarget {
     return this._joinedDetail();
   }
 
-  /** Leaves the call, closes every connection and releases camera and microphone. */
+  /**
+   * Leaves the call, closes every connection and releases camera and microphone. Synchronous up to sending
+   * `leave`, so that it works from `pagehide`.
+   */
   leave() {
     this._session += 1;
     const signaling = this._signaling;
@@ -630,6 +1109,13 @@ export class HuddleClient extends EventTarget {
       this._signaling = null;
       if (signaling.send({ type: 'leave' })) setTimeout(() => signaling.close(1000, 'left'), 2000);
       else signaling.close(1000, 'left');
+    }
+    const resuming = this._resuming;
+    if (resuming) {
+      // A resume attempt in flight: were its `join` to be taken, `leave` (after it on the same socket) ends it.
+      this._resuming = null;
+      if (resuming.send({ type: 'leave' })) setTimeout(() => resuming.close(1000, 'left'), 2000);
+      else resuming.close(1000, 'left');
     }
     this._teardown('self_left');
     this._releaseLocalMedia();
@@ -648,12 +1134,49 @@ export class HuddleClient extends EventTarget {
     return this._applyLocalMedia().video;
   }
 
-  /** [{participantId, pc}] for every current peer connection. */
+  /**
+   * [{participantId, pc}] for every current peer connection. P2P: one per remote participant. SFU:
+   * {participantId: 'sfu:publish'} and {participantId: 'sfu:subscribe'}, followed, while a call moves from p2p
+   * to the SFU, by the P2P connections not closed yet.
+   */
   peerConnections() {
-    return this._transport ? this._transport.connections() : [];
+    const current = this._transport ? this._transport.connections() : [];
+    const retiring = this._retiring ? this._retiring.connections() : [];
+    return [...current, ...retiring];
+  }
+
+  /**
+   * TEST HOOK (tests/e2e rely on it; not for applications): closes the signaling WebSocket abruptly, without
+   * `leave`, as a lost network would. The client then reconnects (state `reconnecting`) and resumes the call.
+   * Returns false when there was no socket to drop.
+   */
+  _debugDropConnection() {
+    if (!this._signaling) return false;
+    this._signaling.drop('dropped by _debugDropConnection (test hook)');
+    return true;
   }
 
   // --- messages from the server ---
+
+  _newChannel() {
+    const channel = new SignalingChannel(this.url || defaultSignalingUrl(), this._signalingOptions);
+    // Events of a channel this client has let go of (left, torn down, replaced) are ignored.
+    channel.addEventListener('message', (event) => {
+      if (this._signaling === channel) {
+        this._onMessage(event.detail);
+      } else if (this._resuming === channel && event.detail.type === 'joined') {
+        // The resume attempt succeeded: this socket carries the call from now on (before any message after
+        // `joined` on it is handled).
+        this._resuming = null;
+        this._signaling = channel;
+        this._onResumed(event.detail);
+      }
+    });
+    channel.addEventListener('close', (event) => {
+      if (this._signaling === channel) this._onSignalingClosed(event.detail);
+    });
+    return channel;
+  }
 
   _onMessage(message) {
     switch (message.type) {
@@ -672,9 +1195,23 @@ export class HuddleClient extends EventTarget {
       case 'offer':
       case 'answer':
       case 'candidate':
-        if (this._transport && this.participants.has(message.from)) this._transport.handleSignal(message);
+        if (this._transport instanceof MeshTransport && this.participants.has(message.from)) {
+          this._transport.handleSignal(message);
+        }
+        break;
+      case 'mode':
+        if (message.mode === 'sfu') this._switchToSfu();
+        break;
+      case 'sfu_offer':
+      case 'sfu_answer':
+        // An SFU offer means the call is in the SFU, whether or not `mode` came first.
+        if (message.type === 'sfu_offer' && message.pc === 'subscribe') this._switchToSfu();
+        if (this._transport instanceof SfuTransport) this._transport.handleSignal(message);
         break;
       case 'error':
+        if (this._transport instanceof SfuTransport && typeof message.id === 'string') {
+          this._transport.handleSignal(message);
+        }
         this._onServerError(message);
         break;
       default:
@@ -685,22 +1222,19 @@ export class HuddleClient extends EventTarget {
   _onJoined(message) {
     this.self = { ...message.self };
     this.room = message.room || this.room;
-    this.mode = message.mode;
+    this.mode = message.mode === 'sfu' ? 'sfu' : 'p2p';
     this.iceServers = message.ice_servers || [];
     this.permissions = message.permissions || { publish: true, subscribe: true, record: true };
+    this.resumeToken = typeof message.resume_token === 'string' ? message.resume_token : null;
+    this.reconnectGrace = Number(message.reconnect_grace) > 0 ? Number(message.reconnect_grace)
+      : DEFAULT_RECONNECT_GRACE_S;
     this.participants = new Map();
     for (const participant of message.participants || []) this.participants.set(participant.id, { ...participant });
 
-    if (this.mode !== 'p2p') {
-      this._fail(new HuddleError('unsupported_mode', `this client cannot take part in a "${this.mode}" call`));
+    if (message.mode !== 'p2p' && message.mode !== 'sfu') {
+      this._fail(new HuddleError('unsupported_mode', `this client cannot take part in a "${message.mode}" call`));
     }
-    this._transport = new MeshTransport({
-      iceServers: this.iceServers,
-      localTracks: this._localTracks(),
-      permissions: this.permissions,
-      send: (msg) => this._signaling?.send(msg),
-      events: this._transportEvents(),
-    });
+    this._transport = this._createTransport(this.mode);
     this._transport.start();
     for (const id of this.participants.keys()) this._transport.connectTo(id);
 
@@ -712,11 +1246,12 @@ export class HuddleClient extends EventTarget {
   _onParticipantJoined(participant) {
     if (!participant || typeof participant.id !== 'string' || participant.id === this.self?.id) return;
     this.participants.set(participant.id, { ...participant });
-    this._transport?.expect(participant.id);
     emit(this, 'participant-joined', { participant: this.participants.get(participant.id) });
+    // After the event, so that tracks the SFU delivered before we heard of them find a tile.
+    this._transport?.expect(participant.id);
   }
 
-  _onParticipantUpdated(participant) {
+  _onParticipantUpdated(participant, { restartIce = true } = {}) {
     if (!participant || typeof participant.id !== 'string') return;
     if (this.self && participant.id === this.self.id) {
       Object.assign(this.self, participant);
@@ -725,13 +1260,21 @@ export class HuddleClient extends EventTarget {
     }
     const known = this.participants.get(participant.id);
     if (!known) return;
+    const wasReconnecting = known.connection === 'reconnecting';
     Object.assign(known, participant);
     emit(this, 'participant-updated', { participant: known, isSelf: false });
+    if (restartIce && wasReconnecting && known.connection === 'connected'
+      && this._transport instanceof MeshTransport) {
+      // They resumed: in p2p mode the later joiner of the two restarts ICE (a no-op when that is them).
+      this._transport.restartIce(participant.id);
+    }
   }
 
   _onParticipantLeft(participantId, reason) {
     const participant = this.participants.get(participantId);
     this._transport?.remove(participantId);
+    this._retiring?.remove(participantId);
+    this._migrations.delete(participantId);
     if (!participant) return;
     this.participants.delete(participantId);
     emit(this, 'participant-left', { participantId, participant, reason: reason || 'left' });
@@ -749,10 +1292,19 @@ export class HuddleClient extends EventTarget {
 
   _onSignalingClosed({ code, lost }) {
     const wasConnected = this.state === 'connected';
+    const final = [CLOSE_UNAUTHORIZED, CLOSE_REPLACED, CLOSE_REMOVED].includes(code);
+    if (wasConnected && this.resumeToken && !final) {
+      // Keep the call (media, participants, tiles) and resume it on a new socket.
+      this._signaling = null;
+      this._startReconnecting();
+      return;
+    }
     this._teardown('connection_lost');
     if (!wasConnected) return; // while connecting, join() reports it through its rejection
     if (code === CLOSE_REPLACED) {
       this._fail(new HuddleError('replaced', 'you joined this call again from another tab or device'));
+    } else if (code === CLOSE_REMOVED) {
+      this._fail(new HuddleError('removed', 'the server ended your connection to the call'));
     } else {
       this._fail(new HuddleError('connection_lost', lost
         ? 'no word from the server for 12 seconds' : `the server closed the connection (${code})`));
@@ -760,14 +1312,271 @@ export class HuddleClient extends EventTarget {
     this._setState('disconnected');
   }
 
-  // --- transport plumbing ---
+  // --- reconnection (docs/protocol.md, "Reconnection") ---
 
-  _transportEvents() {
-    return {
-      track: (participantId, stream, track) => emit(this, 'track', { participantId, stream, track }),
-      peerState: (participantId, states) => emit(this, 'peer-state', { participantId, ...states }),
-      error: (error) => this._fail(error, false),
+  _startReconnecting() {
+    const graceMs = (this.reconnectGrace || DEFAULT_RECONNECT_GRACE_S) * 1000;
+    this._reconnect = { deadline: performance.now() + graceMs, attempt: 0, timer: null };
+    this._setState('reconnecting');
+    this._scheduleResume(this._session);
+  }
+
+  _scheduleResume(session) {
+    const reconnect = this._reconnect;
+    if (!reconnect || session !== this._session) return;
+    const delays = this._reconnectDelays;
+    const left = reconnect.deadline - performance.now() - RESUME_LAST_MARGIN_MS;
+    // The last attempt comes just before the grace period is over, however the backoff falls.
+    const delay = Math.min(delays[Math.min(reconnect.attempt, delays.length - 1)], left);
+    reconnect.attempt += 1;
+    if (delay < 0) {
+      this._giveUp(new HuddleError('resume_failed',
+        `could not reconnect to the call within ${this.reconnectGrace} seconds`));
+      return;
+    }
+    reconnect.timer = setTimeout(() => this._attemptResume(session), delay);
+  }
+
+  async _attemptResume(session) {
+    const reconnect = this._reconnect;
+    if (!reconnect || session !== this._session || this.state !== 'reconnecting') return;
+    reconnect.timer = null;
+    const channel = this._newChannel();
+    this._resuming = channel;
+    const budget = Math.max(500, Math.min(RESUME_ATTEMPT_MS, reconnect.deadline - performance.now()));
+    let failure = null;
+    try {
+      await withTimeout(channel.open(), budget, 'opening the socket');
+      if (this._resuming !== channel) return;
+      const request = { type: 'join', v: PROTOCOL_VERSION, room: this.room, resume: this.resumeToken };
+      if (this._joinName) request.name = this._joinName;
+      await withTimeout(channel.request(request), budget, 'resuming');
+    } catch (err) {
+      failure = err instanceof HuddleError ? err
+        : new HuddleError('connection_failed', String(err?.message || err), { cause: err });
+    }
+    if (this._signaling === channel) return; // resumed (_onResumed took over)
+    if (this._resuming === channel) this._resuming = null;
+    channel.close(1000, 'resume attempt over');
+    if (session !== this._session || this.state !== 'reconnecting') return;
+    if (failure && failure.source === 'server' && RESUME_FATAL.has(failure.code)) {
+      const error = failure.code === 'resume_failed'
+        ? new HuddleError('resume_failed', 'you were away from the call too long to rejoin it as you were',
+          { source: 'server' })
+        : failure;
+      this._giveUp(error);
+      return;
+    }
+    this._scheduleResume(session);
+  }
+
+  _stopReconnecting() {
+    if (this._reconnect?.timer) clearTimeout(this._reconnect.timer);
+    this._reconnect = null;
+    if (this._resuming) {
+      const channel = this._resuming;
+      this._resuming = null;
+      channel.close(1000, 'not resuming');
+    }
+  }
+
+  /** The call could not be resumed: end it here (state `disconnected`; the page offers to rejoin). */
+  _giveUp(error) {
+    this._stopReconnecting();
+    this._teardown('connection_lost');
+    this._fail(error);
+    this._setState('disconnected');
+  }
+
+  _onResumed(message) {
+    this._stopReconnecting();
+    if (message.resumed !== true || !this.self || message.self?.id !== this.self.id) {
+      // A fresh seat rather than ours (the server no longer knew us): start over on this socket.
+      this._closeTransports();
+      for (const [participantId, participant] of [...this.participants]) {
+        this.participants.delete(participantId);
+        emit(this, 'participant-left', { participantId, participant, reason: 'rejoined' });
+      }
+      this._onJoined(message);
+      return;
+    }
+    this.self = { ...message.self };
+    this.iceServers = message.ice_servers || this.iceServers;
+    this.permissions = message.permissions || this.permissions;
+    if (typeof message.resume_token === 'string') this.resumeToken = message.resume_token;
+    if (Number(message.reconnect_grace) > 0) this.reconnectGrace = Number(message.reconnect_grace);
+
+    // What happened while we were away: who left, who came, who changed.
+    const now = new Map((message.participants || []).map((p) => [p.id, p]));
+    for (const id of [...this.participants.keys()]) if (!now.has(id)) this._onParticipantLeft(id, 'left');
+    for (const [id, participant] of now) {
+      // No ICE restart per participant here: the one restart below covers every connection.
+      if (this.participants.has(id)) this._onParticipantUpdated(participant, { restartIce: false });
+      else this._onParticipantJoined(participant);
+    }
+
+    if (message.mode === 'sfu' && !(this._transport instanceof SfuTransport)) {
+      this._switchToSfu(); // new connections: nothing to restart
+    } else {
+      // SFU: a publish offer with iceRestart (the server sends a new subscribe offer of its own).
+      // P2P: every connection we initiated (we joined after them) offers with iceRestart.
+      this._transport?.restartIce();
+    }
+    this._setState('connected');
+    emit(this, 'resumed', this._joinedDetail());
+    this._applyLocalMedia(true);
+  }
+
+  // --- transports ---
+
+  _createTransport(mode) {
+    let transport = null;
+    const options = {
+      iceServers: this.iceServers,
+      localTracks: this._localTracks(),
+      permissions: this.permissions,
+      send: (msg) => (this._signaling ? this._signaling.send(msg) : false),
+      events: this._transportEvents(() => transport),
     };
+    transport = mode === 'sfu' ? new SfuTransport(options) : new MeshTransport(options);
+    return transport;
+  }
+
+  _transportEvents(transportOf) {
+    return {
+      track: (participantId, stream, track) => {
+        const transport = transportOf();
+        if (transport === this._retiring) {
+          // Late P2P media of someone still waiting for their SFU media.
+          if (this._migrations.has(participantId)) emit(this, 'track', { participantId, stream, track });
+        } else if (transport === this._transport && !this._migrations.has(participantId)) {
+          emit(this, 'track', { participantId, stream, track });
+        }
+        // SFU media of someone still on P2P: shown once it flows (_checkMigrations).
+      },
+      trackRemoved: (participantId, stream, track) => {
+        if (transportOf() === this._transport && !this._migrations.has(participantId)) {
+          emit(this, 'track-removed', { participantId, stream, track });
+        }
+      },
+      peerState: (participantId, states) => {
+        // A retiring P2P connection's states say nothing about the call any more.
+        if (transportOf() !== this._transport || this._migrations.has(participantId)) return;
+        emit(this, 'peer-state', { participantId, ...states });
+      },
+      error: (error) => {
+        if (transportOf() === this._transport) this._fail(error, false);
+      },
+    };
+  }
+
+  /**
+   * p2p -> sfu (`mode`, or `joined` after a resume): the SFU transport starts at once; each P2P connection
+   * that carries media stays until that participant's media flows through the SFU (or a time limit), so that
+   * no tile goes blank.
+   */
+  _switchToSfu() {
+    if (this._transport instanceof SfuTransport || !this.self) return;
+    const previous = this.mode;
+    const mesh = this._transport instanceof MeshTransport ? this._transport : null;
+    this.mode = 'sfu';
+    this._transport = this._createTransport('sfu');
+    if (mesh) {
+      mesh.retire(); // closes the connections that never carried media
+      if (mesh.links.size > 0) {
+        this._retiring = mesh;
+        const since = performance.now();
+        for (const participantId of mesh.links.keys()) {
+          const tracks = mesh.remoteTracks(participantId);
+          this._migrations.set(participantId, {
+            participantId, since, trackSince: null, expectVideo: tracks.some((t) => t.kind === 'video'),
+          });
+        }
+        this._migrationTimer = setInterval(() => this._checkMigrations(), MIGRATION_POLL_MS);
+      } else {
+        mesh.close();
+      }
+    }
+    this._transport.start();
+    for (const id of this.participants.keys()) this._transport.expect(id);
+    emit(this, 'mode', { mode: 'sfu', previous });
+  }
+
+  async _checkMigrations() {
+    if (this._checkingMigrations) return;
+    this._checkingMigrations = true;
+    try {
+      const sfu = this._transport;
+      const mesh = this._retiring;
+      if (!(sfu instanceof SfuTransport) || !mesh) return;
+      for (const migration of [...this._migrations.values()]) {
+        const { participantId } = migration;
+        const now = performance.now();
+        const stream = sfu.streams.get(participantId);
+        let ready = false;
+        if (stream && stream.getTracks().length > 0) {
+          if (migration.trackSince === null) migration.trackSince = now;
+          const wanted = migration.expectVideo ? stream.getVideoTracks() : stream.getTracks();
+          for (const track of wanted) {
+            if (await sfu.hasMedia(track)) {
+              ready = true;
+              break;
+            }
+          }
+        }
+        if (this._migrations.get(participantId) !== migration || this._transport !== sfu) continue;
+        const link = mesh.links.get(participantId);
+        const p2pGone = !link || link.closed || ['failed', 'closed'].includes(link.pc.connectionState);
+        const waited = migration.trackSince !== null && now - migration.trackSince >= MIGRATION_WAIT_MS;
+        if (ready || p2pGone || waited || now - migration.since >= MIGRATION_CAP_MS) {
+          this._finishMigration(migration, Boolean(stream && stream.getTracks().length));
+        }
+      }
+    } finally {
+      this._checkingMigrations = false;
+    }
+  }
+
+  /** The participant's tile moves to their SFU stream; their P2P connection closes shortly after. */
+  _finishMigration(migration, haveSfuMedia) {
+    const { participantId } = migration;
+    this._migrations.delete(participantId);
+    const sfu = this._transport;
+    const mesh = this._retiring;
+    if (sfu instanceof SfuTransport) {
+      const stream = sfu.streams.get(participantId);
+      for (const track of stream ? stream.getTracks() : []) emit(this, 'track', { participantId, stream, track });
+      if (stream) emit(this, 'peer-state', { participantId, ...sfu.subscribeState() });
+    }
+    // The other side switches at about the same moment; a moment more of our P2P media covers its switch.
+    setTimeout(() => {
+      if (this._retiring !== mesh || this._migrations.has(participantId)) return;
+      mesh.remove(participantId);
+      this._endRetirementIfDone();
+    }, haveSfuMedia ? MIGRATION_LINGER_MS : 0);
+  }
+
+  _endRetirementIfDone() {
+    const mesh = this._retiring;
+    if (!mesh || mesh.links.size > 0 || this._migrations.size > 0) return;
+    this._retiring = null;
+    clearInterval(this._migrationTimer);
+    this._migrationTimer = null;
+    mesh.close();
+  }
+
+  _closeTransports() {
+    clearInterval(this._migrationTimer);
+    this._migrationTimer = null;
+    this._migrations.clear();
+    if (this._retiring) {
+      this._retiring.close();
+      this._retiring = null;
+    }
+    if (this._transport) {
+      this._transport.close();
+      this._transport = null;
+    }
   }
 
   _localTracks() {
@@ -835,10 +1644,8 @@ export class HuddleClient extends EventTarget {
   // --- helpers ---
 
   _teardown(reason) {
-    if (this._transport) {
-      this._transport.close();
-      this._transport = null;
-    }
+    this._stopReconnecting();
+    this._closeTransports();
     if (this._signaling) {
       const signaling = this._signaling;
       this._signaling = null;
@@ -852,6 +1659,7 @@ export class HuddleClient extends EventTarget {
     }
     this.participants = new Map();
     this.self = null;
+    this.resumeToken = null;
   }
 
   _fail(error, fatal = true, extra = {}) {
