@@ -284,9 +284,13 @@ class Router:
     def restart_ice(self, participant: Participant) -> None:
         """The participant came back after losing its network: its next subscribe offer restarts ICE."""
         peer = self.peers.get(participant.id)
-        if peer is not None and peer.subscribe is not None:
-            peer.restart_subscribe = True
-            self._renegotiate(peer)
+        if peer is None:
+            return
+        # An offer sent while the signaling was down is lost: forget it and send a fresh one.
+        peer.awaiting = None
+        peer.dirty = False
+        peer.restart_subscribe = peer.subscribe is not None
+        self._renegotiate(peer)
 
     # -- Negotiation (called by signaling) ------------------------------------------------------------------
 

@@ -32,10 +32,12 @@ class SfuClient:
         self.audio_frames: dict[str, int] = defaultdict(int)
         self.frame_sizes: dict[str, tuple[int, int]] = {}
         self.messages: list[dict[str, Any]] = []
+        self._owners: dict[str, str] = {}  # subscribe mid → publishing participant, per the last offer
         self._http: aiohttp.ClientSession | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._answered = asyncio.Event()
+        self._gone = asyncio.Event()
         self.subscribe.on("track", self._on_track)
 
     async def join(self, *, send: bool = True) -> dict[str, Any]:
@@ -62,6 +64,12 @@ class SfuClient:
         await self._ws.send_str(json.dumps(message))
 
     async def _read(self) -> None:
+        try:
+            await self._dispatch()
+        finally:
+            self._gone.set()
+
+    async def _dispatch(self) -> None:
         assert self._ws is not None
         async for msg in self._ws:
             if msg.type != aiohttp.WSMsgType.TEXT:
@@ -71,7 +79,8 @@ class SfuClient:
             if message["type"] == "sfu_answer":
                 await self.publish.setRemoteDescription(RTCSessionDescription(message["sdp"], "answer"))
                 self._answered.set()
-            elif message["type"] == "sfu_offer":
+            elif message["type"] == "sfu_offer" and self.subscribe.connectionState != "closed":
+                self._owners = _stream_ids_by_mid(message["sdp"])
                 await self.subscribe.setRemoteDescription(RTCSessionDescription(message["sdp"], "offer"))
                 self._fix_bundle()
                 await self.subscribe.setLocalDescription(await self.subscribe.createAnswer())
@@ -101,19 +110,25 @@ class SfuClient:
                 transceiver._bundled = True
 
     def _on_track(self, track: Any) -> None:
-        # The SFU names each track "<publisher's participant id>:<mid>" in its msid, and aiortc takes the
-        # msid's track id as the remote track's id.
-        self._tasks.append(asyncio.create_task(self._count(track, track.id.split(":")[0])))
+        transceiver = next(t for t in self.subscribe.getTransceivers() if t.receiver.track is track)
+        self._tasks.append(asyncio.create_task(self._count(track, transceiver)))
 
-    async def _count(self, track: Any, stream_id: str) -> None:
+    async def _count(self, track: Any, transceiver: Any) -> None:
+        # Whose frames these are is read per frame: when the SFU reuses an m-section for another
+        # participant, aiortc keeps the same track object (Chromium fires a new track event instead).
         with contextlib.suppress(MediaStreamError, asyncio.CancelledError):
             while True:
                 frame = await track.recv()
+                stream_id = self._owners.get(transceiver.mid, "?")
                 if track.kind == "video":
                     self.video_frames[stream_id] += 1
                     self.frame_sizes[stream_id] = (frame.width, frame.height)
                 else:
                     self.audio_frames[stream_id] += 1
+
+    async def leave(self) -> None:
+        await self._send({"type": "leave"})
+        await asyncio.wait_for(self._gone.wait(), 10)  # the server closes the socket after `leave`
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -126,3 +141,16 @@ class SfuClient:
             await self._ws.close()
         if self._http is not None:
             await self._http.close()
+
+
+def _stream_ids_by_mid(text: str) -> dict[str, str]:
+    """mid → the stream id in its a=msid (the SFU puts the publisher's participant id there), per sending
+    section."""
+    owners: dict[str, str] = {}
+    for section in text.split("\r\nm=")[1:]:
+        lines = section.split("\r\n")
+        mid = next((line[6:] for line in lines if line.startswith("a=mid:")), None)
+        msid = next((line[7:].split()[0] for line in lines if line.startswith("a=msid:")), None)
+        if mid is not None and msid is not None and "a=sendonly" in lines:
+            owners[mid] = msid
+    return owners
