@@ -1,0 +1,346 @@
+"""Group calls through the SFU, in real Chromium: four people, a fifth who comes and goes, the switch from a
+1:1 peer-to-peer call, an aiortc participant beside the browsers, and a page whose network drops."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+from playwright.sync_api import Page
+
+from .conftest import Server, remote_tiles, start_server, stop_server, wait_for
+
+# Per inbound stream of every peer connection: kind, ssrc, frames decoded and packets; and the selected pair.
+INBOUND_JS = """
+async () => {
+  const out = {streams: [], pairs: []};
+  for (const {participantId, pc} of window.huddle.peerConnections()) {
+    const stats = await pc.getStats();
+    const byId = new Map();
+    stats.forEach(r => byId.set(r.id, r));
+    stats.forEach(r => {
+      if (r.type === 'inbound-rtp') {
+        out.streams.push({pc: participantId, kind: r.kind, ssrc: r.ssrc, frames: r.framesDecoded || 0,
+                          packets: r.packetsReceived || 0, samples: r.totalSamplesReceived || 0});
+      }
+      if (r.type === 'transport' && r.selectedCandidatePairId) {
+        const pair = byId.get(r.selectedCandidatePairId);
+        const remote = byId.get(pair.remoteCandidateId);
+        out.pairs.push({pc: participantId, port: remote.port, address: remote.address, state: pair.state});
+      }
+    });
+  }
+  return out;
+}
+"""
+
+
+def inbound(page: Page) -> dict:
+    return page.evaluate(INBOUND_JS)
+
+
+def decoding_videos(page: Page, frames: int) -> int:
+    return sum(1 for s in inbound(page)["streams"] if s["kind"] == "video" and s["frames"] >= frames)
+
+
+def receiving_audio(page: Page, packets: int) -> int:
+    return sum(1 for s in inbound(page)["streams"] if s["kind"] == "audio" and s["packets"] >= packets)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Server]:
+    s = start_server("--reconnect-grace", "20")
+    yield s
+    stop_server(s)
+
+
+def _join(new_page: Callable[[str], Page], server: Server, room: str, names: list[str]) -> list[Page]:
+    pages = [new_page(f"{server.url}/r/{room}?name={name}") for name in names]
+    for page, name in zip(pages, names, strict=True):
+        others = sorted(n for n in names if n != name)
+        wait_for(
+            lambda page=page, others=others: sorted(remote_tiles(page)) == others,
+            20,
+            f"{name}'s page to show {others}",
+        )
+    return pages
+
+
+def test_four_people_through_the_sfu_and_a_fifth_who_comes_and_goes(new_page, server: Server) -> None:
+    names = ["Ada", "Bob", "Cy", "Dee"]
+    pages = _join(new_page, server, "group", names)
+    for page, name in zip(pages, names, strict=True):
+        wait_for(lambda page=page: page.evaluate("window.huddle.mode") == "sfu", 10, f"{name} in SFU mode")
+        wait_for(
+            lambda page=page: decoding_videos(page, 30) == 3 and receiving_audio(page, 50) == 3,
+            40,
+            f"{name} to decode 3 videos and receive 3 audio streams",
+        )
+
+    # Every remote stream now comes over a pair that ends at the SFU's media port, and only those.
+    for page in pages:
+        stats = inbound(page)
+        assert {p["pc"] for p in stats["pairs"]} == {"sfu:publish", "sfu:subscribe"}
+        assert all(p["port"] == server.media and p["state"] == "succeeded" for p in stats["pairs"])
+        assert all(s["pc"] == "sfu:subscribe" for s in stats["streams"])
+
+    # Five seconds and more of decoding, sampled: no stream of the four stalls for over a second, while a
+    # fifth person joins (their tiles appear) and leaves (they disappear).
+    def snapshot() -> dict[tuple[int, int], int]:
+        return {
+            (i, s["ssrc"]): s["frames"]
+            for i, page in enumerate(pages)
+            for s in inbound(page)["streams"]
+            if s["kind"] == "video"
+        }
+
+    watched = snapshot()
+    last_change = {key: time.monotonic() for key in watched}
+    last_value = dict(watched)
+    worst = 0.0
+    started = time.monotonic()
+    fifth = None
+    phase = "before"
+    while time.monotonic() - started < 14:
+        now_values = snapshot()
+        now = time.monotonic()
+        for key in watched:
+            value = now_values.get(key, last_value[key])
+            if value != last_value[key]:
+                last_change[key], last_value[key] = now, value
+            worst = max(worst, now - last_change[key])
+        elapsed = now - started
+        if phase == "before" and elapsed > 3:
+            fifth = new_page(f"{server.url}/r/group?name=Eve")
+            phase = "joining"
+        elif phase == "joining" and all("Eve" in remote_tiles(p) for p in pages):
+            fifth.click("#leave")
+            phase = "leaving"
+        elif phase == "leaving" and not any("Eve" in remote_tiles(p) for p in pages):
+            phase = "gone"
+        time.sleep(0.2)
+    assert phase == "gone", f"the fifth participant's tiles did not come and go (phase {phase})"
+    assert worst <= 1.0, f"a video stalled for {worst:.2f} s"
+    for page in pages:
+        assert sorted(remote_tiles(page)) == sorted(n for n in names if n != page_name(page))
+    # Over the whole run each stream decoded at least 5 s worth of video.
+    final = snapshot()
+    assert all(final[key] - watched[key] >= 100 for key in watched), (watched, final)
+
+
+def page_name(page: Page) -> str:
+    return page.evaluate("window.huddle.self.name")
+
+
+GAP_JS = """
+() => {
+  // The longest time between two frames shown in each remote tile, from now on. A video element's frame
+  // callbacks stop when its source changes, so each callback re-arms on whatever element the tile has.
+  window.__gaps = {};
+  for (const tile of document.querySelectorAll('.tile.remote')) {
+    const name = tile.dataset.name;
+    const record = {last: performance.now(), worst: 0, frames: 0, armed: null};
+    window.__gaps[name] = record;
+    const arm = () => {
+      const video = document.querySelector(`.tile.remote[data-name="${name}"] video`);
+      if (!video) return;
+      record.armed = video;
+      video.requestVideoFrameCallback((now) => {
+        record.worst = Math.max(record.worst, now - record.last);
+        record.last = now;
+        record.frames += 1;
+        arm();
+      });
+    };
+    arm();
+    // Re-arm when the source is swapped (the p2p -> SFU move), which drops pending callbacks.
+    setInterval(() => { if (performance.now() - record.last > 100) arm(); }, 50);
+  }
+}
+"""
+GAP_RESULT_JS = """
+(name) => {
+  const r = window.__gaps[name];
+  return {frames: r.frames, worst: Math.max(r.worst, performance.now() - r.last)};
+}
+"""
+
+
+def test_a_third_person_moves_a_p2p_call_to_the_sfu_without_a_gap(new_page, server: Server) -> None:
+    ada, bob = _join(new_page, server, "switch", ["Ada", "Bob"])
+    assert ada.evaluate("window.huddle.mode") == "p2p"
+    wait_for(lambda: decoding_videos(ada, 30) == 1 and decoding_videos(bob, 30) == 1, 20, "the 1:1 call")
+    for page in (ada, bob):
+        page.evaluate(GAP_JS)
+    cy = new_page(f"{server.url}/r/switch?name=Cy")
+    for page in (ada, bob, cy):
+        wait_for(lambda page=page: page.evaluate("window.huddle.mode") == "sfu", 10, "the switch to the SFU")
+        wait_for(
+            lambda page=page: (
+                len(page.evaluate("window.huddle.peerConnections()")) == 2 and decoding_videos(page, 30) == 2
+            ),
+            40,
+            "video through the SFU only",
+        )
+    time.sleep(1)
+    for page, other in ((ada, "Bob"), (bob, "Ada")):
+        gap = page.evaluate(GAP_RESULT_JS, other)
+        assert gap["frames"] > 60 and gap["worst"] < 2000, gap
+        assert all(p["port"] == server.media for p in inbound(page)["pairs"])
+
+
+def test_an_aiortc_participant_and_chromium_pages_in_one_call(new_page, browser) -> None:
+    from tests.interop.sfu_client import SfuClient
+
+    # aiortc gathers no loopback candidates, so the SFU announces the namespace's veth address; the pages
+    # still load from 127.0.0.1, since only there (a secure context) do they get camera and microphone.
+    server = start_server("--host", "0.0.0.0", "--announce-ip", "10.77.0.1")
+    try:
+        pages = _join(new_page, server, "mixed", ["Ada", "Bob"])
+        results: dict = {}
+        done = threading.Event()
+
+        async def run_aiortc() -> None:
+            client = SfuClient(f"http://10.77.0.1:{server.http}", "mixed", "Robot")
+            await client.join()
+            try:
+                await asyncio.to_thread(done.wait, 120)
+                results["frames"] = dict(client.video_frames)
+                results["ids"] = client.id
+            finally:
+                await client.close()
+
+        thread = threading.Thread(target=lambda: asyncio.run(run_aiortc()))
+        thread.start()
+        try:
+            for page in pages:
+                wait_for(lambda page=page: "Robot" in remote_tiles(page), 20, "the aiortc participant's tile")
+                wait_for(
+                    lambda page=page: decoding_videos(page, 30) == 2,
+                    40,
+                    "Chromium to decode the aiortc participant's video too",
+                )
+            time.sleep(2)
+        finally:
+            done.set()
+            thread.join(30)
+        # aiortc received and decoded both Chromium participants' video through the SFU.
+        assert len(results["frames"]) == 2 and all(n >= 30 for n in results["frames"].values()), results
+    finally:
+        stop_server(server)
+
+
+def _cut(ports: set[int]) -> None:
+    rules = "; ".join(
+        f"add rule inet huddle_cut in udp {way} {p} drop" for p in sorted(ports) for way in ("sport", "dport")
+    )
+    subprocess.run(
+        [
+            "nft",
+            f"add table inet huddle_cut; add chain inet huddle_cut in "
+            f"{{ type filter hook input priority 0; }}; {rules}",
+        ],
+        check=True,
+    )
+
+
+def _restore() -> None:
+    subprocess.run(["nft", "delete table inet huddle_cut"], check=True)
+
+
+LOCAL_PORTS_JS = """
+async () => {
+  const ports = [];
+  for (const {pc} of window.huddle.peerConnections()) {
+    const stats = await pc.getStats();
+    const byId = new Map();
+    stats.forEach(r => byId.set(r.id, r));
+    stats.forEach(r => {
+      if (r.type === 'transport' && r.selectedCandidatePairId) {
+        ports.push(byId.get(byId.get(r.selectedCandidatePairId).localCandidateId).port);
+      }
+    });
+  }
+  return ports;
+}
+"""
+
+
+def test_a_page_whose_network_drops_for_5_seconds_comes_back_by_itself(new_page, server: Server) -> None:
+    names = ["Ada", "Bob", "Cy"]
+    ada, bob, cy = _join(new_page, server, "flaky", names)
+    for page in (ada, bob, cy):
+        wait_for(lambda page=page: decoding_videos(page, 30) == 2, 40, "the call through the SFU")
+    cy_id = cy.evaluate("window.huddle.self.id")
+
+    # Cy's network goes: its signaling socket drops and nothing passes on its UDP ports, for 5 s.
+    ports = set(cy.evaluate(LOCAL_PORTS_JS))
+    assert len(ports) >= 1
+    cy.context.set_offline(True)
+    _cut(ports)
+    cy.evaluate("window.huddle._debugDropConnection()")
+    try:
+        wait_for(lambda: cy.get_attribute("#status", "data-state") == "reconnecting", 5, "Cy to see it")
+        wait_for(
+            lambda: (
+                ada.get_attribute(f'.tile.remote[data-participant-id="{cy_id}"]', "data-connection-state")
+                == "reconnecting"
+            ),
+            10,
+            "the others to see Cy reconnecting",
+        )
+        time.sleep(5)
+    finally:
+        _restore()
+        cy.context.set_offline(False)
+
+    wait_for(lambda: cy.get_attribute("#status", "data-state") == "connected", 20, "Cy to come back")
+    assert cy.evaluate("window.huddle.self.id") == cy_id
+    for page in (ada, bob):
+        # Same participant, same tile: nobody saw Cy leave.
+        assert page.eval_on_selector_all(f'.tile.remote[data-participant-id="{cy_id}"]', "e => e.length") == 1
+        wait_for(
+            lambda page=page: (
+                page.get_attribute(f'.tile.remote[data-participant-id="{cy_id}"]', "data-connection-state")
+                == "connected"
+            ),
+            10,
+            "Cy back",
+        )
+    # Video resumes both ways.
+    before = {n: _frames_from(p, cy_id) for n, p in (("ada", ada), ("bob", bob))}
+    wait_for(
+        lambda: all(_frames_from(p, cy_id) > before[n] + 30 for n, p in (("ada", ada), ("bob", bob))),
+        20,
+        "Cy's video to resume for the others",
+    )
+    mine = decoding_total(cy)
+    wait_for(lambda: decoding_total(cy) > mine + 60, 20, "Cy to see the others again")
+
+
+def decoding_total(page: Page) -> int:
+    return sum(s["frames"] for s in inbound(page)["streams"] if s["kind"] == "video")
+
+
+def _frames_from(page: Page, participant_id: str) -> int:
+    return page.evaluate(
+        """async (pid) => {
+          const tile = document.querySelector(`.tile.remote[data-participant-id="${pid}"] video`);
+          const track = tile && tile.srcObject && tile.srcObject.getVideoTracks()[0];
+          if (!track) return 0;
+          let frames = 0;
+          for (const {pc} of window.huddle.peerConnections()) {
+            const receiver = pc.getReceivers().find(r => r.track === track);
+            if (!receiver) continue;
+            (await receiver.getStats()).forEach(r => {
+              if (r.type === 'inbound-rtp') frames += r.framesDecoded || 0;
+            });
+          }
+          return frames;
+        }""",
+        participant_id,
+    )
