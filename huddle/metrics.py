@@ -92,6 +92,8 @@ class _SfuCollector(Collector):
         for name, text in (
             ("rtp_in", "RTP packets received from publishers"),
             ("rtp_out", "RTP packets forwarded to subscribers"),
+            ("bytes_in", "RTP bytes received from publishers"),
+            ("bytes_out", "RTP bytes forwarded to subscribers"),
             ("nacks_in", "NACKed packets asked for by subscribers"),
             ("retransmits", "packets re-sent from the NACK cache"),
             ("plis_out", "keyframe requests sent to publishers"),

@@ -112,6 +112,16 @@ class Calls:
         event(log, logging.INFO, "participant resumed", room=room.name, participant=participant.id)
         return room, participant
 
+    def leave_by_token(self, room_name: str, token: str) -> bool:
+        """A page closed while reconnecting has no socket to say `leave` on, so it sends its resume token."""
+        found = self._resumable.get(token)
+        if found is None or found[0].name != room_name:
+            return False
+        room, participant = found
+        self._remove(room, participant, "left")
+        participant.outbox.close(1000, "left")
+        return True
+
     def _switch_to_sfu(self, room: Room, newcomer: Participant) -> None:
         if self._router_factory is None:
             return

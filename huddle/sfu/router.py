@@ -31,6 +31,7 @@ log = logging.getLogger("huddle.sfu")
 
 TICK = 0.1  # transport-wide feedback cadence (Chromium's own receive side sends it about this often)
 REPORT_EVERY = 10  # ticks between receiver reports and consent checks
+COUNTS = ("rtp_in", "rtp_out", "bytes_in", "bytes_out", "nacks_in", "retransmits", "plis_out")
 PUBLISH_EXTENSIONS = (sdp.URI_MID, sdp.URI_ABS_SEND_TIME, sdp.URI_AUDIO_LEVEL, sdp.URI_TRANSPORT_CC)
 
 
@@ -42,7 +43,8 @@ class Sfu:
         self.certificate = certificate
         self.candidates = candidates
         self.routers: set[Router] = set()
-        self.totals = {"rtp_in": 0, "rtp_out": 0, "nacks_in": 0, "retransmits": 0, "plis_out": 0}
+        # Counts of the Routers that are gone; live ones keep their own (Router.counts).
+        self.retired = dict.fromkeys(COUNTS, 0)
         self._task: asyncio.Task[None] | None = None
 
     def router(self, room: Room, on_timeout: Callable[[str, str], None]) -> Router:
@@ -53,7 +55,10 @@ class Sfu:
         return router
 
     def sfu_totals(self) -> dict[str, int]:
-        totals = dict(self.totals)
+        totals = dict(self.retired)
+        for router in self.routers:
+            for key, value in router.counts.items():
+                totals[key] += value
         totals["producers"] = sum(len(p.producers) for r in self.routers for p in r.peers.values())
         totals["consumers"] = sum(len(p.consumers) for r in self.routers for p in r.peers.values())
         totals["transports"] = self.port.counts()["transports"]
@@ -109,8 +114,9 @@ class Peer:
     # -- Publishing -----------------------------------------------------------------------------------------
 
     def on_rtp(self, transport: WebRtcTransport, data: bytes) -> None:
-        totals = self.router.sfu.totals
-        totals["rtp_in"] += 1
+        counts = self.router.counts
+        counts["rtp_in"] += 1
+        counts["bytes_in"] += len(data)
         ssrc = rtp.ssrc(data)
         producer = self.by_ssrc.get(ssrc)
         if self.twcc_ext is not None:
@@ -122,7 +128,9 @@ class Peer:
             if producer is None:
                 self.router.sfu.port.drop("unknown_ssrc")
                 return
-        totals["rtp_out"] += producer.receive(data)
+        sent = producer.receive(data)
+        counts["rtp_out"] += sent
+        counts["bytes_out"] += sent * len(data)
 
     def _learn_ssrc(self, data: bytes, ssrc: int) -> Producer | None:
         """Browsers that put no SSRC in their SDP name the m-section in the MID extension of early packets."""
@@ -163,7 +171,7 @@ class Peer:
     def send_pli(self, media_ssrc: int) -> bool:
         if self.publish is None or not self.publish.connected:
             return False
-        self.router.sfu.totals["plis_out"] += 1
+        self.router.counts["plis_out"] += 1
         return self.publish.send_rtcp(rtcp.Pli(self.rtcp_ssrc, media_ssrc).serialize())
 
     # -- Subscribing ----------------------------------------------------------------------------------------
@@ -179,8 +187,8 @@ class Peer:
                 consumer = self._consumer_by_ssrc(packet.media_ssrc)
                 if consumer is not None:
                     lost = packet.lost
-                    self.router.sfu.totals["nacks_in"] += len(lost)
-                    self.router.sfu.totals["retransmits"] += consumer.retransmit(lost)
+                    self.router.counts["nacks_in"] += len(lost)
+                    self.router.counts["retransmits"] += consumer.retransmit(lost)
             elif isinstance(packet, rtcp.Pli):
                 consumer = self._consumer_by_ssrc(packet.media_ssrc)
                 if consumer is not None:
@@ -254,6 +262,7 @@ class Router:
         self.room = room
         self.on_timeout = on_timeout
         self.peers: dict[str, Peer] = {}
+        self.counts = dict.fromkeys(COUNTS, 0)
         self._pending: set[str] = set()
         self._flush_scheduled = False
         self.closed = False
@@ -529,12 +538,14 @@ class Router:
             "peers": len(self.peers),
             "producers": sum(len(p.producers) for p in self.peers.values()),
             "consumers": sum(len(p.consumers) for p in self.peers.values()),
-            "forwarded": sum(c.packets for p in self.peers.values() for c in p.consumers.values()),
-            "retransmits": sum(c.retransmits for p in self.peers.values() for c in p.consumers.values()),
+            **self.counts,
         }
 
     def close(self) -> None:
         self.closed = True
         for peer in list(self.peers.values()):
             self.remove_peer(peer.participant)
-        self.sfu.routers.discard(self)
+        if self in self.sfu.routers:
+            self.sfu.routers.discard(self)
+            for key, value in self.counts.items():
+                self.sfu.retired[key] += value

@@ -8,8 +8,9 @@ from pathlib import Path
 from aiohttp import WSCloseCode, web
 
 from huddle.metrics import CONTENT_TYPE_LATEST
-from huddle.signaling.messages import MAX_MESSAGE_BYTES
+from huddle.signaling.messages import MAX_MESSAGE_BYTES, valid_room_name
 from huddle.signaling.session import Context, Session
+from huddle.signaling.tokens import TokenError, verify
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 
@@ -33,6 +34,8 @@ def build_app(ctx: Context) -> web.Application:
     app.router.add_get("/ws", _websocket)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/api/rooms/{room}", _room_stats)
+    app.router.add_post("/api/rooms/{room}/leave", _leave)
     app.router.add_static("/static/", WEB_DIR, append_version=False)
     app.on_shutdown.append(_close_sockets)
     return app
@@ -69,6 +72,40 @@ async def _healthz(request: web.Request) -> web.Response:
 async def _metrics(request: web.Request) -> web.Response:
     body = request.app[CONTEXT].metrics.render()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def _room_stats(request: web.Request) -> web.Response:
+    """Who is in a room, in which mode, and what its SFU Router has forwarded."""
+    ctx = request.app[CONTEXT]
+    name = request.match_info["room"]
+    if not valid_room_name(name):
+        raise web.HTTPBadRequest(text="room name must be 1-64 letters, digits, '-' or '_'\n")
+    if ctx.settings.secret:
+        token = request.query.get("token") or request.headers.get("Authorization", "").removeprefix("Bearer ")
+        try:
+            verify(ctx.settings.secret, token, name)
+        except TokenError as exc:
+            raise web.HTTPUnauthorized(text=exc.message + "\n") from None
+    room = ctx.calls.get(name)
+    if room is None:
+        raise web.HTTPNotFound(text=f"nobody is in room {name!r}\n")
+    return web.json_response(
+        {
+            "room": room.name,
+            "mode": room.mode,
+            "participants": [p.describe() for p in room],
+            "sfu": room.router.stats() if room.router is not None else None,
+        }
+    )
+
+
+async def _leave(request: web.Request) -> web.Response:
+    """`navigator.sendBeacon` from a closing page whose socket is down: the body is its resume token."""
+    ctx = request.app[CONTEXT]
+    token = (await request.text())[:256].strip()
+    if not ctx.calls.leave_by_token(request.match_info["room"], token):
+        raise web.HTTPNotFound(text="no such participant to leave; nothing to do\n")
+    return web.Response(status=204)
 
 
 async def _close_sockets(app: web.Application) -> None:

@@ -1104,11 +1104,18 @@ export class HuddleClient extends EventTarget {
   leave() {
     this._session += 1;
     const signaling = this._signaling;
+    let told = false;
     if (signaling) {
       // The server answers `leave` by closing the socket; close it ourselves if it does not.
       this._signaling = null;
-      if (signaling.send({ type: 'leave' })) setTimeout(() => signaling.close(1000, 'left'), 2000);
+      told = signaling.send({ type: 'leave' });
+      if (told) setTimeout(() => signaling.close(1000, 'left'), 2000);
       else signaling.close(1000, 'left');
+    }
+    if (!told && this.resumeToken && this.room && navigator.sendBeacon) {
+      // No socket to say it on (we are reconnecting): a beacon still gets out of a closing tab, so the others
+      // do not wait out the grace period for us.
+      navigator.sendBeacon(`/api/rooms/${encodeURIComponent(this.room)}/leave`, this.resumeToken);
     }
     const resuming = this._resuming;
     if (resuming) {

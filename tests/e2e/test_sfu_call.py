@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -30,7 +32,8 @@ async () => {
       if (r.type === 'transport' && r.selectedCandidatePairId) {
         const pair = byId.get(r.selectedCandidatePairId);
         const remote = byId.get(pair.remoteCandidateId);
-        out.pairs.push({pc: participantId, port: remote.port, address: remote.address, state: pair.state});
+        out.pairs.push({pc: participantId, port: remote.port, address: remote.address, state: pair.state,
+                        protocol: remote.protocol, bitrate: pair.availableOutgoingBitrate || 0});
       }
     });
   }
@@ -87,6 +90,20 @@ def test_four_people_through_the_sfu_and_a_fifth_who_comes_and_goes(new_page, se
         assert {p["pc"] for p in stats["pairs"]} == {"sfu:publish", "sfu:subscribe"}
         assert all(p["port"] == server.media and p["state"] == "succeeded" for p in stats["pairs"])
         assert all(s["pc"] == "sfu:subscribe" for s in stats["streams"])
+    # The SFU's transport-wide feedback lets each publisher's bandwidth estimate climb above Chromium's
+    # 300 kbps starting point.
+    for page in pages:
+        wait_for(
+            lambda page=page: (
+                next(p["bitrate"] for p in inbound(page)["pairs"] if p["pc"] == "sfu:publish") > 600_000
+            ),
+            20,
+            "the publisher's estimate to rise",
+        )
+    room = _room(server, "group")
+    assert room["mode"] == "sfu" and len(room["participants"]) == 4
+    assert room["sfu"]["producers"] == 8 and room["sfu"]["consumers"] == 24
+    assert room["sfu"]["rtp_out"] > room["sfu"]["rtp_in"] > 0
 
     # Five seconds and more of decoding, sampled: no stream of the four stalls for over a second, while a
     # fifth person joins (their tiles appear) and leaves (they disappear).
@@ -130,6 +147,11 @@ def test_four_people_through_the_sfu_and_a_fifth_who_comes_and_goes(new_page, se
     # Over the whole run each stream decoded at least 5 s worth of video.
     final = snapshot()
     assert all(final[key] - watched[key] >= 100 for key in watched), (watched, final)
+
+
+def _room(server: Server, name: str) -> dict:
+    with urllib.request.urlopen(f"{server.url}/api/rooms/{name}", timeout=5) as resp:
+        return json.loads(resp.read())
 
 
 def page_name(page: Page) -> str:
@@ -344,3 +366,34 @@ def _frames_from(page: Page, participant_id: str) -> int:
         }""",
         participant_id,
     )
+
+
+def test_with_udp_blocked_the_browser_connects_over_ice_tcp(new_page) -> None:
+    server = start_server("--sfu-always")
+    subprocess.run(
+        [
+            "nft",
+            "add table inet huddle_udp; add chain inet huddle_udp in "
+            "{ type filter hook input priority 0; }; "
+            f"add rule inet huddle_udp in udp dport {server.media} drop",
+        ],
+        check=True,
+    )
+    try:
+        ada, bob = _join(new_page, server, "tcp", ["Ada", "Bob"])
+        for page in (ada, bob):
+            wait_for(lambda page=page: decoding_videos(page, 30) == 1, 40, "video over TCP")
+            pairs = inbound(page)["pairs"]
+            assert len(pairs) == 2
+            assert all(p["protocol"] == "tcp" and p["port"] == server.media for p in pairs), pairs
+        # All of it came over the media port's TCP side: UDP to it was dropped before it got there.
+        assert _metric(server, 'huddle_media_packets_total{direction="in"}') > 100
+    finally:
+        subprocess.run(["nft", "delete table inet huddle_udp"], check=True)
+        stop_server(server)
+
+
+def _metric(server: Server, name: str) -> float:
+    with urllib.request.urlopen(f"{server.url}/metrics", timeout=5) as resp:
+        lines = resp.read().decode().splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(name))

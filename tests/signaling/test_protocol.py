@@ -209,3 +209,33 @@ async def test_resume_with_a_wrong_or_used_up_token_fails_clearly(harness: Harne
     late = await harness.connect()
     await late.send({"type": "join", "id": 1, "room": "r", "resume": token})
     assert (await late.expect("error"))["code"] == "resume_failed"
+
+
+@pytest.mark.parametrize("settings", [Settings(reconnect_grace=30)])
+async def test_a_closing_page_without_a_socket_leaves_with_its_resume_token(harness: Harness) -> None:
+    ada, bob = await harness.connect(), await harness.connect()
+    await ada.join("r", "Ada")
+    bob_joined = await bob.join("r", "Bob")
+    await bob.ws.close()
+    assert (await ada.expect("participant_updated"))["participant"]["connection"] == "reconnecting"
+    # What navigator.sendBeacon sends from the page's pagehide handler.
+    url = f"{harness.base}/api/rooms/r/leave"
+    async with harness.http.post(url, data="wrong-token") as resp:
+        assert resp.status == 404
+    async with harness.http.post(url, data=bob_joined["resume_token"]) as resp:
+        assert resp.status == 204
+    left = await ada.expect("participant_left")
+    assert left == {"type": "participant_left", "id": bob_joined["self"]["id"], "reason": "left"}
+
+
+async def test_room_stats_say_who_is_there_and_in_which_mode(harness: Harness) -> None:
+    async with harness.http.get(harness.base + "/api/rooms/empty") as resp:
+        assert resp.status == 404
+    async with harness.http.get(harness.base + "/api/rooms/bad%20name") as resp:
+        assert resp.status == 400
+    ada = await harness.connect()
+    await ada.join("stats", "Ada")
+    async with harness.http.get(harness.base + "/api/rooms/stats") as resp:
+        body = await resp.json()
+    assert body["mode"] == "p2p" and body["sfu"] is None
+    assert [p["name"] for p in body["participants"]] == ["Ada"]

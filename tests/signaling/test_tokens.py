@@ -113,3 +113,19 @@ def test_token_round_trip_and_claims() -> None:
     }
     grant = tokens.verify(SECRET, tokens.issue(SECRET, room="r", identity="id", name=" Ada "), "r")
     assert (grant.identity, grant.name) == ("id", "Ada")
+
+
+@secret_settings
+async def test_room_stats_need_a_token_for_that_room(harness: Harness) -> None:
+    await _join_with(harness, "board", tokens.issue(SECRET, room="board", identity="ada"))
+    url = f"{harness.base}/api/rooms/board"
+    async with harness.http.get(url) as resp:
+        assert resp.status == 401
+    async with harness.http.get(
+        url, params={"token": tokens.issue(SECRET, room="other", identity="x")}
+    ) as resp:
+        assert resp.status == 401
+    headers = {"Authorization": "Bearer " + tokens.issue(SECRET, room="board", identity="x")}
+    async with harness.http.get(url, headers=headers) as resp:
+        assert resp.status == 200
+        assert [p["identity"] for p in (await resp.json())["participants"]] == ["ada"]
