@@ -397,3 +397,29 @@ def _metric(server: Server, name: str) -> float:
     with urllib.request.urlopen(f"{server.url}/metrics", timeout=5) as resp:
         lines = resp.read().decode().splitlines()
     return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(name))
+
+
+def test_lost_packets_are_repaired_from_the_sfus_cache(new_page) -> None:
+    server = start_server("--sfu-always")
+    # 3 % of what the SFU sends to the browsers is lost on the way (nft drops it at random).
+    subprocess.run(
+        [
+            "nft",
+            "add table inet huddle_loss; add chain inet huddle_loss in "
+            "{ type filter hook input priority 0; }; "
+            f"add rule inet huddle_loss in udp sport {server.media} numgen random mod 100 < 3 drop",
+        ],
+        check=True,
+    )
+    try:
+        ada, bob = _join(new_page, server, "lossy", ["Ada", "Bob"])
+        for page in (ada, bob):
+            wait_for(lambda page=page: decoding_videos(page, 150) == 1, 40, "video despite the loss")
+        room = _room(server, "lossy")
+        assert room["sfu"]["nacks_in"] > 0
+        assert room["sfu"]["retransmits"] > 0
+        # Nearly every NACKed packet was in the cache (the rest were lost again on the way back).
+        assert room["sfu"]["retransmits"] >= 0.8 * room["sfu"]["nacks_in"], room["sfu"]
+    finally:
+        subprocess.run(["nft", "delete table inet huddle_loss"], check=True)
+        stop_server(server)
