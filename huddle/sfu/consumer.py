@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING
 
 from huddle.rtc import rtp
 from huddle.rtc.rtcp import SenderReport
-from huddle.sfu import vp8
 
 if TYPE_CHECKING:
     from huddle.rtc.transport import WebRtcTransport
@@ -61,13 +60,14 @@ class Consumer:
     def cname(self) -> str:
         return self.producer.peer.participant.id
 
-    def forward(self, packet: bytearray, seq: int, ts: int) -> bool:
+    def forward(self, packet: bytearray, seq: int, ts: int, keyframe: bool, size: int) -> bool:
+        """Send one packet (`keyframe`: it starts a keyframe; `size`: its payload octets, for SRs)."""
         transport = self.transport
         if not self.ready or transport is None:
             return False
         if self.seq_offset is None:
             # Video starts at a keyframe: anything before it would only make the decoder fail and ask again.
-            if self.cache is not None and not vp8.is_keyframe_start(rtp.payload(packet)):
+            if self.cache is not None and not keyframe:
                 return False
             self.seq_offset = (secrets.randbits(15) - seq) & 0xFFFF
         out = bytearray(packet)
@@ -76,7 +76,7 @@ class Consumer:
         if self.cache is not None:
             self.cache[out_seq % CACHE_SIZE] = out
         self.packets += 1
-        self.octets += len(out) - 12
+        self.octets += size
         return transport.send_rtp(out)
 
     def retransmit(self, seqs: list[int]) -> int:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from huddle.rtc import rtp
 from huddle.rtc.rtcp import ReportBlock
+from huddle.sfu import vp8
 
 if TYPE_CHECKING:
     from huddle.sfu.consumer import Consumer
@@ -127,14 +128,21 @@ class Producer:
         if pt is None:
             return 0
         buf = bytearray(data)
+        try:
+            start = rtp.payload_offset(buf)
+            end = rtp.payload_end(buf)
+        except rtp.RtpError:
+            return 0  # authentic but malformed (impossible padding, say): nobody could use it
         buf[1] = (buf[1] & 0x80) | pt
         remap_extension_ids(buf, self.ext_table)
         seq = (buf[2] << 8) | buf[3]
         self.stats.update(seq)
         ts = rtp.timestamp(buf)
+        keyframe = self.kind == "video" and vp8.is_keyframe_start(memoryview(buf)[start:end])
+        size = end - start
         sent = 0
         for consumer in self.consumers:
-            if consumer.forward(buf, seq, ts):
+            if consumer.forward(buf, seq, ts, keyframe, size):
                 sent += 1
         return sent
 

@@ -32,7 +32,8 @@ def descriptor_size(payload: bytes | bytearray | memoryview) -> int:
 
 def is_keyframe_start(payload: bytes | bytearray | memoryview) -> bool:
     """True for the first packet of a keyframe: S set, partition 0, and the VP8 header's P bit clear."""
-    if not payload or not payload[0] & 0x10 or payload[0] & 0x0F:
+    # S set and partition index (the low 3 bits; 0x08 is reserved and ignored) zero.
+    if not payload or not payload[0] & 0x10 or payload[0] & 0x07:
         return False
     size = descriptor_size(payload)
     return size > 0 and not payload[size] & 0x01
