@@ -13,7 +13,7 @@ import contextlib
 import logging
 import socket
 import struct
-from collections.abc import Callable
+import time
 from typing import TYPE_CHECKING, Any
 
 from huddle.metrics import Metrics
@@ -26,6 +26,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("huddle.rtc")
 
 TCP_MAX_CONNECTIONS = 512
+READ_BATCH = 64  # datagrams read per readiness event before the loop gets a turn
+RECV_SIZE = 2048  # larger than any packet a browser sends (it keeps under ~1,200 bytes)
+# Linux's values (asm-generic); Python's socket module does not name them.
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
+SCM_TIMESTAMPNS = getattr(socket, "SCM_TIMESTAMPNS", SO_TIMESTAMPNS)
+_TIMESPEC = struct.Struct("@qq")
+ANCILLARY_SIZE = socket.CMSG_SPACE(_TIMESPEC.size)
 TCP_IDLE_TIMEOUT = 40.0  # a live ICE-TCP connection carries consent checks every few seconds
 _LENGTH = struct.Struct("!H")
 
@@ -41,7 +48,11 @@ class MediaPort:
         self._dropped = {}
         self._by_ufrag: dict[str, WebRtcTransport] = {}
         self._by_addr: dict[Address, WebRtcTransport] = {}
-        self._udp: asyncio.DatagramTransport | None = None
+        self._sock: socket.socket | None = None
+        # When the kernel received the datagram being handled (its SO_TIMESTAMPNS, in µs): transport-wide
+        # congestion feedback must report arrival times that the event loop's own delays do not distort,
+        # or the publisher's bandwidth estimate reads our scheduling jitter as network congestion.
+        self.arrival_us = 0
         self._tcp_server: asyncio.Server | None = None
         self._tcp: dict[Address, asyncio.StreamWriter] = {}
         self.port = 0
@@ -58,15 +69,19 @@ class MediaPort:
     # -- Life -----------------------------------------------------------------------------------------------
 
     async def start(self, host: str, port: int) -> int:
-        loop = asyncio.get_running_loop()
-        udp, _ = await loop.create_datagram_endpoint(lambda: _Udp(self), local_addr=(host, port))
-        self._udp = udp
-        sock = udp.get_extra_info("socket")
-        # A 100-person call bursts far beyond Linux's default 208 KiB receive buffer.
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        sock.setblocking(False)
+        # A 100-person call bursts far beyond Linux's default 208 KiB buffers.
         for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, option, 4 * 1024 * 1024)
-        self.port = udp.get_extra_info("sockname")[1]
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        sock.bind(address)
+        self._sock = sock
+        self.port = sock.getsockname()[1]
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._on_readable)
         try:
             self._tcp_server = await asyncio.start_server(self._on_tcp, host, self.port, reuse_address=True)
         except OSError as exc:
@@ -74,14 +89,42 @@ class MediaPort:
             log.warning("ICE-TCP not available on the media port", extra={"fields": {"error": str(exc)}})
         return self.port
 
+    def _on_readable(self) -> None:
+        """Drain the socket, a bounded batch at a time, so that one busy port cannot starve the loop."""
+        sock = self._sock
+        if sock is None:
+            return
+        for _ in range(READ_BATCH):
+            try:
+                data, ancillary, _flags, addr = sock.recvmsg(RECV_SIZE, ANCILLARY_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                # ICMP port unreachable from a participant that went away: nothing to do but count it.
+                self.drop("icmp_error")
+                continue
+            for level, kind, value in ancillary:
+                if level == socket.SOL_SOCKET and kind == SCM_TIMESTAMPNS and len(value) >= 16:
+                    seconds, nanoseconds = _TIMESPEC.unpack_from(value)
+                    self.arrival_us = seconds * 1_000_000 + nanoseconds // 1000
+                    break
+            else:
+                self.arrival_us = time.time_ns() // 1000
+            try:
+                self.receive(data, addr)
+            except Exception:  # a bug on one packet must not stop the port
+                self.drop("internal_error")
+                log.exception("media packet handling failed")
+
     @property
     def tcp_enabled(self) -> bool:
         return self._tcp_server is not None
 
     async def close(self) -> None:
-        if self._udp is not None:
-            self._udp.close()
-            self._udp = None
+        if self._sock is not None:
+            asyncio.get_running_loop().remove_reader(self._sock.fileno())
+            self._sock.close()
+            self._sock = None
         if self._tcp_server is not None:
             self._tcp_server.close()
             for writer in list(self._tcp.values()):
@@ -167,8 +210,13 @@ class MediaPort:
             if writer is not None and not writer.is_closing():
                 writer.write(_LENGTH.pack(len(data)) + data)
             return
-        if self._udp is not None:
-            self._udp.sendto(data, addr)
+        if self._sock is not None:
+            try:
+                self._sock.sendto(data, addr)
+            except BlockingIOError:
+                self.drop("send_buffer_full")  # UDP: a full buffer means loss, as on the wire
+            except OSError:
+                self.drop("send_error")
 
     # -- ICE-TCP --------------------------------------------------------------------------------------------
 
@@ -196,20 +244,3 @@ class MediaPort:
             if transport is not None:
                 transport.ice.valid.discard(addr)
             writer.close()
-
-
-class _Udp(asyncio.DatagramProtocol):
-    def __init__(self, port: MediaPort) -> None:
-        self._receive: Callable[[bytes, Address], None] = port.receive
-        self._port = port
-
-    def datagram_received(self, data: bytes, addr: Address) -> None:
-        try:
-            self._receive(data, addr)
-        except Exception:  # a bug on one packet must not stop the port
-            self._port.drop("internal_error")
-            log.exception("media packet handling failed")
-
-    def error_received(self, exc: Exception) -> None:
-        # ICMP port unreachable from a participant that went away: nothing to do but count it.
-        self._port.drop("icmp_error")

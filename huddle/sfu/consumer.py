@@ -1,8 +1,11 @@
 """A Consumer: one Producer's track sent to one subscriber, under an SSRC and sequence of its own.
 
-Sequence numbers start at a random point and stay continuous for the Consumer's whole life, since the
-subscriber's SRTP replay window and jitter buffer depend on it. Sent video packets stay in a ring buffer so
-that a NACK is answered without asking the publisher.
+For video it forwards one simulcast layer at a time: the `target` layer (chosen by huddle.sfu.allocation
+from the size the subscriber shows the video at and its bandwidth) takes over at its next keyframe, asked
+for when needed; until then the current layer goes on. A StreamRewriter keeps sequence numbers, timestamps,
+VP8 picture ids and TL0PICIDX continuous across layer switches and pauses, since the subscriber's SRTP replay
+window, jitter buffer and decoder depend on it. Sent video packets stay in a ring buffer so that a NACK is
+answered without asking the publisher.
 """
 
 from __future__ import annotations
@@ -10,8 +13,9 @@ from __future__ import annotations
 import secrets
 from typing import TYPE_CHECKING
 
-from huddle.rtc import rtp
 from huddle.rtc.rtcp import SenderReport
+from huddle.sfu.rewrite import StreamRewriter
+from huddle.sfu.vp8 import Vp8Info
 
 if TYPE_CHECKING:
     from huddle.rtc.transport import WebRtcTransport
@@ -23,30 +27,40 @@ CACHE_SIZE = 1024  # packets; at 1,000 video packets a second, a second of histo
 
 class Consumer:
     __slots__ = (
+        "audible",
         "cache",
+        "current",
         "mid",
         "octets",
         "packets",
         "producer",
         "ready",
         "retransmits",
-        "seq_offset",
+        "rewriter",
         "ssrc",
         "subscriber",
+        "target",
         "transport",
-        "ts_offset",
+        "wanted",
     )
 
     def __init__(self, producer: Producer, subscriber: Peer) -> None:
         self.producer = producer
         self.subscriber = subscriber
         self.ssrc = secrets.randbits(32) or 1
+        self.rewriter = StreamRewriter(self.ssrc)
         self.mid: str | None = None
         # Forwarding starts once the subscriber has accepted the offer that announces this SSRC.
         self.ready = False
         self.transport: WebRtcTransport | None = None
-        self.seq_offset: int | None = None
-        self.ts_offset = secrets.randbits(32)
+        # The layer wanted (None: not shown, send nothing) and the one being sent (None: none yet/paused).
+        # Until the subscriber says what it shows, it gets the lowest layer: cheap, and never blank.
+        self.target: int | None = 0
+        self.current: int | None = None
+        # The layer the viewer's size and bandwidth call for; `target` is the best of it that flows.
+        self.wanted: int | None = 0
+        # Audio: whether this subscriber hears this publisher now (one of the loudest few, see Router).
+        self.audible = True
         self.packets = 0
         self.octets = 0
         self.retransmits = 0
@@ -60,21 +74,52 @@ class Consumer:
     def cname(self) -> str:
         return self.producer.peer.participant.id
 
-    def forward(self, packet: bytearray, seq: int, ts: int, keyframe: bool, size: int) -> bool:
-        """Send one packet (`keyframe`: it starts a keyframe; `size`: its payload octets, for SRs)."""
+    def set_target(self, layer: int | None) -> None:
+        """Aim at another layer (None: stop sending). The switch happens at that layer's next keyframe."""
+        if layer == self.target:
+            return
+        self.target = layer
+        if layer is None:
+            self.rewriter.pause()
+            self.current = None
+        elif layer != self.current and self.ready:
+            self.producer.request_keyframe(layer)
+
+    def forward(
+        self,
+        packet: bytearray,
+        layer: int,
+        seq: int,
+        ts: int,
+        payload_offset: int,
+        info: Vp8Info | None,
+        size: int,
+        now: float,
+    ) -> bool:
+        """Send one packet of `layer` if this Consumer forwards it (`size`: payload octets, for SRs)."""
         transport = self.transport
         if not self.ready or transport is None:
             return False
-        if self.seq_offset is None:
-            # Video starts at a keyframe: anything before it would only make the decoder fail and ask again.
-            if self.cache is not None and not keyframe:
-                return False
-            self.seq_offset = (secrets.randbits(15) - seq) & 0xFFFF
+        if self.cache is not None:  # video
+            if layer != self.current:
+                if layer != self.target or info is None or not info.is_keyframe:
+                    return False
+                # The target layer's keyframe: switch here, so the decoder never sees a broken frame.
+                self.rewriter.switch(layer)
+                self.current = layer
+        elif not self.audible:
+            if not self.rewriter.paused:
+                self.rewriter.pause()
+            return False
+        elif self.rewriter.paused:
+            self.rewriter.switch(layer)  # audio: first packet, or back among the loudest
         out = bytearray(packet)
-        out_seq = (seq + self.seq_offset) & 0xFFFF
-        rtp.rewrite_header(out, self.ssrc, out_seq, ts + self.ts_offset)
+        if not self.rewriter.rewrite(
+            out, payload_offset, layer, seq, ts, self.producer.clock_rate, now, info
+        ):
+            return False
         if self.cache is not None:
-            self.cache[out_seq % CACHE_SIZE] = out
+            self.cache[((out[2] << 8) | out[3]) % CACHE_SIZE] = out
         self.packets += 1
         self.octets += size
         return transport.send_rtp(out)
@@ -91,12 +136,10 @@ class Consumer:
         self.retransmits += sent
         return sent
 
-    def sender_report(self, ntp: int, rtp_ts: int) -> SenderReport:
-        """The publisher's SR, translated to this Consumer's SSRC and timestamps: lip sync survives."""
-        return SenderReport(
-            self.ssrc,
-            ntp,
-            (rtp_ts + self.ts_offset) & 0xFFFFFFFF,
-            self.packets & 0xFFFFFFFF,
-            self.octets & 0xFFFFFFFF,
-        )
+    def sender_report(self, layer: int, ntp: int, rtp_ts: int) -> SenderReport | None:
+        """The publisher's SR for `layer`, in this Consumer's SSRC and timestamps, so that lip sync
+        survives; None when another layer is being forwarded (its clock maps differently)."""
+        out_ts = self.rewriter.timestamp_for(layer, rtp_ts)
+        if out_ts is None:
+            return None
+        return SenderReport(self.ssrc, ntp, out_ts, self.packets & 0xFFFFFFFF, self.octets & 0xFFFFFFFF)

@@ -16,19 +16,25 @@ OPUS_PT = 111
 VP8_PT = 96
 # Subscriber-side header extension ids (one-byte form: 1-14).
 AUDIO_LEVEL_ID = 1
+# Our own send time on every forwarded packet: from it the subscriber's browser estimates its downlink and
+# reports the estimate back in REMB, which drives layer choice (huddle.sfu.allocation).
+ABS_SEND_TIME_ID = 2
 
 CODECS = {
     "audio": [sdp.Codec(OPUS_PT, "opus", 48000, 2, {"minptime": "10", "useinbandfec": "1"}, [])],
-    "video": [sdp.Codec(VP8_PT, "VP8", 90000, None, {}, ["nack", "nack pli", "ccm fir"])],
+    "video": [sdp.Codec(VP8_PT, "VP8", 90000, None, {}, ["goog-remb", "nack", "nack pli", "ccm fir"])],
 }
 EXTENSIONS = {
-    "audio": [sdp.Extmap(AUDIO_LEVEL_ID, sdp.URI_AUDIO_LEVEL)],
-    "video": [],
+    "audio": [
+        sdp.Extmap(AUDIO_LEVEL_ID, sdp.URI_AUDIO_LEVEL),
+        sdp.Extmap(ABS_SEND_TIME_ID, sdp.URI_ABS_SEND_TIME),
+    ],
+    "video": [sdp.Extmap(ABS_SEND_TIME_ID, sdp.URI_ABS_SEND_TIME)],
 }
 # Codec name (lower case) → the subscribers' payload type, to map what publishers negotiated.
 SUBSCRIBER_PT = {"opus": OPUS_PT, "vp8": VP8_PT}
 # Header extension URI → the subscribers' id; every other extension is renamed to an unused id.
-SUBSCRIBER_EXT = {sdp.URI_AUDIO_LEVEL: AUDIO_LEVEL_ID}
+SUBSCRIBER_EXT = {sdp.URI_AUDIO_LEVEL: AUDIO_LEVEL_ID, sdp.URI_ABS_SEND_TIME: ABS_SEND_TIME_ID}
 
 
 @dataclass

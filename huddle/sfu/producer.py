@@ -1,8 +1,10 @@
 """A Producer: one track a participant publishes, fanned out to its Consumers.
 
-Work that is the same for every subscriber happens here, once per packet: the payload type and the header
-extension ids are rewritten to the numbers every subscriber negotiated (the SFU's own, see offer.py), so a
-Consumer only copies the packet and rewrites SSRC, sequence number and timestamp.
+A video Producer may have several simulcast layers (rid q, h, f: one SSRC each); each packet is tagged with
+its layer and each Consumer forwards the layer it is on. Work that is the same for every subscriber happens
+here, once per packet: the payload type and header extension ids are rewritten to the numbers every
+subscriber negotiated (offer.py), our send time is written into abs-send-time, and the VP8 payload
+descriptor is read. A Consumer then only copies the packet and rewrites its own stream's numbers.
 """
 
 from __future__ import annotations
@@ -14,15 +16,26 @@ from typing import TYPE_CHECKING
 from huddle.rtc import rtp
 from huddle.rtc.rtcp import ReportBlock
 from huddle.sfu import vp8
+from huddle.sfu.allocation import NOMINAL_WIDTHS
+from huddle.sfu.offer import ABS_SEND_TIME_ID
 
 if TYPE_CHECKING:
     from huddle.sfu.consumer import Consumer
     from huddle.sfu.router import Peer
 
 # An extension id no subscriber negotiates: elements that only mean something between the publisher and
-# us (mid, rid, transport-wide seq, abs-send-time) are renamed to it, so subscribers skip them unread.
+# us (mid, rid, transport-wide seq) are renamed to it, so subscribers skip them unread.
 UNUSED_EXTENSION_ID = 14
-KEYFRAME_REQUEST_INTERVAL = 0.5  # seconds between PLIs to one publisher's track, however many ask
+KEYFRAME_REQUEST_INTERVAL = 0.5  # seconds between PLIs to one layer of one track, however many ask
+# Layer order by rid for the names our client uses; other names keep the order the offer lists them in.
+RID_ORDER = {"q": 0, "h": 1, "f": 2}
+BITRATE_SMOOTHING = 0.3  # weight of the newest one-second sample in a layer's bitrate
+LAYER_IDLE = 1.0  # seconds without a packet after which a layer counts as stopped
+
+
+def order_rids(rids: list[str]) -> list[str]:
+    """Simulcast rids from the lowest layer to the highest."""
+    return sorted(rids, key=lambda r: (RID_ORDER.get(r, 99), rids.index(r)))
 
 
 def remap_extension_ids(pkt: bytearray, table: bytes) -> None:
@@ -44,6 +57,12 @@ def remap_extension_ids(pkt: bytearray, table: bytes) -> None:
             return
         pkt[i] = (table[ext_id] << 4) | (b & 0x0F)
         i += (b & 0x0F) + 2
+
+
+def abs_send_time(now: float) -> bytes:
+    """abs-send-time's 24 bits: seconds in 6.18 fixed point, wrapping every 64 s."""
+    value = int(now * (1 << 18)) & 0xFFFFFF
+    return bytes(((value >> 16) & 0xFF, (value >> 8) & 0xFF, value & 0xFF))
 
 
 class ReceiveStats:
@@ -82,48 +101,91 @@ class ReceiveStats:
         interval_expected = expected - self.expected_prior
         interval_lost = interval_expected - (self.received - self.received_prior)
         self.expected_prior, self.received_prior = expected, self.received
-        fraction = (
-            (interval_lost << 8) // interval_expected if interval_expected > 0 and interval_lost > 0 else 0
-        )
+        fraction = 0
+        if interval_expected > 0 and interval_lost > 0:
+            fraction = (interval_lost << 8) // interval_expected
         lsr = (self.sr_ntp >> 16) & 0xFFFFFFFF
         dlsr = int((now - self.sr_at) * 65536) if self.sr_ntp else 0
-        return ReportBlock(
-            ssrc, min(fraction, 255), min(lost, 0x7FFFFF), self.highest & 0xFFFFFFFF, 0, lsr, dlsr
-        )
+        highest = self.highest & 0xFFFFFFFF
+        return ReportBlock(ssrc, min(fraction, 255), min(lost, 0x7FFFFF), highest, 0, lsr, dlsr)
 
 
 class Producer:
     __slots__ = (
+        "bitrates",
+        "clock_rate",
         "consumers",
-        "deferred_request",
+        "deferred_requests",
         "ext_table",
         "id",
         "kind",
         "last_keyframe_request",
+        "last_seen",
+        "layer_bytes",
+        "layer_of",
         "mid",
+        "paused",
         "peer",
         "pt_map",
-        "rtx_ssrc",
-        "ssrc",
+        "rids",
+        "ssrcs",
         "stats",
+        "widths",
     )
 
-    def __init__(self, peer: Peer, kind: str, mid: str, pt_map: dict[int, int], ext_table: bytes) -> None:
+    def __init__(
+        self,
+        peer: Peer,
+        kind: str,
+        mid: str,
+        pt_map: dict[int, int],
+        ext_table: bytes,
+        rids: list[str] | None = None,
+    ) -> None:
         self.peer = peer
         self.kind = kind
         self.mid = mid
         self.id = f"{peer.participant.id}:{mid}"
         self.pt_map = pt_map  # publisher's payload type → the subscribers' one
         self.ext_table = ext_table
-        self.ssrc: int | None = None
-        self.rtx_ssrc: int | None = None
+        self.clock_rate = 90000 if kind == "video" else 48000
+        # Simulcast layers from low to high; a track without simulcast has one layer.
+        self.rids = order_rids(rids or [])
+        layers = max(1, len(self.rids))
+        self.ssrcs: list[int | None] = [None] * layers
+        self.layer_of: dict[int, int] = {}
+        self.stats = [ReceiveStats() for _ in range(layers)]
+        self.layer_bytes = [0] * layers
+        self.bitrates = [0.0] * layers
+        self.last_seen = [0.0] * layers
+        self.widths = list(NOMINAL_WIDTHS[-layers:]) if layers <= len(NOMINAL_WIDTHS) else [0] * layers
         self.consumers: list[Consumer] = []
-        self.stats = ReceiveStats()
-        self.last_keyframe_request = 0.0
-        self.deferred_request: asyncio.TimerHandle | None = None
+        self.last_keyframe_request = [0.0] * layers
+        self.deferred_requests: list[asyncio.TimerHandle | None] = [None] * layers
+        # Video: the layers the publisher was told to pause (dynacast); None until it was told anything.
+        self.paused: frozenset[str] | None = None
 
-    def receive(self, data: bytes) -> int:
-        """Forward one decrypted packet to every Consumer; returns how many copies went out."""
+    @property
+    def layers(self) -> int:
+        return len(self.ssrcs)
+
+    @property
+    def ssrc(self) -> int | None:
+        """The lowest known layer's SSRC (the only one without simulcast)."""
+        return next((s for s in self.ssrcs if s is not None), None)
+
+    def add_ssrc(self, ssrc: int, layer: int) -> None:
+        self.ssrcs[layer] = ssrc
+        self.layer_of[ssrc] = layer
+
+    def layer_for_rid(self, rid: str) -> int | None:
+        try:
+            return self.rids.index(rid)
+        except ValueError:
+            return None
+
+    def receive(self, data: bytes, layer: int) -> int:
+        """Forward one decrypted packet of `layer` to every Consumer; returns how many copies went out."""
         pt = self.pt_map.get(data[1] & 0x7F)
         if pt is None:
             return 0
@@ -135,43 +197,79 @@ class Producer:
             return 0  # authentic but malformed (impossible padding, say): nobody could use it
         buf[1] = (buf[1] & 0x80) | pt
         remap_extension_ids(buf, self.ext_table)
+        now = time.monotonic()
+        at = rtp.extension_offset(buf, ABS_SEND_TIME_ID) if buf[0] & 0x10 else -1
+        if at >= 0:
+            buf[at : at + 3] = abs_send_time(time.time())
         seq = (buf[2] << 8) | buf[3]
-        self.stats.update(seq)
+        self.stats[layer].update(seq)
+        self.layer_bytes[layer] += len(data)
+        started = now - self.last_seen[layer] >= LAYER_IDLE
+        self.last_seen[layer] = now
+        if started and self.consumers:
+            # A layer (re)starts (dynacast turned it on, or the publisher's bandwidth allows it again),
+            # and begins with a keyframe: let viewers aim at it before this very packet goes out.
+            self.peer.router.layer_started(self)
         ts = rtp.timestamp(buf)
-        keyframe = self.kind == "video" and vp8.is_keyframe_start(memoryview(buf)[start:end])
+        info = None
+        if self.kind == "video":
+            info = vp8.parse_descriptor(buf, start, end)
+            if info is not None and info.is_keyframe:
+                width = vp8.keyframe_width(buf, start + info.size, end)
+                if width:
+                    self.widths[layer] = width
         size = end - start
         sent = 0
         for consumer in self.consumers:
-            if consumer.forward(buf, seq, ts, keyframe, size):
+            if consumer.forward(buf, layer, seq, ts, start, info, size, now):
                 sent += 1
         return sent
 
-    def request_keyframe(self) -> bool:
-        """Ask the publisher for a keyframe, at most every KEYFRAME_REQUEST_INTERVAL; True when sent now.
+    def tick(self, interval: float) -> None:
+        """Once a second: each layer's bitrate, smoothed."""
+        for layer in range(self.layers):
+            sample = self.layer_bytes[layer] * 8 / interval
+            self.layer_bytes[layer] = 0
+            old = self.bitrates[layer]
+            self.bitrates[layer] = sample if old == 0 else old + BITRATE_SMOOTHING * (sample - old)
+
+    def active(self, layer: int, now: float) -> bool:
+        """Packets of this layer arrived lately (it is neither paused nor dropped by the publisher)."""
+        return now - self.last_seen[layer] < LAYER_IDLE
+
+    def request_keyframe(self, layer: int | None = None) -> bool:
+        """Ask the publisher for a keyframe of `layer` (all layers when None), at most every
+        KEYFRAME_REQUEST_INTERVAL per layer; True when one was sent now.
 
         A request inside the interval is not lost: it is sent when the interval is over, because the
         subscriber that asked (a new one, say) cannot decode anything until a keyframe comes.
         """
-        if self.kind != "video" or self.ssrc is None:
+        if self.kind != "video":
+            return False
+        if layer is None:
+            return any([self.request_keyframe(i) for i in range(self.layers)])
+        ssrc = self.ssrcs[layer]
+        if ssrc is None:
             return False
         now = time.monotonic()
-        wait = self.last_keyframe_request + KEYFRAME_REQUEST_INTERVAL - now
+        wait = self.last_keyframe_request[layer] + KEYFRAME_REQUEST_INTERVAL - now
         if wait > 0:
-            if self.deferred_request is None:
+            if self.deferred_requests[layer] is None:
                 loop = asyncio.get_running_loop()
-                self.deferred_request = loop.call_later(wait, self._deferred_keyframe_request)
+                self.deferred_requests[layer] = loop.call_later(wait, self._deferred_keyframe_request, layer)
             return False
-        if not self.peer.send_pli(self.ssrc):
+        if not self.peer.send_pli(ssrc):
             return False  # not connected yet: the publish transport asks once it is
-        self.last_keyframe_request = now
+        self.last_keyframe_request[layer] = now
         return True
 
-    def _deferred_keyframe_request(self) -> None:
-        self.deferred_request = None
+    def _deferred_keyframe_request(self, layer: int) -> None:
+        self.deferred_requests[layer] = None
         if self.consumers:
-            self.request_keyframe()
+            self.request_keyframe(layer)
 
     def close(self) -> None:
-        if self.deferred_request is not None:
-            self.deferred_request.cancel()
-            self.deferred_request = None
+        for i, handle in enumerate(self.deferred_requests):
+            if handle is not None:
+                handle.cancel()
+                self.deferred_requests[i] = None

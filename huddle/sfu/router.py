@@ -21,14 +21,24 @@ from huddle.rtc.certificate import Certificate
 from huddle.rtc.port import MediaPort
 from huddle.rtc.transport import WebRtcTransport
 from huddle.sfu import offer
+from huddle.sfu.allocation import Request, allocate
 from huddle.sfu.consumer import Consumer
-from huddle.sfu.producer import UNUSED_EXTENSION_ID, Producer
+from huddle.sfu.producer import UNUSED_EXTENSION_ID, Producer, order_rids
+from huddle.sfu.speaker import SpeakerDetector
 
 if TYPE_CHECKING:
     from huddle.calls.room import Participant, Room
 
 log = logging.getLogger("huddle.sfu")
 
+# Bandwidth: a subscriber reporting this much loss is congested; its layers then stay down this long, and
+# after that step up by this factor (plus a fixed step) at most once per interval, while no loss returns.
+CONGESTION_LOSS = 0.1
+HOLD_AFTER_CONGESTION = 8.0
+STEP_UP_INTERVAL = 4.0
+PROBE_FACTOR = 1.5
+PROBE_STEP = 200_000
+LOUDEST = 3  # audio streams each subscriber gets, besides anyone who just began to speak
 TICK = 0.1  # transport-wide feedback cadence (Chromium's own receive side sends it about this often)
 REPORT_EVERY = 10  # ticks between receiver reports and consent checks
 COUNTS = ("rtp_in", "rtp_out", "bytes_in", "bytes_out", "nacks_in", "retransmits", "plis_out")
@@ -96,6 +106,7 @@ class Peer:
         self.subscribe: WebRtcTransport | None = None
         self.producers: dict[str, Producer] = {}  # by mid
         self.by_ssrc: dict[int, Producer] = {}
+        self.rtx_ssrcs: set[int] = set()
         self.consumers: dict[str, Consumer] = {}  # by producer id
         self.sections: list[offer.Section] = []
         self.revision = 0
@@ -105,7 +116,21 @@ class Peer:
         self.publish_ufrag: str | None = None
         self.rtcp_ssrc = secrets.randbits(32) or 1
         self.mid_ext: int | None = None
+        self.rid_ext: int | None = None
+        self.rrid_ext: int | None = None
+        self.audio_level_ext: int | None = None
         self.twcc_ext: int | None = None
+        # What this participant shows: participant id → (width, height) in device pixels; None until its
+        # first video_sizes (then everyone's lowest layer). And its downlink estimate from REMB, in bit/s.
+        self.sizes: dict[str, tuple[int, int]] | None = None
+        self.estimate: float | None = None
+        # What we send it (video payload bit/s, smoothed), and until when its layers may not step up after
+        # its estimate fell below that (congestion).
+        self.sent_rate = 0.0
+        self._sent_octets = 0
+        self.hold_until = 0.0
+        self.budget: float | None = None
+        self.loss = 0.0  # fraction of our packets its last receiver report says were lost
         self.twcc: list[tuple[int, int]] = []
         self.twcc_count = 0
         self.session_id = secrets.randbits(62)
@@ -122,32 +147,50 @@ class Peer:
         if self.twcc_ext is not None:
             value = rtp.extension(data, self.twcc_ext)
             if value is not None and len(value) == 2:
-                self.twcc.append(((value[0] << 8) | value[1], time.monotonic_ns() // 1000))
+                self.twcc.append(((value[0] << 8) | value[1], self.router.sfu.port.arrival_us))
         if producer is None:
             producer = self._learn_ssrc(data, ssrc)
             if producer is None:
-                self.router.sfu.port.drop("unknown_ssrc")
+                self.router.sfu.port.drop("rtx_probe" if ssrc in self.rtx_ssrcs else "unknown_ssrc")
                 return
-        sent = producer.receive(data)
+        if producer.kind == "audio" and self.audio_level_ext is not None:
+            level = rtp.extension(data, self.audio_level_ext)
+            if level is not None and len(level) >= 1:
+                self.router.speaker.update(
+                    self.participant.id, level[0] & 0x7F, bool(level[0] & 0x80), time.monotonic()
+                )
+        sent = producer.receive(data, producer.layer_of[ssrc])
         counts["rtp_out"] += sent
         counts["bytes_out"] += sent * len(data)
 
     def _learn_ssrc(self, data: bytes, ssrc: int) -> Producer | None:
-        """Browsers that put no SSRC in their SDP name the m-section in the MID extension of early packets."""
+        """Browsers that put no SSRC in their SDP (simulcast by rid) name the m-section and the layer in the
+        MID and RID extensions of a stream's first packets; retransmission streams carry repaired-RID."""
         if self.mid_ext is None:
             return None
         try:
-            value = rtp.extension(data, self.mid_ext)
+            mid = rtp.extension(data, self.mid_ext)
+            rid = rtp.extension(data, self.rid_ext) if self.rid_ext is not None else None
+            repaired = rtp.extension(data, self.rrid_ext) if self.rrid_ext is not None else None
         except rtp.RtpError:
             return None
-        if value is None:
+        if mid is None:
             return None
-        producer = self.producers.get(bytes(value).decode("ascii", "replace"))
-        if producer is None or producer.ssrc is not None:
-            return None  # a second SSRC for one m-section (RTX, simulcast) is not forwarded here
-        producer.ssrc = ssrc
+        producer = self.producers.get(rtp.sdes_string(mid))
+        if producer is None:
+            return None
+        if repaired is not None:
+            # RTX of a layer: we never NACK publishers (subscribers' NACKs are answered from our cache), so
+            # these carry only bandwidth probes. Remember them, so as not to look again.
+            self.rtx_ssrcs.add(ssrc)
+            return None
+        layer = 0 if rid is None else producer.layer_for_rid(rtp.sdes_string(rid))
+        if layer is None or producer.ssrcs[layer] is not None:
+            return None
+        producer.add_ssrc(ssrc, layer)
         self.by_ssrc[ssrc] = producer
-        producer.request_keyframe()
+        if any(c.target == layer for c in producer.consumers):
+            producer.request_keyframe(layer)
         return producer
 
     def on_publish_rtcp(self, transport: WebRtcTransport, data: bytes) -> None:
@@ -161,12 +204,14 @@ class Peer:
                 producer = self.by_ssrc.get(packet.ssrc)
                 if producer is None:
                     continue
-                producer.stats.sr_ntp = packet.ntp_timestamp
-                producer.stats.sr_at = time.monotonic()
+                layer = producer.layer_of[packet.ssrc]
+                producer.stats[layer].sr_ntp = packet.ntp_timestamp
+                producer.stats[layer].sr_at = time.monotonic()
                 for consumer in producer.consumers:
                     if consumer.ready and consumer.transport is not None:
-                        report = consumer.sender_report(packet.ntp_timestamp, packet.rtp_timestamp)
-                        consumer.transport.send_rtcp(report.serialize())
+                        report = consumer.sender_report(layer, packet.ntp_timestamp, packet.rtp_timestamp)
+                        if report is not None:
+                            consumer.transport.send_rtcp(report.serialize())
 
     def send_pli(self, media_ssrc: int) -> bool:
         if self.publish is None or not self.publish.connected:
@@ -191,13 +236,24 @@ class Peer:
                     self.router.counts["retransmits"] += consumer.retransmit(lost)
             elif isinstance(packet, rtcp.Pli):
                 consumer = self._consumer_by_ssrc(packet.media_ssrc)
-                if consumer is not None:
-                    consumer.producer.request_keyframe()
+                if consumer is not None and consumer.current is not None:
+                    consumer.producer.request_keyframe(consumer.current)
             elif isinstance(packet, rtcp.Fir):
                 for target, _ in packet.entries:
                     consumer = self._consumer_by_ssrc(target)
                     if consumer is not None:
-                        consumer.producer.request_keyframe()
+                        consumer.producer.request_keyframe(consumer.current)
+            elif isinstance(packet, rtcp.ReceiverReport | rtcp.SenderReport):
+                # Loss on the way to this subscriber, the surest sign that its downlink is full.
+                video = {c.ssrc for c in self.consumers.values() if c.kind == "video"}
+                losses = [b.fraction_lost / 256 for b in packet.reports if b.ssrc in video]
+                if losses:
+                    self.loss = max(losses)
+                    if self.loss > CONGESTION_LOSS:
+                        self.router.reallocate(self)
+            elif isinstance(packet, rtcp.Remb):
+                # The subscriber's own estimate of its downlink, from our abs-send-time on its packets.
+                self.estimate = float(packet.bitrate)
 
     def _consumer_by_ssrc(self, ssrc: int) -> Consumer | None:
         for consumer in self.consumers.values():
@@ -208,13 +264,13 @@ class Peer:
     def _on_publish_connected(self, transport: WebRtcTransport) -> None:
         # Subscribers that became ready before this transport was up asked for keyframes in vain.
         for producer in self.producers.values():
-            if any(c.ready for c in producer.consumers):
-                producer.request_keyframe()
+            for layer in {c.target for c in producer.consumers if c.ready and c.target is not None}:
+                producer.request_keyframe(layer)
 
     def _on_subscribe_connected(self, transport: WebRtcTransport) -> None:
         for consumer in self.consumers.values():
-            if consumer.ready:
-                consumer.producer.request_keyframe()
+            if consumer.ready and consumer.target is not None:
+                consumer.producer.request_keyframe(consumer.target)
 
     # -- Periodic -------------------------------------------------------------------------------------------
 
@@ -227,8 +283,9 @@ class Peer:
                 blocks = [
                     b
                     for p in self.producers.values()
-                    if p.ssrc is not None
-                    for b in [p.stats.report(p.ssrc, now)]
+                    for layer, ssrc in enumerate(p.ssrcs)
+                    if ssrc is not None
+                    for b in [p.stats[layer].report(ssrc, now)]
                     if b is not None
                 ]
                 if blocks:
@@ -263,6 +320,10 @@ class Router:
         self.on_timeout = on_timeout
         self.peers: dict[str, Peer] = {}
         self.counts = dict.fromkeys(COUNTS, 0)
+        self.speaker = SpeakerDetector(loudest=LOUDEST)
+        self._audio_key: object = None  # what the audio selection was last computed from
+        self._realloc: set[str] = set()
+        self._realloc_scheduled = False
         self._pending: set[str] = set()
         self._flush_scheduled = False
         self.closed = False
@@ -289,6 +350,7 @@ class Router:
         peer.consumers.clear()
         peer.close()
         self._pending.discard(participant.id)
+        self.speaker.remove(participant.id)
 
     def restart_ice(self, participant: Participant) -> None:
         """The participant came back after losing its network: its next subscribe offer restarts ICE."""
@@ -300,6 +362,117 @@ class Router:
         peer.dirty = False
         peer.restart_subscribe = peer.subscribe is not None
         self._renegotiate(peer)
+
+    # -- What each subscriber gets -------------------------------------------------------------------------
+
+    def set_video_sizes(self, participant: Participant, sizes: dict[str, list[int]]) -> None:
+        peer = self.peers.get(participant.id)
+        if peer is None:
+            return
+        peer.sizes = {pid: (size[0], size[1]) for pid, size in sizes.items()}
+        self.reallocate(peer)
+
+    def reallocate(self, peer: Peer) -> None:
+        """Choose `peer`'s layers again, soon (several changes in one loop turn become one pass)."""
+        self._realloc.add(peer.participant.id)
+        if not self._realloc_scheduled:
+            self._realloc_scheduled = True
+            asyncio.get_running_loop().call_soon(self._apply_allocations)
+
+    def _apply_allocations(self) -> None:
+        self._realloc_scheduled = False
+        pending, self._realloc = self._realloc, set()
+        for pid in pending:
+            peer = self.peers.get(pid)
+            if peer is not None:
+                self._allocate(peer)
+        self._dynacast()
+
+    def _allocate(self, peer: Peer) -> None:
+        requests: list[Request] = []
+        for consumer in peer.consumers.values():
+            if consumer.kind != "video":
+                continue
+            producer = consumer.producer
+            if peer.sizes is None:
+                width, height = 320, 180  # not told yet: thumbnails for all
+            else:
+                width, height = peer.sizes.get(producer.peer.participant.id, (0, 0))
+            # Every layer the publisher declared counts, sent or paused: dynacast turns on what is wanted.
+            bitrates = [int(b) for b in producer.bitrates]
+            requests.append(Request(consumer, width, height, producer.widths, bitrates))
+        chosen = allocate(requests, self._budget(peer))
+        now = time.monotonic()
+        for request in requests:
+            consumer = request.key
+            assert isinstance(consumer, Consumer)
+            consumer.wanted = chosen[consumer]
+            consumer.set_target(_flowing(consumer.producer, consumer.wanted, now))
+
+    def _budget(self, peer: Peer) -> float | None:
+        """The bit rate `peer`'s layers may use, from its feedback.
+
+        Loss in its receiver reports means its downlink is full: the budget drops to what got through (or
+        its REMB estimate, if lower) and stays down a while. Without loss, the budget allows one step above
+        what we send (or its estimate, if higher), and the next reports confirm it or take it back. REMB
+        alone cannot drive this: a browser's receive-side estimate stays near what it receives, and reads
+        low for seconds after every change, so trusting it would only ever step layers down.
+        """
+        sent, now = peer.sent_rate, time.monotonic()
+        if peer.loss > CONGESTION_LOSS and sent > 0:
+            through = sent * (1 - peer.loss)
+            peer.budget = min(through, peer.estimate) if peer.estimate else through
+            peer.hold_until = now + HOLD_AFTER_CONGESTION
+            peer.loss = 0.0  # acted on; the next report says whether the new layers fit
+        elif peer.budget is not None and now >= peer.hold_until:
+            peer.budget = max(peer.budget, sent, peer.estimate or 0) * PROBE_FACTOR + PROBE_STEP
+            peer.hold_until = now + STEP_UP_INTERVAL
+        return peer.budget
+
+    def _measure(self, peer: Peer, interval: float) -> None:
+        octets = sum(c.octets for c in peer.consumers.values() if c.kind == "video")
+        sample = max(0, octets - peer._sent_octets) * 8 / interval
+        peer._sent_octets = octets
+        peer.sent_rate = sample if peer.sent_rate == 0 else peer.sent_rate + 0.5 * (sample - peer.sent_rate)
+
+    def layer_started(self, producer: Producer) -> None:
+        """Choose again, at once, for everyone who watches `producer`: a layer they may want just began."""
+        for subscriber in {c.subscriber for c in producer.consumers}:
+            self._allocate(subscriber)
+
+    def _dynacast(self) -> None:
+        """Tell each publisher which of its layers someone needs, when that changes."""
+        for peer in self.peers.values():
+            for producer in peer.producers.values():
+                if producer.kind != "video" or len(producer.rids) < 2:
+                    continue
+                # What viewers want (even a layer the publisher has stopped sending for lack of bandwidth: it
+                # comes back when it can), what they get meanwhile, and what they get until the switch.
+                needed = {layer for c in producer.consumers for layer in (c.wanted, c.target, c.current)}
+                paused = frozenset(rid for i, rid in enumerate(producer.rids) if i not in needed)
+                if paused != producer.paused:
+                    producer.paused = paused
+                    active = [rid for rid in producer.rids if rid not in paused]
+                    peer.participant.outbox.send({"type": "publisher_layers", "active": active})
+                    event(log, logging.DEBUG, "dynacast", participant=peer.participant.id, active=active)
+
+    def _select_audio(self) -> None:
+        """Each subscriber hears the LOUDEST others by score (filled up with quiet ones, so small calls
+        lose nothing), plus whoever just began to speak."""
+        detector = self.speaker
+        speakers = [p for p in self.peers.values() if any(pr.kind == "audio" for pr in p.producers.values())]
+        speakers.sort(key=lambda p: (-round(detector.score(p.participant.id)), p.participant.joined_at))
+        top = [p.participant.id for p in speakers[: LOUDEST + 1]]
+        key = (tuple(top), detector.audible)
+        if key == self._audio_key:
+            return
+        self._audio_key = key
+        for peer in self.peers.values():
+            own = peer.participant.id
+            hears = set([pid for pid in top if pid != own][:LOUDEST]) | (detector.audible - {own})
+            for consumer in peer.consumers.values():
+                if consumer.kind == "audio":
+                    consumer.audible = consumer.producer.peer.participant.id in hears
 
     # -- Negotiation (called by signaling) ------------------------------------------------------------------
 
@@ -344,6 +517,9 @@ class Router:
         extmap = sdp.bundle_extmap(answer)
         ids = {uri: ext_id for ext_id, uri in extmap.items()}
         peer.mid_ext = ids.get(sdp.URI_MID)
+        peer.rid_ext = ids.get(sdp.URI_RID)
+        peer.rrid_ext = ids.get(sdp.URI_REPAIRED_RID)
+        peer.audio_level_ext = ids.get(sdp.URI_AUDIO_LEVEL)
         peer.twcc_ext = ids.get(sdp.URI_TRANSPORT_CC)
         table = bytearray([UNUSED_EXTENSION_ID] * 16)
         for ext_id, uri in extmap.items():
@@ -364,11 +540,12 @@ class Router:
                 continue
             sending.add(media.mid)
             producer = peer.producers.get(media.mid)
-            if producer is None or producer.kind != media.kind:
+            rids = order_rids([r.id for r in media.rids if r.direction == "recv"])
+            if producer is None or producer.kind != media.kind or producer.rids != rids:
                 if producer is not None:
                     self._drop_producer(producer)
                 producer = peer.producers[media.mid] = Producer(
-                    peer, media.kind, media.mid, pt_map, bytes(table)
+                    peer, media.kind, media.mid, pt_map, bytes(table), rids
                 )
                 self._learn_ssrcs(producer, offer_desc.media_by_mid(media.mid))
                 for other in self.peers.values():
@@ -388,9 +565,10 @@ class Router:
             return
         fid = next((g.ssrcs for g in media.ssrc_groups if g.semantics == "FID" and len(g.ssrcs) == 2), None)
         primary = fid[0] if fid else media.ssrcs[0].ssrc
-        producer.ssrc = primary
-        producer.rtx_ssrc = fid[1] if fid else None
+        producer.add_ssrc(primary, 0)
         producer.peer.by_ssrc[primary] = producer
+        if fid:
+            producer.peer.rtx_ssrcs.add(fid[1])
 
     def _drop_producer(self, producer: Producer) -> None:
         producer.close()
@@ -409,7 +587,9 @@ class Router:
         consumer = Consumer(producer, subscriber)
         subscriber.consumers[producer.id] = consumer
         producer.consumers.append(consumer)
+        self._audio_key = None  # a new listener or speaker: choose again at the next tick
         self._renegotiate(subscriber)
+        self.reallocate(subscriber)
 
     def _renegotiate(self, peer: Peer) -> None:
         # Deferred to a later loop turn: several changes become one offer, and a newcomer's `joined` reply
@@ -513,7 +693,8 @@ class Router:
             consumer.transport = peer.subscribe
             if not consumer.ready:
                 consumer.ready = True
-                consumer.producer.request_keyframe()
+                if consumer.target is not None:
+                    consumer.producer.request_keyframe(consumer.target)
         if peer.dirty:
             peer.dirty = False
             self._renegotiate(peer)
@@ -521,6 +702,16 @@ class Router:
     # -- Time -----------------------------------------------------------------------------------------------
 
     def tick(self, now: float, full: bool) -> None:
+        if self.speaker.tick(now):
+            self.room.broadcast({"type": "active_speaker", "id": self.speaker.active_speaker})
+        self._select_audio()
+        if full:
+            for peer in self.peers.values():
+                for producer in peer.producers.values():
+                    producer.tick(REPORT_EVERY * TICK)
+                # Layer bitrates moved and publishers start or stop layers: what fits and flows may differ.
+                self._measure(peer, REPORT_EVERY * TICK)
+                self.reallocate(peer)
         for peer in list(self.peers.values()):
             peer.tick(now, full)
             if full and peer.consent_expired(now):
@@ -549,3 +740,16 @@ class Router:
             self.sfu.routers.discard(self)
             for key, value in self.counts.items():
                 self.sfu.retired[key] += value
+
+
+def _flowing(producer: Producer, wanted: int | None, now: float) -> int | None:
+    """The layer to forward for `wanted`: the highest one at or below it that packets arrive on, since a
+    publisher short of bandwidth stops its top layers by itself; the lowest flowing one when none below
+    is; `wanted` itself before anything flows (a new publisher)."""
+    if wanted is None:
+        return None
+    flowing = [layer for layer in range(producer.layers) if producer.active(layer, now)]
+    if not flowing:
+        return wanted
+    below = [layer for layer in flowing if layer <= wanted]
+    return below[-1] if below else flowing[0]

@@ -93,17 +93,37 @@ class SfuAnswer(_Message):
     revision: Annotated[int, Field(ge=0)]
 
 
+# [width, height] in device pixels; a JSON array, which strict validation does not take for a tuple.
+Size = Annotated[list[Annotated[int, Field(ge=0, le=16384)]], Field(min_length=2, max_length=2)]
+
+
+class VideoSizes(_Message):
+    type: Literal["video_sizes"]
+    sizes: Annotated[dict[ParticipantId, Size], Field(max_length=1000)]
+
+
 class Ping(_Message):
     type: Literal["ping"]
 
 
 ClientMessage = Annotated[
-    Join | Leave | Offer | Answer | Candidate | Media | SfuOffer | SfuAnswer | Ping,
+    Join | Leave | Offer | Answer | Candidate | Media | SfuOffer | SfuAnswer | VideoSizes | Ping,
     Field(discriminator="type"),
 ]
 _ADAPTER: TypeAdapter[ClientMessage] = TypeAdapter(ClientMessage)
 MESSAGE_TYPES = frozenset(
-    {"join", "leave", "offer", "answer", "candidate", "media", "sfu_offer", "sfu_answer", "ping"}
+    {
+        "join",
+        "leave",
+        "offer",
+        "answer",
+        "candidate",
+        "media",
+        "sfu_offer",
+        "sfu_answer",
+        "video_sizes",
+        "ping",
+    }
 )
 
 

@@ -243,6 +243,7 @@ class Session:
             "resume_token": participant.resume_token,
             "reconnect_grace": self.ctx.calls.reconnect_grace,
             "resumed": resumed,
+            "active_speaker": room.router.speaker.active_speaker if room.router is not None else None,
         }
         if request_id is not None:
             reply["id"] = request_id
@@ -315,6 +316,12 @@ class Session:
             router.on_subscribe_answer(self.participant, msg.sdp, msg.revision)
         except ValueError as exc:
             self._error("bad_sdp", f"subscribe answer not accepted: {exc}", msg.id)
+
+    def _on_video_sizes(self, msg: m.VideoSizes) -> None:
+        assert self.room is not None and self.participant is not None
+        # In p2p mode there is nothing to choose: remember nothing, refuse nothing (clients send it early).
+        if self.room.router is not None:
+            self.room.router.set_video_sizes(self.participant, msg.sizes)
 
     def _router(self, msg: m.SfuOffer | m.SfuAnswer):
         assert self.room is not None

@@ -37,6 +37,20 @@ const MIGRATION_WAIT_MS = 5000;
 const MIGRATION_CAP_MS = 15000;
 const MIGRATION_LINGER_MS = 1500;
 const MIGRATION_POLL_MS = 100;
+// SFU mode: the camera is published as three simulcast encodings (docs/protocol.md, "Simulcast publishing"),
+// lowest first. The server turns them on and off with `publisher_layers` (dynacast).
+export const SIMULCAST_ENCODINGS = Object.freeze([
+  Object.freeze({ rid: 'q', scaleResolutionDownBy: 4, maxBitrate: 150_000 }),
+  Object.freeze({ rid: 'h', scaleResolutionDownBy: 2, maxBitrate: 500_000 }),
+  Object.freeze({ rid: 'f', scaleResolutionDownBy: 1, maxBitrate: 1_500_000 }),
+]);
+// Each simulcast layer keeps its size (the SFU chooses layers by size): when bandwidth or CPU run short, the
+// browser lowers the frame rate or turns top layers off, rather than shrinking a layer. Without this, a lone
+// active `f` started while the bandwidth estimate was low stayed at 480x270 for many seconds (Chromium 156).
+const SIMULCAST_DEGRADATION = 'maintain-resolution';
+// `video_sizes` goes out at most this often (docs/protocol.md, "video_sizes").
+const VIDEO_SIZES_INTERVAL_MS = 250;
+const VIDEO_SIZES_ID_PREFIX = 'video-sizes-';
 
 /** An error with a protocol code (`code`) as well as words for people (`message`). */
 export class HuddleError extends Error {
@@ -557,9 +571,12 @@ export const SFU_SUBSCRIBE_ID = 'sfu:subscribe';
 /**
  * "sfu" mode (docs/protocol.md, "SFU mode"): two RTCPeerConnections with the server, so that neither side
  * ever waits for the other's offer.
- *   publish    we offer (`sfu_offer` pc "publish") our microphone and camera as sendonly transceivers, one
- *              encoding each; the server answers (`sfu_answer`). Offered again when the local tracks change and
- *              for ICE restarts, one offer at a time.
+ *   publish    we offer (`sfu_offer` pc "publish") our microphone and camera as sendonly transceivers: audio
+ *              as one encoding, the camera as three simulcast encodings (rid q, h, f: 1/4, 1/2 and full size);
+ *              the server answers (`sfu_answer`). Offered again when the local tracks change and for ICE
+ *              restarts, one offer at a time. `publisher_layers` from the server pauses and resumes the
+ *              camera's encodings (setPublisherLayers). Each encoding keeps its size (degradationPreference
+ *              'maintain-resolution'), so that a rid always means the same resolution to the SFU.
  *   subscribe  the server offers (`sfu_offer` pc "subscribe" with a `revision`) one sendonly m-section per
  *              remote track; we answer (`sfu_answer`, same revision). Offers are applied strictly in order.
  * The server is ICE-lite and learns our address from our STUN checks: no candidates go either way.
@@ -590,10 +607,18 @@ export class SfuTransport {
     this._wanted = null; // {iceRestart}: another publish offer is due once the answer is in
     this._offers = 0;
     this._iceRestarts = 0;
+    this._layersWanted = null; // Set of rids the server wants on (publisher_layers); null = all of them
+    this._layersBusy = false; // a getParameters/setParameters round is running
+    this._degraded = new WeakSet(); // senders given SIMULCAST_DEGRADATION
   }
 
   get mode() {
     return 'sfu';
+  }
+
+  /** The camera's simulcast layers the server last asked for (null: none asked yet, all are on). */
+  get publisherLayers() {
+    return this._layersWanted ? [...this._layersWanted] : null;
   }
 
   start() {
@@ -668,6 +693,17 @@ export class SfuTransport {
     this._negotiatePublish(true);
   }
 
+  /**
+   * `publisher_layers` (dynacast): keep the camera's encodings whose rid is in `active` on, pause the others.
+   * The calls to setParameters are serialised; wishes that come while one is running are merged into the
+   * next round, so the last one wins.
+   */
+  setPublisherLayers(active) {
+    if (!Array.isArray(active)) return;
+    this._layersWanted = new Set(active.filter((rid) => typeof rid === 'string'));
+    this._applySenderParameters();
+  }
+
   /** New local tracks (e.g. a camera that came later): put them on the publish connection, offer again. */
   setLocalTracks(localTracks) {
     this.localTracks = localTracks;
@@ -733,7 +769,14 @@ export class SfuTransport {
         if (!track) continue;
         const init = { direction: 'sendonly' };
         if (this.localTracks.stream) init.streams = [this.localTracks.stream];
+        if (kind === 'video') {
+          // Simulcast; layers the server has already said nobody needs start paused.
+          init.sendEncodings = SIMULCAST_ENCODINGS.map((encoding) => ({
+            ...encoding, active: this._layersWanted ? this._layersWanted.has(encoding.rid) : true,
+          }));
+        }
         pc.addTransceiver(track, init);
+        if (kind === 'video') await this._applySenderParameters(); // before the offer
         changed = true;
         continue;
       }
@@ -745,6 +788,57 @@ export class SfuTransport {
       }
     }
     return changed;
+  }
+
+  /** The RTCRtpSender of the camera on the publish connection (null when there is none). */
+  _videoSender() {
+    const pc = this.publishPc;
+    if (!pc || this.closed) return null;
+    const transceiver = pc.getTransceivers().find((t) => t.receiver.track.kind === 'video'
+      && t.currentDirection !== 'stopped' && t.direction !== 'stopped');
+    return transceiver ? transceiver.sender : null;
+  }
+
+  /**
+   * Brings the camera sender's parameters in line: the simulcast degradation preference, and the encodings
+   * on and off as _layersWanted says. One getParameters/setParameters round at a time.
+   */
+  async _applySenderParameters() {
+    if (this._layersBusy) return; // the running round picks up the newest wish when it is done
+    this._layersBusy = true;
+    try {
+      // Each round applies the newest wish; a wish that came during the await makes another round.
+      for (let round = 0; round < 10 && !this.closed; round += 1) {
+        const sender = this._videoSender();
+        if (!sender) return;
+        const wanted = this._layersWanted;
+        // getParameters and setParameters with no await between them (their transaction id must match).
+        const parameters = sender.getParameters();
+        const encodings = parameters.encodings || [];
+        let changed = false;
+        if (encodings.length > 1 && !this._degraded.has(sender)) {
+          // Once per sender: a browser without the setting ignores it.
+          this._degraded.add(sender);
+          parameters.degradationPreference = SIMULCAST_DEGRADATION;
+          changed = true;
+        }
+        for (const encoding of wanted ? encodings : []) {
+          if (!encoding.rid) continue; // a single encoding (no simulcast): nothing to pause
+          const active = wanted.has(encoding.rid);
+          if (encoding.active !== active) {
+            encoding.active = active;
+            changed = true;
+          }
+        }
+        if (!changed) return;
+        await sender.setParameters(parameters);
+      }
+    } catch (err) {
+      // Not fatal: the layers stay as they were; the next publisher_layers tries again.
+      console.warn('huddle: could not change the simulcast layers', err);
+    } finally {
+      this._layersBusy = false;
+    }
   }
 
   /** One publish offer at a time: a wish for another one while an offer is out waits for its answer. */
@@ -960,6 +1054,19 @@ async function captureLocalMedia(constraints) {
 const RESUME_FATAL = new Set(['resume_failed', 'unauthorized', 'token_expired', 'wrong_room', 'invalid_room',
   'invalid_name', 'room_full']);
 
+/** A participant id from the server, or null (for null, missing or malformed ones). */
+function cleanParticipantId(id) {
+  return typeof id === 'string' && id ? id : null;
+}
+
+/** Whether two `video_sizes` maps say the same. */
+function sameSizes(a, b) {
+  if (!a || !b) return false;
+  const keys = Object.keys(a);
+  if (keys.length !== Object.keys(b).length) return false;
+  return keys.every((id) => b[id] && a[id][0] === b[id][0] && a[id][1] === b[id][1]);
+}
+
 function withTimeout(promise, ms, what) {
   let timer;
   const timeout = new Promise((_, reject) => {
@@ -988,7 +1095,14 @@ function withTimeout(promise, ms, what) {
  *                                          the connection their media arrives on
  *   local-stream        {stream}           the local camera/microphone stream (null once released)
  *   local-media         {audio, video}     what this client sends, after setAudioEnabled / setVideoEnabled
+ *   active-speaker      {id, previous}     who speaks now (`activeSpeaker`; a participant id, possibly our
+ *                                          own, or null), from the server's `active_speaker` and `joined`
+ *   publisher-layers    {active}           SFU mode: the camera's simulcast layers some viewer needs (rids)
  *   error               {code, message, source: 'server' | 'local', fatal, requestId}
+ *
+ * Adaptive stream (SFU mode): the page tells the client how large each remote video is shown
+ * (setVideoSizes); the client sends `video_sizes` when that changes, at most every 250 ms, and once whenever
+ * the SFU transport starts or the call resumes. `lastVideoSizes` is the last `sizes` sent.
  */
 export class HuddleClient extends EventTarget {
   constructor({
@@ -1023,6 +1137,14 @@ export class HuddleClient extends EventTarget {
     this._resuming = null; // the SignalingChannel of a resume attempt
     this._reconnect = null; // {deadline, attempt, timer}
     this._session = 0;
+    this.activeSpeaker = null; // participant id (maybe our own) or null
+    // Adaptive stream: what the page shows (setVideoSizes), what went out last, and the throttle.
+    this.lastVideoSizes = null; // {participantId: [w, h]} of the last `video_sizes` sent
+    this.videoSizesSent = 0;
+    this._videoSizes = {};
+    this._videoSizesDue = false; // send once even if nothing changed (the SFU transport started, or resumed)
+    this._videoSizesAt = -Infinity;
+    this._videoSizesTimer = null;
   }
 
   get audioEnabled() {
@@ -1142,6 +1264,29 @@ export class HuddleClient extends EventTarget {
   }
 
   /**
+   * Adaptive stream: `sizes` maps remote participant ids to the size in device pixels their video is shown at,
+   * [width, height]; [0, 0] (or leaving someone out) means not shown. Call it whenever a size may have
+   * changed: in SFU mode a `video_sizes` goes out when they differ from the last one sent, at most every
+   * 250 ms (the newest sizes win). In P2P mode nothing is sent; the sizes are kept for when the call moves to
+   * the SFU.
+   */
+  setVideoSizes(sizes) {
+    const clean = {};
+    for (const [id, size] of Object.entries(sizes || {})) {
+      if (!Array.isArray(size) || size.length !== 2) continue;
+      const [w, h] = size.map((n) => (Number.isFinite(n) && n > 0 ? Math.round(n) : 0));
+      clean[id] = w > 0 && h > 0 ? [w, h] : [0, 0];
+    }
+    this._videoSizes = clean;
+    this._sendVideoSizes();
+  }
+
+  /** The camera's simulcast layers the server wants on (SFU mode; null until it said, meaning all). */
+  get publisherLayers() {
+    return this._transport instanceof SfuTransport ? this._transport.publisherLayers : null;
+  }
+
+  /**
    * [{participantId, pc}] for every current peer connection. P2P: one per remote participant. SFU:
    * {participantId: 'sfu:publish'} and {participantId: 'sfu:subscribe'}, followed, while a call moves from p2p
    * to the SFU, by the P2P connections not closed yet.
@@ -1215,7 +1360,21 @@ export class HuddleClient extends EventTarget {
         if (message.type === 'sfu_offer' && message.pc === 'subscribe') this._switchToSfu();
         if (this._transport instanceof SfuTransport) this._transport.handleSignal(message);
         break;
+      case 'publisher_layers':
+        if (this._transport instanceof SfuTransport && Array.isArray(message.active)) {
+          this._transport.setPublisherLayers(message.active);
+          emit(this, 'publisher-layers', { active: [...message.active] });
+        }
+        break;
+      case 'active_speaker':
+        this._setActiveSpeaker(message.id);
+        break;
       case 'error':
+        if (typeof message.id === 'string' && message.id.startsWith(VIDEO_SIZES_ID_PREFIX)) {
+          // A server that does not know `video_sizes` yet (unknown_type): it sends every video anyway.
+          console.debug('huddle: video_sizes refused:', message.code, message.message);
+          break;
+        }
         if (this._transport instanceof SfuTransport && typeof message.id === 'string') {
           this._transport.handleSignal(message);
         }
@@ -1245,9 +1404,18 @@ export class HuddleClient extends EventTarget {
     this._transport.start();
     for (const id of this.participants.keys()) this._transport.connectTo(id);
 
+    this.lastVideoSizes = null;
+    this._videoSizesDue = this.mode === 'sfu';
+    // Known before `joined`, so that the page's first layout (and first video_sizes) has the speaker large.
+    const previousSpeaker = this.activeSpeaker;
+    this.activeSpeaker = cleanParticipantId(message.active_speaker);
     this._setState('connected');
     emit(this, 'joined', this._joinedDetail());
     this._applyLocalMedia(true);
+    if (this.activeSpeaker !== previousSpeaker) {
+      emit(this, 'active-speaker', { id: this.activeSpeaker, previous: previousSpeaker });
+    }
+    this._sendVideoSizes(); // once right after the SFU transport started (the page had its say in `joined`)
   }
 
   _onParticipantJoined(participant) {
@@ -1285,6 +1453,56 @@ export class HuddleClient extends EventTarget {
     if (!participant) return;
     this.participants.delete(participantId);
     emit(this, 'participant-left', { participantId, participant, reason: reason || 'left' });
+    // Whoever left speaks no more (the server's next `active_speaker` says who does).
+    if (this.activeSpeaker === participantId) this._setActiveSpeaker(null);
+  }
+
+  _setActiveSpeaker(id) {
+    const speaker = cleanParticipantId(id);
+    if (speaker === this.activeSpeaker) return;
+    const previous = this.activeSpeaker;
+    this.activeSpeaker = speaker;
+    emit(this, 'active-speaker', { id: speaker, previous });
+  }
+
+  // --- adaptive stream (docs/protocol.md, "video_sizes") ---
+
+  /**
+   * Sends the page's video sizes when they differ from the last ones sent (or a send is due), in SFU mode
+   * only, at most once per VIDEO_SIZES_INTERVAL_MS: a change within that time goes out when it is over.
+   */
+  _sendVideoSizes() {
+    if (this.mode !== 'sfu' || !(this._transport instanceof SfuTransport) || this.state !== 'connected'
+      || !this._signaling) {
+      return; // kept: the next start of the SFU transport, or the resume, sends them
+    }
+    const sizes = {};
+    // Only people in the call: a tile the page has not removed yet must not name someone who left.
+    for (const [id, size] of Object.entries(this._videoSizes)) if (this.participants.has(id)) sizes[id] = size;
+    if (!this._videoSizesDue && sameSizes(sizes, this.lastVideoSizes)) return;
+    const wait = this._videoSizesAt + VIDEO_SIZES_INTERVAL_MS - performance.now();
+    if (wait > 0) {
+      if (!this._videoSizesTimer) {
+        this._videoSizesTimer = setTimeout(() => {
+          this._videoSizesTimer = null;
+          this._sendVideoSizes();
+        }, wait);
+      }
+      return;
+    }
+    // The id only comes back on an `error` (e.g. unknown_type from an older server), which is then ignored.
+    const id = `${VIDEO_SIZES_ID_PREFIX}${this.videoSizesSent + 1}`;
+    if (!this._signaling.send({ type: 'video_sizes', id, sizes })) return;
+    this.videoSizesSent += 1;
+    this._videoSizesAt = performance.now();
+    this._videoSizesDue = false;
+    this.lastVideoSizes = sizes;
+  }
+
+  _stopVideoSizes() {
+    clearTimeout(this._videoSizesTimer);
+    this._videoSizesTimer = null;
+    this._videoSizesDue = false;
   }
 
   _onServerError(message) {
@@ -1422,7 +1640,8 @@ export class HuddleClient extends EventTarget {
       else this._onParticipantJoined(participant);
     }
 
-    if (message.mode === 'sfu' && !(this._transport instanceof SfuTransport)) {
+    const switching = message.mode === 'sfu' && !(this._transport instanceof SfuTransport);
+    if (switching) {
       this._switchToSfu(); // new connections: nothing to restart
     } else {
       // SFU: a publish offer with iceRestart (the server sends a new subscribe offer of its own).
@@ -1432,6 +1651,10 @@ export class HuddleClient extends EventTarget {
     this._setState('connected');
     emit(this, 'resumed', this._joinedDetail());
     this._applyLocalMedia(true);
+    if ('active_speaker' in message) this._setActiveSpeaker(message.active_speaker);
+    // The sizes may have changed while we were away: say them again (_switchToSfu has just done so).
+    if (!switching) this._videoSizesDue = true;
+    this._sendVideoSizes();
   }
 
   // --- transports ---
@@ -1506,7 +1729,9 @@ export class HuddleClient extends EventTarget {
     }
     this._transport.start();
     for (const id of this.participants.keys()) this._transport.expect(id);
+    this._videoSizesDue = true;
     emit(this, 'mode', { mode: 'sfu', previous });
+    this._sendVideoSizes(); // once right after the SFU transport started (the page had its say in `mode`)
   }
 
   async _checkMigrations() {
@@ -1652,6 +1877,7 @@ export class HuddleClient extends EventTarget {
 
   _teardown(reason) {
     this._stopReconnecting();
+    this._stopVideoSizes();
     this._closeTransports();
     if (this._signaling) {
       const signaling = this._signaling;
@@ -1667,6 +1893,8 @@ export class HuddleClient extends EventTarget {
     this.participants = new Map();
     this.self = null;
     this.resumeToken = null;
+    this.lastVideoSizes = null;
+    if (this.activeSpeaker !== null) this._setActiveSpeaker(null);
   }
 
   _fail(error, fatal = true, extra = {}) {

@@ -1,0 +1,223 @@
+"""What each viewer gets, in real Chromium: simulcast layers that follow the layout, nothing for a hidden
+tile, the active speaker agreed by everyone, and layers that step down on a thin downlink and back up."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator
+
+import pytest
+from playwright.sync_api import Page
+
+from .conftest import Server, remote_tiles, start_server, stop_server, wait_for
+
+# One remote participant's video as this page receives it: the inbound-rtp of the track in their tile.
+VIDEO_FROM_JS = """
+async (pid) => {
+  const video = document.querySelector(`.tile.remote[data-participant-id="${pid}"] video`);
+  const track = video && video.srcObject && video.srcObject.getVideoTracks()[0];
+  const out = {width: 0, frames: 0, packets: 0, plis: 0};
+  if (!track) return out;
+  for (const {pc} of window.huddle.peerConnections()) {
+    const receiver = pc.getReceivers().find(r => r.track === track);
+    if (!receiver) continue;
+    (await receiver.getStats()).forEach(r => {
+      if (r.type === 'inbound-rtp') {
+        out.width = r.frameWidth || 0; out.frames = r.framesDecoded || 0;
+        out.packets = r.packetsReceived || 0; out.plis = r.pliCount || 0;
+      }
+    });
+  }
+  return out;
+}
+"""
+
+# This page's camera layers as it sends them: rid -> [frames encoded, width].
+SENT_JS = """
+async () => {
+  const out = {};
+  for (const {participantId, pc} of window.huddle.peerConnections()) {
+    if (participantId !== 'sfu:publish') continue;
+    (await pc.getStats()).forEach(r => {
+      if (r.type === 'outbound-rtp' && r.kind === 'video') {
+        out[r.rid] = [r.framesEncoded || 0, r.frameWidth || 0];
+      }
+    });
+  }
+  return out;
+}
+"""
+
+
+def video_from(page: Page, pid: str) -> dict:
+    return page.evaluate(VIDEO_FROM_JS, pid)
+
+
+def pid_of(page: Page) -> str:
+    return page.evaluate("window.huddle.self.id")
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Server]:
+    s = start_server("--sfu-always")
+    yield s
+    stop_server(s)
+
+
+def _room(new_page, server: Server, room: str, names: list[str]) -> list[Page]:
+    pages = []
+    for name in names:
+        page = new_page(f"{server.url}/r/{room}?name={name}")
+        page.set_viewport_size({"width": 1280, "height": 720})
+        pages.append(page)
+    for page, name in zip(pages, names, strict=True):
+        others = sorted(n for n in names if n != name)
+        wait_for(lambda page=page, others=others: sorted(remote_tiles(page)) == others, 20, f"{name}'s tiles")
+    return pages
+
+
+def _pin(page: Page, name: str) -> None:
+    page.click(f'.tile.remote[data-name="{name}"] .pin')
+
+
+def test_layers_follow_the_layout(new_page, server: Server) -> None:
+    ada, bob, _cy = _room(new_page, server, "layers", ["Ada", "Bob", "Cy"])
+    ada_id = pid_of(ada)
+    wait_for(lambda: video_from(bob, ada_id)["frames"] > 30, 30, "Bob to see Ada")
+
+    # Ada large on Bob's page: Bob gets her top layer (1280 wide, or the largest she sends).
+    _pin(bob, "Ada")
+    wait_for(
+        lambda: bob.get_attribute('.tile.remote[data-name="Ada"]', "class").count("stage") == 1,
+        5,
+        "Ada on Bob's stage",
+    )
+    wait_for(lambda: video_from(bob, ada_id)["width"] >= 1280, 10, "Ada in HD on Bob's stage")
+
+    # Ada becomes a thumbnail on Bob's page: within 3 s Bob decodes her at most 320 wide, without a stall.
+    started = time.monotonic()
+    _pin(bob, "Cy")
+    last, last_change, worst, width = video_from(bob, ada_id)["frames"], time.monotonic(), 0.0, 9999
+    switched_at = None
+    while time.monotonic() - started < 6:
+        now_stats = video_from(bob, ada_id)
+        now = time.monotonic()
+        if now_stats["frames"] != last:
+            last, last_change = now_stats["frames"], now
+        worst = max(worst, now - last_change)
+        width = now_stats["width"]
+        if width <= 320 and switched_at is None:
+            switched_at = now - started
+        time.sleep(0.2)
+    assert switched_at is not None and switched_at <= 3, (
+        f"still {width} px wide after {time.monotonic() - started:.1f} s"
+    )
+    assert width <= 320
+    assert worst <= 1.0, f"Ada's video stalled for {worst:.2f} s on Bob's page"
+
+    # And back to the stage: the top layer again within 3 s.
+    started = time.monotonic()
+    _pin(bob, "Ada")
+    wait_for(lambda: video_from(bob, ada_id)["width"] >= 1280, 3, "Ada back in HD")
+    # No keyframe storm: a handful of requests for all these switches.
+    assert video_from(bob, ada_id)["plis"] <= 10
+    # Over the test Ada sent all three layers, at their sizes.
+    sent = ada.evaluate(SENT_JS)
+    assert set(sent) == {"q", "h", "f"}
+    assert sent["q"][0] > 0 and sent["f"][0] > 0
+
+
+def test_a_hidden_tile_gets_no_packets_and_comes_back(new_page, server: Server) -> None:
+    ada, bob, _cy = _room(new_page, server, "hidden", ["Ada", "Bob", "Cy"])
+    ada_id = pid_of(ada)
+    wait_for(lambda: video_from(bob, ada_id)["frames"] > 30, 30, "Bob to see Ada")
+    bob.evaluate("(pid) => window.hideTile(pid, true)", ada_id)
+    time.sleep(1.5)
+    before = video_from(bob, ada_id)["packets"]
+    time.sleep(2)
+    assert video_from(bob, ada_id)["packets"] == before, "packets still arrive for a hidden tile"
+    frames = video_from(bob, ada_id)["frames"]
+    shown = time.monotonic()
+    bob.evaluate("(pid) => window.hideTile(pid, false)", ada_id)
+    wait_for(lambda: video_from(bob, ada_id)["frames"] > frames + 5, 2, "Ada's video back within 2 s")
+    assert time.monotonic() - shown <= 2.5
+
+
+def test_everyone_agrees_on_the_active_speaker_and_it_moves(new_page, server: Server) -> None:
+    pages = _room(new_page, server, "speaker", ["Ada", "Bob", "Cy"])
+    ada, bob, cy = pages
+    ids = {name: pid_of(page) for name, page in zip(["Ada", "Bob", "Cy"], pages, strict=True)}
+    # Only Ada's (fake, beeping) microphone is on.
+    for page in (bob, cy):
+        page.click("#toggle-audio")
+
+    def agreed(pid: str) -> bool:
+        return all(p.evaluate("window.huddle.activeSpeaker") == pid for p in pages)
+
+    wait_for(lambda: agreed(ids["Ada"]), 6, "everyone to see Ada speaking")
+    for page in (bob, cy):
+        assert (
+            page.get_attribute(f'.tile.remote[data-participant-id="{ids["Ada"]}"]', "data-speaking") == "true"
+        )
+    # Ada stops, Bob starts: the floor moves, and every page follows.
+    ada.click("#toggle-audio")
+    bob.click("#toggle-audio")
+    started = time.monotonic()
+    wait_for(lambda: agreed(ids["Bob"]), 4, "everyone to see Bob speaking")
+    moved = time.monotonic() - started
+    assert moved <= 4
+    # And it stays there: no flapping back while Bob goes on.
+    time.sleep(2)
+    assert agreed(ids["Bob"])
+
+
+def _limit(port: int, rate: str) -> None:
+    """Limit what reaches one UDP port on loopback (a subscriber's downlink) with an htb class."""
+    for cmd in (
+        "tc qdisc add dev lo root handle 1: htb default 10",
+        "tc class add dev lo parent 1: classid 1:10 htb rate 10gbit",
+        f"tc class add dev lo parent 1: classid 1:20 htb rate {rate} ceil {rate}",
+        "tc qdisc add dev lo parent 1:20 handle 20: pfifo limit 30",
+        f"tc filter add dev lo parent 1: protocol ip prio 1 u32 match ip dport {port} 0xffff flowid 1:20",
+    ):
+        subprocess.run(cmd.split(), check=True, capture_output=True)
+
+
+def _unlimit() -> None:
+    subprocess.run("tc qdisc del dev lo root".split(), check=False, capture_output=True)
+
+
+SUBSCRIBE_PORT_JS = """
+async () => {
+  for (const {participantId, pc} of window.huddle.peerConnections()) {
+    if (participantId !== 'sfu:subscribe') continue;
+    const stats = await pc.getStats();
+    let port = null;
+    stats.forEach(r => {
+      if (r.type === 'transport' && r.selectedCandidatePairId) {
+        port = stats.get(stats.get(r.selectedCandidatePairId).localCandidateId).port;
+      }
+    });
+    return port;
+  }
+  return null;
+}
+"""
+
+
+def test_a_thin_downlink_settles_on_low_layers_and_recovers(new_page, server: Server) -> None:
+    ada, bob, _cy = _room(new_page, server, "thin", ["Ada", "Bob", "Cy"])
+    ada_id = pid_of(ada)
+    _pin(bob, "Ada")
+    wait_for(lambda: video_from(bob, ada_id)["width"] >= 1280, 20, "Ada in HD on Bob's stage")
+    port = bob.evaluate(SUBSCRIBE_PORT_JS)
+    _limit(port, "500kbit")
+    try:
+        wait_for(lambda: video_from(bob, ada_id)["width"] <= 640, 20, "Bob's layers to step down")
+        # The call goes on at the lower layers.
+        frames = video_from(bob, ada_id)["frames"]
+        wait_for(lambda: video_from(bob, ada_id)["frames"] > frames + 30, 10, "video over the thin link")
+    finally:
+        _unlimit()
+    wait_for(lambda: video_from(bob, ada_id)["width"] >= 1280, 40, "Bob's layers to come back up")
