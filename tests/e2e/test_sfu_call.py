@@ -90,16 +90,15 @@ def test_four_people_through_the_sfu_and_a_fifth_who_comes_and_goes(new_page, se
         assert {p["pc"] for p in stats["pairs"]} == {"sfu:publish", "sfu:subscribe"}
         assert all(p["port"] == server.media and p["state"] == "succeeded" for p in stats["pairs"])
         assert all(s["pc"] == "sfu:subscribe" for s in stats["streams"])
-    # The SFU's transport-wide feedback lets each publisher's bandwidth estimate climb above Chromium's
-    # 300 kbps starting point.
-    for page in pages:
-        wait_for(
-            lambda page=page: (
-                next(p["bitrate"] for p in inbound(page)["pairs"] if p["pc"] == "sfu:publish") > 600_000
-            ),
-            20,
-            "the publisher's estimate to rise",
+
+    # The SFU's transport-wide feedback lets a publisher's bandwidth estimate climb above Chromium's 300 kbps
+    # starting point (the one shown large: those seen only as thumbnails send just their 150 kbps layer).
+    def top_estimate() -> float:
+        return max(
+            next(p["bitrate"] for p in inbound(page)["pairs"] if p["pc"] == "sfu:publish") for page in pages
         )
+
+    wait_for(lambda: top_estimate() > 600_000, 20, "a publisher's estimate to rise")
     room = _room(server, "group")
     assert room["mode"] == "sfu" and len(room["participants"]) == 4
     assert room["sfu"]["producers"] == 8 and room["sfu"]["consumers"] == 24
