@@ -30,6 +30,7 @@ class Consumer:
         "audible",
         "cache",
         "current",
+        "max_tid",
         "mid",
         "octets",
         "packets",
@@ -59,6 +60,8 @@ class Consumer:
         self.current: int | None = None
         # The layer the viewer's size and bandwidth call for; `target` is the best of it that flows.
         self.wanted: int | None = 0
+        # Highest VP8 temporal layer forwarded (None: all): thumbnails get half the frame rate.
+        self.max_tid: int | None = None
         # Audio: whether this subscriber hears this publisher now (one of the loudest few, see Router).
         self.audible = True
         self.packets = 0
@@ -107,6 +110,15 @@ class Consumer:
                 # The target layer's keyframe: switch here, so the decoder never sees a broken frame.
                 self.rewriter.switch(layer)
                 self.current = layer
+            elif (
+                info is not None
+                and info.tid is not None
+                and self.max_tid is not None
+                and info.tid > self.max_tid
+            ):
+                # A frame nothing depends on below max_tid: skipped without a gap the subscriber would NACK.
+                self.rewriter.drop(layer, seq, info)
+                return False
         elif not self.audible:
             if not self.rewriter.paused:
                 self.rewriter.pause()

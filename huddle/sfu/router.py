@@ -38,6 +38,7 @@ HOLD_AFTER_CONGESTION = 8.0
 STEP_UP_INTERVAL = 4.0
 PROBE_FACTOR = 1.5
 PROBE_STEP = 200_000
+THUMBNAIL_WIDTH = 360  # device pixels: a video shown this small gets half the frame rate
 LOUDEST = 3  # audio streams each subscriber gets, besides anyone who just began to speak
 TICK = 0.1  # transport-wide feedback cadence (Chromium's own receive side sends it about this often)
 REPORT_EVERY = 10  # ticks between receiver reports and consent checks
@@ -408,6 +409,9 @@ class Router:
             assert isinstance(consumer, Consumer)
             consumer.wanted = chosen[consumer]
             consumer.set_target(_flowing(consumer.producer, consumer.wanted, now))
+            # A thumbnail moves little and is looked at less: half the frame rate (VP8 temporal layers
+            # 0 and 1 of 0-2) saves a third of its packets.
+            consumer.max_tid = 1 if 0 < request.width <= THUMBNAIL_WIDTH else None
 
     def _budget(self, peer: Peer) -> float | None:
         """The bit rate `peer`'s layers may use, from its feedback.

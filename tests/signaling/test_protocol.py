@@ -239,3 +239,18 @@ async def test_room_stats_say_who_is_there_and_in_which_mode(harness: Harness) -
         body = await resp.json()
     assert body["mode"] == "p2p" and body["sfu"] is None
     assert [p["name"] for p in body["participants"]] == ["Ada"]
+
+
+@pytest.mark.parametrize("settings", [Settings(sfu_always=True), Settings()], ids=["sfu", "p2p"])
+async def test_video_sizes_are_taken_in_either_mode_and_checked(harness: Harness) -> None:
+    ada, bob = await harness.connect(), await harness.connect()
+    await ada.join("sizes", "Ada")
+    bob_id = (await bob.join("sizes", "Bob"))["self"]["id"]
+    for sizes in ({}, {bob_id: [1280, 720]}, {bob_id: [0, 0], "p_gone": [320, 180]}):
+        await ada.send({"type": "video_sizes", "id": "video-sizes-1", "sizes": sizes})
+    for bad in ({bob_id: [1280]}, {bob_id: [-1, 10]}, {bob_id: [99999, 10]}, [1, 2]):
+        await ada.send({"type": "video_sizes", "id": "v", "sizes": bad})
+        error = await ada.expect("error")
+        assert error["code"] == "bad_message" and error["id"] == "v"
+    await ada.send({"type": "ping", "id": "alive"})
+    assert (await ada.expect("pong"))["id"] == "alive"

@@ -710,3 +710,29 @@ def test_offer_without_udp_candidate_uses_the_discard_port():
     (media,) = sdp.parse(text).media
     assert media.port == 9
     assert media.connection == "IN IP4 0.0.0.0"
+
+
+def _vp8_temporal(seq: int, ts: int, tid: int, picture_id: int, key: bool = False) -> bytes:
+    """One-packet frames with a full descriptor (X, I 15-bit, L, T), TL0PICIDX counting TID 0 frames."""
+    header = bytes([0x90, 0xE0, 0x80 | (picture_id >> 8), picture_id & 0xFF, picture_id // 4, tid << 6])
+    frame = bytes.fromhex("5002009d012a80024001") if key else bytes.fromhex("3102005a")
+    return packet(seq, ts, header + frame, pt=100)
+
+
+def test_a_thumbnail_skips_the_top_temporal_layer_without_gaps():
+    producer = make_producer()
+    consumer, transport = make_consumer(producer)
+    consumer.max_tid = 1
+    tids = [0, 2, 1, 2] * 10  # Chromium's 3-layer pattern
+    for i, tid in enumerate(tids):
+        producer.receive(_vp8_temporal(100 + i, 3000 * i, tid, 500 + i, key=i == 0), 0)
+    sent = [RtpPacket.parse(p) for p in transport.sent]
+    assert len(sent) == tids.count(0) + tids.count(1)  # half the frames
+    out_seqs = [p.seq for p in sent]
+    assert out_seqs == [(out_seqs[0] + i) & 0xFFFF for i in range(len(sent))]  # no gap to NACK
+    pids = [((p.payload[2] & 0x7F) << 8) | p.payload[3] for p in sent]
+    assert pids == [(pids[0] + i) & 0x7FFF for i in range(len(sent))]  # nor in picture ids
+    consumer.max_tid = None
+    for i, tid in enumerate(tids[:8], start=len(tids)):
+        producer.receive(_vp8_temporal(100 + i, 3000 * i, tid, 500 + i), 0)
+    assert len(transport.sent) == len(sent) + 8  # full rate again
