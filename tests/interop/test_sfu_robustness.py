@@ -62,7 +62,7 @@ async def test_garbage_on_the_media_port_is_dropped_and_counted_and_the_call_goe
         nobody.add(stun.USERNAME, b"nobody:atall")
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         for data in (
-            os.urandom(300),
+            b"\x55" + os.urandom(300),  # no protocol, from an address that never passed ICE
             b"",
             stun.encode(forged, integrity_key=b"not the password", fingerprint=True),
             stun.encode(nobody, integrity_key=b"x", fingerprint=True),
