@@ -46,6 +46,29 @@ COUNTS = ("rtp_in", "rtp_out", "bytes_in", "bytes_out", "nacks_in", "retransmits
 PUBLISH_EXTENSIONS = (sdp.URI_MID, sdp.URI_ABS_SEND_TIME, sdp.URI_AUDIO_LEVEL, sdp.URI_TRANSPORT_CC)
 
 
+class _Batch:
+    """Keys gathered during one loop turn and handed to `run` together in the next one."""
+
+    def __init__(self, run: Callable[[set[str]], None]) -> None:
+        self._run = run
+        self._keys: set[str] = set()
+        self._scheduled = False
+
+    def add(self, key: str) -> None:
+        self._keys.add(key)
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def discard(self, key: str) -> None:
+        self._keys.discard(key)
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        keys, self._keys = self._keys, set()
+        self._run(keys)
+
+
 class Sfu:
     """What all Routers of a node share: the media port, the DTLS certificate, the timers and the totals."""
 
@@ -323,10 +346,8 @@ class Router:
         self.counts = dict.fromkeys(COUNTS, 0)
         self.speaker = SpeakerDetector(loudest=LOUDEST)
         self._audio_key: object = None  # what the audio selection was last computed from
-        self._realloc: set[str] = set()
-        self._realloc_scheduled = False
-        self._pending: set[str] = set()
-        self._flush_scheduled = False
+        self._allocations = _Batch(self._apply_allocations)
+        self._offers = _Batch(self._send_offers)
         self.closed = False
 
     # -- Membership (called by calls.registry) --------------------------------------------------------------
@@ -350,7 +371,8 @@ class Router:
             consumer.producer.consumers.remove(consumer)
         peer.consumers.clear()
         peer.close()
-        self._pending.discard(participant.id)
+        self._offers.discard(participant.id)
+        self._allocations.discard(participant.id)
         self.speaker.remove(participant.id)
 
     def restart_ice(self, participant: Participant) -> None:
@@ -375,14 +397,9 @@ class Router:
 
     def reallocate(self, peer: Peer) -> None:
         """Choose `peer`'s layers again, soon (several changes in one loop turn become one pass)."""
-        self._realloc.add(peer.participant.id)
-        if not self._realloc_scheduled:
-            self._realloc_scheduled = True
-            asyncio.get_running_loop().call_soon(self._apply_allocations)
+        self._allocations.add(peer.participant.id)
 
-    def _apply_allocations(self) -> None:
-        self._realloc_scheduled = False
-        pending, self._realloc = self._realloc, set()
+    def _apply_allocations(self, pending: set[str]) -> None:
         for pid in pending:
             peer = self.peers.get(pid)
             if peer is not None:
@@ -411,7 +428,9 @@ class Router:
             consumer.set_target(_flowing(consumer.producer, consumer.wanted, now))
             # A thumbnail moves little and is looked at less: half the frame rate (VP8 temporal layers
             # 0 and 1 of 0-2) saves a third of its packets.
-            consumer.max_tid = 1 if 0 < request.width <= THUMBNAIL_WIDTH else None
+            # Only when the subscriber said what it shows: one that never does is not showing thumbnails.
+            thumbnail = peer.sizes is not None and 0 < request.width <= THUMBNAIL_WIDTH
+            consumer.max_tid = 1 if thumbnail else None
 
     def _budget(self, peer: Peer) -> float | None:
         """The bit rate `peer`'s layers may use, from its feedback.
@@ -598,14 +617,9 @@ class Router:
     def _renegotiate(self, peer: Peer) -> None:
         # Deferred to a later loop turn: several changes become one offer, and a newcomer's `joined` reply
         # always goes out before its first offer.
-        self._pending.add(peer.participant.id)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+        self._offers.add(peer.participant.id)
 
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        pending, self._pending = self._pending, set()
+    def _send_offers(self, pending: set[str]) -> None:
         for pid in pending:
             peer = self.peers.get(pid)
             if peer is not None and not self.closed:

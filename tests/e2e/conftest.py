@@ -6,6 +6,7 @@ These tests carry media, so `make test` runs them inside a network namespace tha
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -191,3 +192,19 @@ def wait_decoding(page: Page, peers: int, frames: int = 30, timeout: float = 30)
 
 def remote_tiles(page: Page) -> list[str]:
     return page.eval_on_selector_all(".tile.remote", "els => els.map(e => e.dataset.name)")
+
+
+@contextlib.contextmanager
+def dropping(*rules: str) -> Iterator[None]:
+    """nftables rules (`udp dport 7882`, say) whose matching packets are dropped on arrival, while inside.
+
+    The tests run in a network namespace of their own, so this touches nothing outside them.
+    """
+    table = "huddle_test_drop"
+    script = f"add table inet {table}; add chain inet {table} in {{ type filter hook input priority 0; }}; "
+    script += "; ".join(f"add rule inet {table} in {rule} drop" for rule in rules)
+    subprocess.run(["nft", script], check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["nft", f"delete table inet {table}"], check=True)

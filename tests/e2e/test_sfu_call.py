@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 import threading
 import time
 import urllib.request
@@ -14,7 +13,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from playwright.sync_api import Page
 
-from .conftest import Server, remote_tiles, start_server, stop_server, wait_for
+from .conftest import Server, dropping, remote_tiles, start_server, stop_server, wait_for
 
 # Per inbound stream of every peer connection: kind, ssrc, frames decoded and packets; and the selected pair.
 INBOUND_JS = """
@@ -255,24 +254,6 @@ def test_an_aiortc_participant_and_chromium_pages_in_one_call(new_page, browser)
         stop_server(server)
 
 
-def _cut(ports: set[int]) -> None:
-    rules = "; ".join(
-        f"add rule inet huddle_cut in udp {way} {p} drop" for p in sorted(ports) for way in ("sport", "dport")
-    )
-    subprocess.run(
-        [
-            "nft",
-            f"add table inet huddle_cut; add chain inet huddle_cut in "
-            f"{{ type filter hook input priority 0; }}; {rules}",
-        ],
-        check=True,
-    )
-
-
-def _restore() -> None:
-    subprocess.run(["nft", "delete table inet huddle_cut"], check=True)
-
-
 LOCAL_PORTS_JS = """
 async () => {
   const ports = [];
@@ -301,22 +282,20 @@ def test_a_page_whose_network_drops_for_5_seconds_comes_back_by_itself(new_page,
     # Cy's network goes: its signaling socket drops and nothing passes on its UDP ports, for 5 s.
     ports = set(cy.evaluate(LOCAL_PORTS_JS))
     assert len(ports) >= 1
+    rules = [f"udp {way} {port}" for port in sorted(ports) for way in ("sport", "dport")]
     cy.context.set_offline(True)
-    _cut(ports)
-    cy.evaluate("window.huddle._debugDropConnection()")
     try:
-        wait_for(lambda: cy.get_attribute("#status", "data-state") == "reconnecting", 5, "Cy to see it")
-        wait_for(
-            lambda: (
-                ada.get_attribute(f'.tile.remote[data-participant-id="{cy_id}"]', "data-connection-state")
-                == "reconnecting"
-            ),
-            10,
-            "the others to see Cy reconnecting",
-        )
-        time.sleep(5)
+        with dropping(*rules):
+            cy.evaluate("window.huddle._debugDropConnection()")
+            wait_for(lambda: cy.get_attribute("#status", "data-state") == "reconnecting", 5, "Cy to see it")
+            tile = f'.tile.remote[data-participant-id="{cy_id}"]'
+            wait_for(
+                lambda: ada.get_attribute(tile, "data-connection-state") == "reconnecting",
+                10,
+                "the others to see Cy reconnecting",
+            )
+            time.sleep(5)
     finally:
-        _restore()
         cy.context.set_offline(False)
 
     wait_for(lambda: cy.get_attribute("#status", "data-state") == "connected", 20, "Cy to come back")
@@ -369,26 +348,17 @@ def _frames_from(page: Page, participant_id: str) -> int:
 
 def test_with_udp_blocked_the_browser_connects_over_ice_tcp(new_page) -> None:
     server = start_server("--sfu-always")
-    subprocess.run(
-        [
-            "nft",
-            "add table inet huddle_udp; add chain inet huddle_udp in "
-            "{ type filter hook input priority 0; }; "
-            f"add rule inet huddle_udp in udp dport {server.media} drop",
-        ],
-        check=True,
-    )
     try:
-        ada, bob = _join(new_page, server, "tcp", ["Ada", "Bob"])
-        for page in (ada, bob):
-            wait_for(lambda page=page: decoding_videos(page, 30) == 1, 40, "video over TCP")
-            pairs = inbound(page)["pairs"]
-            assert len(pairs) == 2
-            assert all(p["protocol"] == "tcp" and p["port"] == server.media for p in pairs), pairs
-        # All of it came over the media port's TCP side: UDP to it was dropped before it got there.
-        assert _metric(server, 'huddle_media_packets_total{direction="in"}') > 100
+        with dropping(f"udp dport {server.media}"):
+            ada, bob = _join(new_page, server, "tcp", ["Ada", "Bob"])
+            for page in (ada, bob):
+                wait_for(lambda page=page: decoding_videos(page, 30) == 1, 40, "video over TCP")
+                pairs = inbound(page)["pairs"]
+                assert len(pairs) == 2
+                assert all(p["protocol"] == "tcp" and p["port"] == server.media for p in pairs), pairs
+            # All of it came over the media port's TCP side: UDP to it was dropped before it got there.
+            assert _metric(server, 'huddle_media_packets_total{direction="in"}') > 100
     finally:
-        subprocess.run(["nft", "delete table inet huddle_udp"], check=True)
         stop_server(server)
 
 
@@ -400,25 +370,16 @@ def _metric(server: Server, name: str) -> float:
 
 def test_lost_packets_are_repaired_from_the_sfus_cache(new_page) -> None:
     server = start_server("--sfu-always")
-    # 3 % of what the SFU sends to the browsers is lost on the way (nft drops it at random).
-    subprocess.run(
-        [
-            "nft",
-            "add table inet huddle_loss; add chain inet huddle_loss in "
-            "{ type filter hook input priority 0; }; "
-            f"add rule inet huddle_loss in udp sport {server.media} numgen random mod 100 < 3 drop",
-        ],
-        check=True,
-    )
+    # 3 % of what the SFU sends to the browsers is lost on the way.
     try:
-        ada, bob = _join(new_page, server, "lossy", ["Ada", "Bob"])
-        for page in (ada, bob):
-            wait_for(lambda page=page: decoding_videos(page, 150) == 1, 40, "video despite the loss")
+        with dropping(f"udp sport {server.media} numgen random mod 100 < 3"):
+            ada, bob = _join(new_page, server, "lossy", ["Ada", "Bob"])
+            for page in (ada, bob):
+                wait_for(lambda page=page: decoding_videos(page, 150) == 1, 40, "video despite the loss")
         room = _room(server, "lossy")
         assert room["sfu"]["nacks_in"] > 0
         assert room["sfu"]["retransmits"] > 0
         # Nearly every NACKed packet was in the cache (the rest were lost again on the way back).
         assert room["sfu"]["retransmits"] >= 0.8 * room["sfu"]["nacks_in"], room["sfu"]
     finally:
-        subprocess.run(["nft", "delete table inet huddle_loss"], check=True)
         stop_server(server)
