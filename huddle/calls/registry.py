@@ -45,9 +45,6 @@ class Calls:
     def get(self, name: str) -> Room | None:
         return self._rooms.get(name)
 
-    def rooms(self) -> list[Room]:
-        return list(self._rooms.values())
-
     def participant_count(self) -> int:
         return sum(len(r) for r in self._rooms.values())
 

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from huddle.rtc import rtp
 from huddle.rtc.certificate import Certificate
@@ -205,6 +205,3 @@ class WebRtcTransport:
                     self.port.send_to(datagram, self.ice.selected)
         self.port.unregister(self, self._addresses)
         self.srtp = None
-
-    def describe(self) -> dict[str, Any]:
-        return {"label": self.label, "connected": self.connected, "selected": self.ice.selected}
