@@ -157,7 +157,9 @@ def test_everyone_agrees_on_the_active_speaker_and_it_moves(new_page, server: Se
     def agreed(pid: str) -> bool:
         return all(p.evaluate("window.huddle.activeSpeaker") == pid for p in pages)
 
+    started = time.monotonic()
     wait_for(lambda: agreed(ids["Ada"]), 6, "everyone to see Ada speaking")
+    print(f"all pages agreed on Ada {time.monotonic() - started:.2f} s after the others muted")
     for page in (bob, cy):
         assert (
             page.get_attribute(f'.tile.remote[data-participant-id="{ids["Ada"]}"]', "data-speaking") == "true"
@@ -166,9 +168,10 @@ def test_everyone_agrees_on_the_active_speaker_and_it_moves(new_page, server: Se
     ada.click("#toggle-audio")
     bob.click("#toggle-audio")
     started = time.monotonic()
-    wait_for(lambda: agreed(ids["Bob"]), 4, "everyone to see Bob speaking")
+    wait_for(lambda: agreed(ids["Bob"]), 3, "everyone to see Bob speaking")
     moved = time.monotonic() - started
-    assert moved <= 4
+    print(f"the floor moved to Bob in {moved:.2f} s")
+    assert moved <= 2.5  # 1.8 s measured: Ada's speech is held 1.5 s, then Bob's takeover
     # And it stays there: no flapping back while Bob goes on.
     time.sleep(2)
     assert agreed(ids["Bob"])
