@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,22 +18,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Browser, Page
 
-CHROMIUM = os.environ.get("HUDDLE_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--use-fake-device-for-media-stream",
-    "--use-fake-ui-for-media-stream",
-    "--allow-loopback-in-peer-connection",
-    "--autoplay-policy=no-user-gesture-required",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
+from tests.chromium import chromium
 
 
 @dataclass
@@ -94,19 +80,10 @@ def server() -> Iterator[Server]:
     stop_server(s)
 
 
-# Module scope, not session: while sync Playwright runs, its event loop is the running loop of this
-# thread, and the asyncio tests of other modules could not start theirs.
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    # A browser test must fail, not skip, when Chromium is missing: `make test` installs it.
-    assert shutil.which(CHROMIUM) or os.path.exists(CHROMIUM), (
-        f"Chromium not found at {CHROMIUM}: run `make test` (it installs Debian's chromium) "
-        "or apt-get install chromium"
-    )
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+    with chromium() as b:
         yield b
-        b.close()
 
 
 @pytest.fixture

@@ -10,30 +10,17 @@ namespace that has nothing but loopback.
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Browser, Page
 
 from huddle.rtc import sdp
 from huddle.rtc.sdp import Candidate, OutgoingTrack
+from tests.chromium import chromium
 
-CHROMIUM = os.environ.get("HUDDLE_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--use-fake-device-for-media-stream",
-    "--use-fake-ui-for-media-stream",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 FIXTURES = Path(__file__).parent / "sdp"
 FINGERPRINT = ":".join(f"{b:02X}" for b in range(32))
 CANDIDATES = [Candidate.host("127.0.0.1", 40000), Candidate.host("127.0.0.1", 40001, transport="tcp")]
@@ -87,15 +74,8 @@ window.state = () => ({
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    # A browser test must fail, not skip, when Chromium is missing: `make test` installs it.
-    assert shutil.which(CHROMIUM) or os.path.exists(CHROMIUM), (
-        f"Chromium not found at {CHROMIUM}: run `make test` (it installs Debian's chromium) "
-        "or apt-get install chromium"
-    )
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+    with chromium() as b:
         yield b
-        b.close()
 
 
 @pytest.fixture
