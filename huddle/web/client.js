@@ -456,11 +456,8 @@ class PeerLink {
   }
 }
 
-/**
- * "p2p" mode: a full mesh of PeerLinks, one per remote participant. The later joiner offers (connectTo);
- * everyone already present waits for that offer (expect).
- */
-export class MeshTransport {
+/** What both transports are given: ICE servers, local tracks, permissions, and how to signal and report. */
+class Transport {
   constructor({ iceServers, localTracks, permissions, send, events }) {
     this.iceServers = iceServers || [];
     this.localTracks = localTracks;
@@ -468,6 +465,16 @@ export class MeshTransport {
     this.subscribe = permissions?.subscribe !== false;
     this.send = send;
     this.events = events;
+  }
+}
+
+/**
+ * "p2p" mode: a full mesh of PeerLinks, one per remote participant. The later joiner offers (connectTo);
+ * everyone already present waits for that offer (expect).
+ */
+export class MeshTransport extends Transport {
+  constructor(options) {
+    super(options);
     this.links = new Map(); // participant id -> PeerLink
     this.retired = false;
   }
@@ -586,14 +593,9 @@ export const SFU_SUBSCRIBE_ID = 'sfu:subscribe';
  * MeshTransport. A track goes again (event `trackRemoved`) when the server's offer makes its m-section
  * inactive or rejects it (port 0), when it ends, or when its msid stream loses it.
  */
-export class SfuTransport {
-  constructor({ iceServers, localTracks, permissions, send, events }) {
-    this.iceServers = iceServers || [];
-    this.localTracks = localTracks;
-    this.publish = permissions?.publish !== false;
-    this.subscribe = permissions?.subscribe !== false;
-    this.send = send;
-    this.events = events;
+export class SfuTransport extends Transport {
+  constructor(options) {
+    super(options);
     this.publishPc = null;
     this.subscribePc = null;
     this.closed = false;
