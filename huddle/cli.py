@@ -11,6 +11,7 @@ import sys
 from urllib.parse import quote
 
 from huddle import config, logs
+from huddle.loadtest import cli as loadtest_cli
 from huddle.signaling import tokens
 from huddle.signaling.messages import valid_room_name
 
@@ -51,6 +52,15 @@ def _parser() -> argparse.ArgumentParser:
         help="base URL of the server [env HUDDLE_URL]",
     )
     config.add_arguments(token, ("secret",))
+
+    loadtest = sub.add_parser(
+        "loadtest",
+        help="run synthetic participants against a server and measure what arrives",
+        description="Join N synthetic participants (P of them publishing simulcast VP8 and Opus) to one room "
+        "over the real protocol (signaling, ICE, DTLS, SRTP), measure packets, loss, freezes, layers and "
+        "forwarding delay for a while, print a summary and leave. Bounded in count and time.",
+    )
+    loadtest_cli.add_arguments(loadtest)
     return parser
 
 
@@ -58,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "token":
         return _token(args)
+    if args.command == "loadtest":
+        return loadtest_cli.main(args)
     try:
         settings = config.from_namespace(args)
     except ValueError as exc:
