@@ -13,6 +13,13 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	scripts/in-netns $(VENV)/bin/pytest $(PYTEST_ARGS)
 
+# Load scenarios against our SFU (and Janus, side by side); one table, JSON under bench/results/.
+.PHONY: bench
+bench: $(STAMP)
+	scripts/system-deps test
+	bench/deps
+	scripts/in-netns $(PY) -m bench.run $(BENCH_ARGS)
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
