@@ -37,7 +37,7 @@ from huddle import stun
 from huddle.loadtest import layout as layouts
 from huddle.loadtest.connection import MediaConnection, ReceivePoller
 from huddle.loadtest.media import build_library
-from huddle.loadtest.negotiation import publish_offer, subscribe_answer
+from huddle.loadtest.negotiation import subscribe_answer
 from huddle.loadtest.pacer import Pacer
 from huddle.loadtest.participant import Shared, SyntheticParticipant
 from huddle.loadtest.run import TICK, LoadtestConfig, LoadtestResult, _collect, _every, run_loadtest
@@ -345,22 +345,7 @@ class JanusParticipant(SyntheticParticipant):
 
     async def publish_to(self, janus: Any, room: int) -> None:
         handle = await janus.attach()
-        self.publish = JanusConnection(
-            self.shared.certificate,
-            label=f"{self.name}/publish",
-            on_rtcp=self._on_publish_rtcp,
-            poller=self.shared.poller,
-        )
-        self.publish.open()
-        offer = publish_offer(
-            ufrag=self.publish.ufrag,
-            pwd=self.publish.pwd,
-            fingerprint=self.shared.certificate.fingerprint_sha256,
-            host=(self.shared.host_address, self.publish.local_port),
-            session_id=self.session_id,
-            stream_id=self.name,
-            audio_ssrc=self.audio_ssrc,
-        )
+        offer = self._open_publish(JanusConnection, self.name)
         # Our DTLS is always the client: offer `active`, so that Janus answers `passive` (DTLS server).
         offer = offer.replace("a=setup:actpass", "a=setup:active")
         answer = await handle.publish(room, offer, display=self.name)

@@ -233,24 +233,29 @@ class SyntheticParticipant:
 
     # -- publishing -----------------------------------------------------------------------------------------
 
-    async def _start_publishing(self) -> None:
-        assert self.id is not None
-        self.publish = MediaConnection(
+    def _open_publish(self, connection_class: type[MediaConnection], stream_id: str) -> str:
+        """Open the publish connection (of `connection_class`, for servers that need their own) and return
+        the offer for it."""
+        self.publish = connection_class(
             self.shared.certificate,
             label=f"{self.name}/publish",
             on_rtcp=self._on_publish_rtcp,
             poller=self.shared.poller,
         )
         self.publish.open()
-        offer = publish_offer(
+        return publish_offer(
             ufrag=self.publish.ufrag,
             pwd=self.publish.pwd,
             fingerprint=self.shared.certificate.fingerprint_sha256,
             host=(self.shared.host_address, self.publish.local_port),
             session_id=self.session_id,
-            stream_id=self.id,
+            stream_id=stream_id,
             audio_ssrc=self.audio_ssrc,
         )
+
+    async def _start_publishing(self) -> None:
+        assert self.id is not None
+        offer = self._open_publish(MediaConnection, self.id)
         await self._send({"type": "sfu_offer", "pc": "publish", "sdp": offer})
 
     def _on_publish_answer(self, text: str) -> None:
