@@ -170,8 +170,7 @@ class WebRtcTransport:
         if srtp is None or addr is None:
             return False
         try:
-            # pylibsrtp takes bytes only: the one copy from the rewritten bytearray happens here.
-            self.port.send_to(srtp.protect(bytes(packet)), addr)
+            self.port.send_to(srtp.protect_view(packet), addr)
         except SrtpError:
             return False
         return True

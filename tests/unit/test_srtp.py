@@ -212,3 +212,25 @@ def test_garbage_only_ever_raises_srtp_error(data: bytes, profile: SrtpProfile, 
         (server.unprotect_rtcp if rtcp else server.unprotect)(data)
     except SrtpError:
         pass
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_protect_view_matches_protect_and_is_read_by_the_peer(profile: SrtpProfile) -> None:
+    # Two sessions with the same keys: the forwarding path's protect_view must produce exactly what
+    # pylibsrtp's protect does, for bytes and for the bytearray the rewriter patched in place.
+    material = os.urandom(profile.keying_material_length)
+    fast = SrtpSession.from_keying(profile, material, is_server=True)
+    slow = SrtpSession.from_keying(profile, material, is_server=True)
+    peer = SrtpSession.from_keying(profile, material, is_server=False)
+    for seq in range(70_000, 70_010):  # across a sequence number wrap
+        packet = rtp(seq, payload=bytes(range(256)) * 4)
+        view = fast.protect_view(bytearray(packet))
+        assert bytes(view) == slow.protect(packet)
+        assert peer.unprotect(bytes(view)) == packet
+
+
+def test_protect_view_refuses_a_packet_longer_than_a_datagram() -> None:
+    client, _ = pair(SrtpProfile.AEAD_AES_128_GCM)
+    with pytest.raises(SrtpError, match="longer than"):
+        client.protect_view(rtp(1, payload=b"\x00" * 1500))
+    assert len(client.protect_view(rtp(2, payload=b"\x00" * 1400))) == 12 + 1400 + 16
