@@ -25,6 +25,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import asdict, dataclass, field
@@ -171,6 +172,7 @@ class HuddleServer:
         command = [sys.executable, "-m", "huddle", "serve", "--host", "127.0.0.1", "--port", "0"]
         command += ["--stun-port", "0", "--media-port", "0", "--sfu-always"]
         command += ["--max-participants", str(self.max_participants)]
+        command += ["--recordings-dir", tempfile.mkdtemp("-recordings")]
         self.stderr_file = self.stderr_path.open("w")
         self.process = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=self.stderr_file, text=True, cwd=ROOT

@@ -21,6 +21,12 @@ class Settings:
     sfu_always: bool = False
     announce_ip: str | None = None
     reconnect_grace: float = 20.0
+    recordings_dir: str = "recordings"
+    s3_endpoint: str | None = None
+    s3_bucket: str | None = None
+    s3_access_key: str | None = None
+    s3_secret_key: str | None = None
+    s3_region: str = "us-east-1"
 
     @property
     def open_rooms(self) -> bool:
@@ -40,6 +46,13 @@ _HELP = {
     "announce_ip": "address put in the SFU's ICE candidates, when clients reach the node at another address "
     "than --host (behind NAT, or --host 0.0.0.0)",
     "reconnect_grace": "seconds a participant whose connection dropped keeps its place before removal",
+    "recordings_dir": "folder for recordings (the store itself unless --s3-endpoint is set; also the upload "
+    "spool and unfinished files)",
+    "s3_endpoint": "S3-compatible endpoint URL to store recordings in (e.g. http://127.0.0.1:8333)",
+    "s3_bucket": "bucket for recordings (created if missing)",
+    "s3_access_key": "S3 access key id",
+    "s3_secret_key": "S3 secret access key (prefer the environment variable to the flag)",
+    "s3_region": "S3 region",
 }
 
 

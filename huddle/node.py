@@ -12,6 +12,7 @@ from huddle.calls.registry import Calls
 from huddle.config import Settings
 from huddle.logs import event
 from huddle.metrics import Metrics
+from huddle.recording.manager import Recordings
 from huddle.rtc.certificate import Certificate
 from huddle.rtc.port import MediaPort
 from huddle.rtc.sdp import Candidate
@@ -46,6 +47,7 @@ class Node:
         self.metrics.rooms.set_function(lambda: len(self.calls))
         self.metrics.participants.set_function(self.calls.participant_count)
         self.stun = StunServer(self.metrics)
+        self.recordings = Recordings.from_settings(self.calls, settings)
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> Ports:
@@ -58,7 +60,14 @@ class Node:
             candidates.append(Candidate.host(announce, media_port, transport="tcp"))
         self.sfu = Sfu(self.media, Certificate.generate(), candidates)
         self.metrics.watch_sfu(self.sfu)
-        ctx = Context(settings=s, calls=self.calls, metrics=self.metrics, stun_port=stun_port)
+        await self.recordings.start()
+        ctx = Context(
+            settings=s,
+            calls=self.calls,
+            metrics=self.metrics,
+            stun_port=stun_port,
+            recordings=self.recordings,
+        )
         self._runner = web.AppRunner(build_app(ctx), access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, s.host, s.port, reuse_address=True)
@@ -90,6 +99,8 @@ class Node:
         return ports
 
     async def stop(self) -> None:
+        # Recordings first, while their calls still run: their files are finished and stay playable.
+        await self.recordings.close()
         self.calls.close()
         if self._runner is not None:
             await self._runner.cleanup()

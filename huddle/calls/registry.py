@@ -38,6 +38,8 @@ class Calls:
         self._router_factory = router_factory
         self._rooms: dict[str, Room] = {}
         self._resumable: dict[str, tuple[Room, Participant]] = {}
+        # Called with a room as its last participant leaves, before its Router closes (recordings stop).
+        self.room_closed: list[Callable[[Room], None]] = []
 
     def __len__(self) -> int:
         return len(self._rooms)
@@ -119,7 +121,13 @@ class Calls:
         participant.outbox.close(1000, "left")
         return True
 
-    def _switch_to_sfu(self, room: Room, newcomer: Participant) -> None:
+    def move_to_sfu(self, room: Room) -> Router | None:
+        """Put a call on the SFU now (recording needs it), if it is not there yet."""
+        if room.mode == P2P:
+            self._switch_to_sfu(room, newcomer=None)
+        return room.router
+
+    def _switch_to_sfu(self, room: Room, newcomer: Participant | None) -> None:
         if self._router_factory is None:
             return
         room.mode = SFU
@@ -183,6 +191,11 @@ class Calls:
     def _discard_if_empty(self, room: Room) -> None:
         if not room.participants and self._rooms.get(room.name) is room:
             del self._rooms[room.name]
+            for listener in self.room_closed:
+                try:
+                    listener(room)
+                except Exception:  # the room must close whatever a listener does
+                    log.exception("room_closed listener failed", extra={"fields": {"room": room.name}})
             if room.router is not None:
                 room.router.close()
                 room.router = None

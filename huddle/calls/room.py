@@ -64,6 +64,8 @@ class Room:
     participants: dict[str, Participant] = field(default_factory=dict)
     mode: str = P2P
     router: Router | None = None
+    # The recording running in this call, as participants are told about it (None: not recorded).
+    recording: dict[str, Any] | None = None
 
     def __len__(self) -> int:
         return len(self.participants)

@@ -13,7 +13,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from huddle.logs import event
 from huddle.rtc import rtcp, rtp, sdp
@@ -120,12 +120,33 @@ class Sfu:
             self._task = None
 
 
-class Peer:
-    """One participant's side of the SFU."""
+class Sink(Protocol):
+    """A subscriber inside this process (the recorder): it receives each Consumer's rewritten RTP and the
+    translated sender reports as plain packets, with no ICE, DTLS or SRTP, through the same Consumers as a
+    browser, so recording costs the publishers nothing extra."""
 
-    def __init__(self, router: Router, participant: Participant) -> None:
+    def transport_for(self, consumer: Consumer) -> LocalTransport: ...
+
+    def consumer_removed(self, consumer: Consumer) -> None: ...
+
+    def active_speaker(self, participant_id: str | None) -> None: ...
+
+
+class LocalTransport(Protocol):
+    """What a Consumer sends through when its subscriber is a Sink."""
+
+    def send_rtp(self, packet: bytes | bytearray) -> bool: ...
+
+    def send_rtcp(self, packet: bytes) -> bool: ...
+
+
+class Peer:
+    """One participant's side of the SFU (or, with a `sink`, an in-process subscriber)."""
+
+    def __init__(self, router: Router, participant: Participant, sink: Sink | None = None) -> None:
         self.router = router
         self.participant = participant
+        self.sink = sink
         self.publish: WebRtcTransport | None = None
         self.subscribe: WebRtcTransport | None = None
         self.producers: dict[str, Producer] = {}  # by mid
@@ -352,10 +373,10 @@ class Router:
 
     # -- Membership (called by calls.registry) --------------------------------------------------------------
 
-    def add_peer(self, participant: Participant) -> None:
+    def add_peer(self, participant: Participant, sink: Sink | None = None) -> None:
         if participant.id in self.peers:
             return
-        peer = self.peers[participant.id] = Peer(self, participant)
+        peer = self.peers[participant.id] = Peer(self, participant, sink)
         for other in self.peers.values():
             if other is not peer:
                 for producer in other.producers.values():
@@ -369,6 +390,8 @@ class Router:
             self._drop_producer(producer)
         for consumer in list(peer.consumers.values()):
             consumer.producer.consumers.remove(consumer)
+            if peer.sink is not None:
+                peer.sink.consumer_removed(consumer)
         peer.consumers.clear()
         peer.close()
         self._offers.discard(participant.id)
@@ -412,7 +435,9 @@ class Router:
             if consumer.kind != "video":
                 continue
             producer = consumer.producer
-            if peer.sizes is None:
+            if peer.sink is not None:
+                width, height = 1280, 720  # a recording keeps the best layer of every video
+            elif peer.sizes is None:
                 width, height = 320, 180  # not told yet: thumbnails for all
             else:
                 width, height = peer.sizes.get(producer.peer.participant.id, (0, 0))
@@ -495,7 +520,8 @@ class Router:
             hears = set([pid for pid in top if pid != own][:LOUDEST]) | (detector.audible - {own})
             for consumer in peer.consumers.values():
                 if consumer.kind == "audio":
-                    consumer.audible = consumer.producer.peer.participant.id in hears
+                    # A recording keeps everyone's audio: its mix and its per-track files need all of it.
+                    consumer.audible = peer.sink is not None or consumer.producer.peer.participant.id in hears
 
     # -- Negotiation (called by signaling) ------------------------------------------------------------------
 
@@ -601,7 +627,10 @@ class Router:
             del peer.by_ssrc[producer.ssrc]
         for consumer in list(producer.consumers):
             consumer.subscriber.consumers.pop(producer.id, None)
-            self._renegotiate(consumer.subscriber)
+            if consumer.subscriber.sink is not None:
+                consumer.subscriber.sink.consumer_removed(consumer)
+            else:
+                self._renegotiate(consumer.subscriber)
         producer.consumers.clear()
 
     def _consume(self, producer: Producer, subscriber: Peer) -> None:
@@ -611,7 +640,12 @@ class Router:
         subscriber.consumers[producer.id] = consumer
         producer.consumers.append(consumer)
         self._audio_key = None  # a new listener or speaker: choose again at the next tick
-        self._renegotiate(subscriber)
+        if subscriber.sink is not None:
+            # Nothing to negotiate in-process: it takes packets from now on.
+            consumer.transport = subscriber.sink.transport_for(consumer)  # type: ignore[assignment]
+            consumer.ready = True
+        else:
+            self._renegotiate(subscriber)
         self.reallocate(subscriber)
 
     def _renegotiate(self, peer: Peer) -> None:
@@ -722,6 +756,9 @@ class Router:
     def tick(self, now: float, full: bool) -> None:
         if self.speaker.tick(now):
             self.room.broadcast({"type": "active_speaker", "id": self.speaker.active_speaker})
+            for peer in self.peers.values():
+                if peer.sink is not None:
+                    peer.sink.active_speaker(self.speaker.active_speaker)
         self._select_audio()
         if full:
             for peer in self.peers.values():

@@ -106,8 +106,29 @@ class Ping(_Message):
     type: Literal["ping"]
 
 
+class StartRecording(_Message):
+    type: Literal["start_recording"]
+    # Both when absent: the speaker-view MP4 and a file per track.
+    outputs: Annotated[list[Literal["composite", "tracks"]], Field(min_length=1, max_length=2)] | None = None
+
+
+class StopRecording(_Message):
+    type: Literal["stop_recording"]
+
+
 ClientMessage = Annotated[
-    Join | Leave | Offer | Answer | Candidate | Media | SfuOffer | SfuAnswer | VideoSizes | Ping,
+    Join
+    | Leave
+    | Offer
+    | Answer
+    | Candidate
+    | Media
+    | SfuOffer
+    | SfuAnswer
+    | VideoSizes
+    | Ping
+    | StartRecording
+    | StopRecording,
     Field(discriminator="type"),
 ]
 _ADAPTER: TypeAdapter[ClientMessage] = TypeAdapter(ClientMessage)
@@ -123,6 +144,8 @@ MESSAGE_TYPES = frozenset(
         "sfu_answer",
         "video_sizes",
         "ping",
+        "start_recording",
+        "stop_recording",
     }
 )
 

@@ -18,6 +18,7 @@ from huddle.calls.room import P2P, SFU, Participant, Room, RoomFull
 from huddle.config import Settings
 from huddle.logs import event
 from huddle.metrics import Metrics
+from huddle.recording.manager import RecordingError, Recordings
 from huddle.signaling import messages as m
 from huddle.signaling.tokens import Permissions, TokenError, verify
 
@@ -42,6 +43,7 @@ class Context:
     calls: Calls
     metrics: Metrics
     stun_port: int
+    recordings: Recordings
 
 
 class TokenBucket:
@@ -244,6 +246,7 @@ class Session:
             "reconnect_grace": self.ctx.calls.reconnect_grace,
             "resumed": resumed,
             "active_speaker": room.router.speaker.active_speaker if room.router is not None else None,
+            "recording": room.recording,
         }
         if request_id is not None:
             reply["id"] = request_id
@@ -322,6 +325,30 @@ class Session:
         # In p2p mode there is nothing to choose: remember nothing, refuse nothing (clients send it early).
         if self.room.router is not None:
             self.room.router.set_video_sizes(self.participant, msg.sizes)
+
+    def _on_start_recording(self, msg: m.StartRecording) -> None:
+        assert self.room is not None and self.participant is not None
+        if not self.participant.permissions.record:
+            self._error("forbidden", "your join token does not allow recording", msg.id)
+            return
+        try:
+            self.ctx.recordings.begin(
+                self.room.name,
+                by=self.participant.id,
+                outputs=tuple(msg.outputs or ()) or ("composite", "tracks"),
+            )
+        except RecordingError as exc:
+            self._error(exc.code, exc.message, msg.id)
+
+    def _on_stop_recording(self, msg: m.StopRecording) -> None:
+        assert self.room is not None and self.participant is not None
+        if not self.participant.permissions.record:
+            self._error("forbidden", "your join token does not allow recording", msg.id)
+            return
+        try:
+            self.ctx.recordings.end(self.room.name, reason=f"stopped by {self.participant.id}")
+        except RecordingError as exc:
+            self._error(exc.code, exc.message, msg.id)
 
     def _router(self, msg: m.SfuOffer | m.SfuAnswer):
         assert self.room is not None

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ def start_server(*extra: str) -> Server:
             "0",
             "--media-port",
             "0",
+            *(() if "--recordings-dir" in extra else ("--recordings-dir", tempfile.mkdtemp("-recordings"))),
             *extra,
         ],
         stdout=subprocess.PIPE,

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import tempfile
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 
@@ -20,7 +21,16 @@ def sfu_settings() -> Settings:
 
 @pytest.fixture
 async def node(sfu_settings: Settings) -> AsyncIterator[Node]:
-    node = Node(replace(sfu_settings, host=ADDRESS, port=0, stun_port=0, media_port=0))
+    node = Node(
+        replace(
+            sfu_settings,
+            host=ADDRESS,
+            port=0,
+            stun_port=0,
+            media_port=0,
+            recordings_dir=tempfile.mkdtemp("-recordings"),
+        )
+    )
     node.ports = await node.start()
     node.base_url = f"http://{ADDRESS}:{node.ports.http}"
     yield node

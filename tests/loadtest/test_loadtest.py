@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import sys
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -25,7 +26,17 @@ HOST = "127.0.0.1"
 
 @pytest.fixture
 async def node() -> AsyncIterator[Node]:
-    node = Node(Settings(host=HOST, port=0, stun_port=0, media_port=0, sfu_always=True, reconnect_grace=0))
+    node = Node(
+        Settings(
+            host=HOST,
+            port=0,
+            stun_port=0,
+            media_port=0,
+            sfu_always=True,
+            reconnect_grace=0,
+            recordings_dir=tempfile.mkdtemp("-recordings"),
+        )
+    )
     node.ports = await node.start()
     node.base_url = f"http://{HOST}:{node.ports.http}"
     yield node

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
@@ -74,7 +75,13 @@ class Harness:
 
 
 async def start(settings: Settings | None = None) -> tuple[Node, Ports]:
-    settings = replace(settings or Settings(), port=0, stun_port=0, media_port=0)
+    settings = replace(
+        settings or Settings(),
+        port=0,
+        stun_port=0,
+        media_port=0,
+        recordings_dir=tempfile.mkdtemp("-recordings"),
+    )
     node = Node(settings)
     return node, await node.start()
 

@@ -1,0 +1,259 @@
+"""The recorder: an internal subscriber of a call's SFU Router that turns what it receives into records.
+
+It joins the Router as a Peer with a `Sink` instead of transports, so it gets every track through the same
+Consumers as a browser (rewritten RTP, translated sender reports; the best layer of each video, everyone's
+audio) and costs publishers nothing extra. Per track it rebuilds whole frames (VP8 depacketized, Opus as is),
+maps their RTP timestamps to the recording clock through the publisher's sender reports, and hands each
+record, encoded, to its outputs (the composite worker, the log the per-track writer reads).
+
+All of this runs on the event loop per packet, so it only copies, parses headers and queues; decoding and
+muxing happen elsewhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from huddle.calls.room import Participant
+from huddle.recording import records
+from huddle.recording.depacketize import OpusDepacketizer, ParticipantClock, Vp8Assembler
+from huddle.rtc import rtcp
+from huddle.signaling.tokens import Permissions
+
+if TYPE_CHECKING:
+    from huddle.sfu.consumer import Consumer
+    from huddle.sfu.router import Router
+
+log = logging.getLogger("huddle.recording")
+
+# Frames wait for their publisher's first sender report (browsers send one within a second or two), since
+# only that puts their audio and video on one clock; after this long they take their arrival times.
+SR_WAIT = 3.0
+# After the stop, frames captured before it still arrive for this long (network, jitter, a big keyframe):
+# the recording keeps them, so that every track ends at the stop, however late its last frames come in.
+STOP_GRACE = 0.5
+
+
+class _NullOutbox:
+    """The recorder's Peer never gets signaling messages: it negotiates nothing."""
+
+    def send(self, message: dict) -> None:
+        pass
+
+    def close(self, code: int, reason: str) -> None:
+        pass
+
+
+@dataclass(slots=True)
+class _Pending:
+    timestamp: int
+    arrival: float
+    keyframe: bool
+    data: bytes
+
+
+@dataclass(slots=True)
+class _Tap:
+    """One Consumer's packets, arriving at the recorder: a LocalTransport for the Router."""
+
+    recorder: Recorder
+    consumer: Consumer
+    track_id: str
+    participant_id: str
+    kind: str
+    clock_rate: int
+    depacketizer: Vp8Assembler | OpusDepacketizer
+    started: bool = False
+    pending: list[_Pending] = field(default_factory=list)
+    first_arrival: float = 0.0
+
+    def send_rtp(self, packet: bytes | bytearray) -> bool:
+        frame = self.depacketizer.push(packet)
+        while frame is not None:
+            self.recorder._frame(self, frame.timestamp, frame.keyframe, frame.data)
+            frame = self.depacketizer.pop()
+        if self.kind == "video" and self.depacketizer.needs_keyframe:  # type: ignore[union-attr]
+            current = self.consumer.current
+            if current is not None:
+                self.consumer.producer.request_keyframe(current)  # throttled by the Producer
+        return True
+
+    def send_rtcp(self, packet: bytes) -> bool:
+        try:
+            reports = rtcp.parse_compound(packet)
+        except rtcp.RtcpError:
+            return False
+        for report in reports:
+            if isinstance(report, rtcp.SenderReport):
+                self.recorder._sender_report(self, report.ntp_timestamp, report.rtp_timestamp)
+        return True
+
+
+class Recorder:
+    """Records one call from its Router until `stop()`; `emit` receives every record, encoded."""
+
+    def __init__(
+        self,
+        recording_id: str,
+        router: Router,
+        emit: Callable[[bytes], None],
+        *,
+        started_at: float,
+        outputs: tuple[str, ...],
+        names: Callable[[str], str],
+    ) -> None:
+        self.recording_id = recording_id
+        self.router = router
+        self._emit = emit
+        self.started_at = started_at
+        self._names = names
+        self._taps: dict[int, _Tap] = {}  # by id(consumer)
+        self._clocks: dict[str, ParticipantClock] = {}
+        self._counter = 0
+        self.frames = 0
+        self.stop_at: float | None = None  # set by stop(): the end of the recording, on its clock
+        self.stopped = False  # set by finish(): nothing more goes out
+        self.participant = Participant(
+            identity="recorder",
+            name="Recording",
+            outbox=_NullOutbox(),
+            permissions=Permissions(publish=False, subscribe=True, record=False),
+            id="rec_" + recording_id,
+        )
+        self._publish(records.RecordingStarted(recording_id, router.room.name, started_at, outputs))
+        router.add_peer(self.participant, sink=self)
+        self.active_speaker(router.speaker.active_speaker)
+
+    def now(self) -> float:
+        """The recording clock: seconds since the recording started."""
+        return time.time() - self.started_at
+
+    # -- Sink (called by the Router) ------------------------------------------------------------------------
+
+    def transport_for(self, consumer: Consumer) -> _Tap:
+        producer = consumer.producer
+        self._counter += 1
+        depacketizer: Vp8Assembler | OpusDepacketizer
+        depacketizer = Vp8Assembler() if producer.kind == "video" else OpusDepacketizer()
+        tap = _Tap(
+            self,
+            consumer,
+            track_id=f"{producer.id}#{self._counter}",
+            participant_id=producer.peer.participant.id,
+            kind=producer.kind,
+            clock_rate=producer.clock_rate,
+            depacketizer=depacketizer,
+        )
+        self._taps[id(consumer)] = tap
+        return tap
+
+    def consumer_removed(self, consumer: Consumer) -> None:
+        tap = self._taps.pop(id(consumer), None)
+        if tap is not None:
+            self._end(tap)
+
+    def active_speaker(self, participant_id: str | None) -> None:
+        if self.stop_at is None:
+            self._publish(records.SpeakerChanged(self.recording_id, participant_id, self.now()))
+
+    # -- Frames ---------------------------------------------------------------------------------------------
+
+    def _clock(self, participant_id: str) -> ParticipantClock:
+        clock = self._clocks.get(participant_id)
+        if clock is None:
+            clock = self._clocks[participant_id] = ParticipantClock()
+        return clock
+
+    def _sender_report(self, tap: _Tap, ntp: int, rtp_ts: int) -> None:
+        self._clock(tap.participant_id).on_sender_report(
+            tap.track_id, ntp, rtp_ts, tap.clock_rate, time.time()
+        )
+        if tap.pending:
+            self._release(tap)
+
+    def _frame(self, tap: _Tap, timestamp: int, keyframe: bool, data: bytes) -> None:
+        if self.stopped:
+            return
+        arrival = time.time()
+        at = self._clock(tap.participant_id).time_of(tap.track_id, timestamp)
+        if at is None:
+            if not tap.pending:
+                tap.first_arrival = arrival
+            tap.pending.append(_Pending(timestamp, arrival, keyframe, data))
+            if arrival - tap.first_arrival > SR_WAIT:
+                self._release(tap)
+            return
+        if tap.pending:
+            self._release(tap)
+        self._publish_frame(tap, timestamp, at - self.started_at, keyframe, data)
+
+    def _release(self, tap: _Tap) -> None:
+        """Frames held for the first sender report go out, on the sender's clock if it came by now."""
+        pending, tap.pending = tap.pending, []
+        clock = self._clock(tap.participant_id)
+        for p in pending:
+            at = clock.time_of(tap.track_id, p.timestamp)
+            self._publish_frame(
+                tap, p.timestamp, (p.arrival if at is None else at) - self.started_at, p.keyframe, p.data
+            )
+
+    def _publish_frame(self, tap: _Tap, timestamp: int, at: float, keyframe: bool, data: bytes) -> None:
+        if self.stop_at is not None and at > self.stop_at:
+            return  # captured after the stop
+        if not tap.started:
+            tap.started = True
+            codec = "vp8" if tap.kind == "video" else "opus"
+            name = self._names(tap.participant_id)
+            self._publish(
+                records.TrackStarted(
+                    self.recording_id,
+                    tap.track_id,
+                    tap.participant_id,
+                    name,
+                    tap.kind,  # type: ignore[arg-type]
+                    codec,
+                    tap.clock_rate,
+                    at,
+                )
+            )
+        self.frames += 1
+        self._publish(records.Frame(self.recording_id, tap.track_id, timestamp, at, keyframe, data))
+
+    def _end(self, tap: _Tap) -> None:
+        if self.stopped:
+            return
+        for frame in tap.depacketizer.flush():
+            self._frame(tap, frame.timestamp, frame.keyframe, frame.data)
+        if tap.pending:
+            self._release(tap)
+        if tap.started:
+            at = self.now() if self.stop_at is None else min(self.now(), self.stop_at)
+            self._publish(records.TrackEnded(self.recording_id, tap.track_id, at))
+
+    def _publish(self, record: records.Record) -> None:
+        self._emit(records.encode(record))
+
+    # -- End ------------------------------------------------------------------------------------------------
+
+    def stop(self) -> float:
+        """End the recording now; frames captured before this moment are still taken until `finish()`
+        (STOP_GRACE later). Returns the recording's duration."""
+        if self.stop_at is None:
+            self.stop_at = self.now()
+        return self.stop_at
+
+    def finish(self) -> None:
+        """Close every track, say the recording stopped and leave the Router."""
+        at = self.stop()
+        for tap in list(self._taps.values()):
+            self._end(tap)
+        self._taps.clear()
+        self.stopped = True
+        self._publish(records.RecordingStopped(self.recording_id, at))
+        if not self.router.closed:
+            self.router.remove_peer(self.participant)
+        return at
