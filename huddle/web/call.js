@@ -43,6 +43,14 @@ const ERROR_WORDS = {
 const QUIET_ERRORS = new Set(['rate_limited', 'unknown_participant', 'aborted', 'wrong_mode', 'timeout',
   'unknown_type']);
 
+// Why a start_recording / stop_recording was refused (other codes: the server's own words).
+const RECORDING_ERROR_WORDS = {
+  forbidden: 'Your invite link does not allow recording this call.',
+  already_recording: 'This call is being recorded already.',
+  unavailable: 'This server cannot record calls right now.',
+  unknown_type: 'This server cannot record calls.', // one older than this page
+};
+
 // Notes on a tile about the other person's own connection to the server (participant.connection).
 const PARTICIPANT_CONNECTION_WORDS = {
   reconnecting: 'Reconnecting…',
@@ -77,6 +85,11 @@ const ui = {
   pageLabel: $('#page-label'),
   layoutSpeaker: $('#layout-speaker'),
   layoutGallery: $('#layout-gallery'),
+  recordButton: $('#toggle-recording'),
+  recordingIndicator: $('#recording-indicator'),
+  recordingElapsed: $('#recording-indicator .recording-elapsed'),
+  recordingAnnouncer: $('#recording-announcer'),
+  recordingsLink: $('#recordings-link'),
 };
 
 // --- what this page was opened with ---
@@ -550,6 +563,7 @@ function setStatus(state) {
   const inCall = state === 'connecting' || state === 'connected' || state === 'reconnecting';
   ui.leaveButton.disabled = !inCall;
   updateCount();
+  updateRecording();
 }
 
 function updateCount() {
@@ -593,6 +607,71 @@ function hideError() {
   clearTimeout(errorTimer);
   ui.error.hidden = true;
   ui.errorText.textContent = '';
+}
+
+// --- recording (docs/protocol.md, "Recording") ---
+
+let recordingPending = false; // a start or stop is on its way: the button waits for the answer
+let recordingSince = 0; // when the running recording started, in this machine's Date.now() terms
+let recordingTimer = null;
+
+/** Who started the recording, in words, or null when we cannot say. */
+function recordingStarter(startedBy) {
+  if (startedBy === 'api') return 'an integration';
+  if (startedBy && startedBy === huddle.self?.id) return 'you';
+  return huddle.participants.get(startedBy)?.name || null;
+}
+
+function elapsedWords(ms) {
+  const seconds = Math.max(0, Math.floor(ms / 1000));
+  const hours = Math.floor(seconds / 3600);
+  const minutes = Math.floor(seconds / 60) % 60;
+  const mmss = `${String(minutes).padStart(hours ? 2 : 1, '0')}:${String(seconds % 60).padStart(2, '0')}`;
+  return hours ? `${hours}:${mmss}` : mmss;
+}
+
+function updateElapsed() {
+  ui.recordingElapsed.textContent = recordingSince ? elapsedWords(Date.now() - recordingSince) : '';
+}
+
+/** The indicator (everyone, while a recording runs) and the record button (those allowed to record). */
+function updateRecording() {
+  const recording = huddle.recording;
+  const inCall = huddle.state === 'connected' || huddle.state === 'reconnecting';
+  const shown = Boolean(recording) && inCall;
+  ui.recordingIndicator.hidden = !shown;
+  if (shown) {
+    const who = recordingStarter(recording.started_by);
+    ui.recordingIndicator.title = who ? `Recording started by ${who}` : 'This call is being recorded';
+    updateElapsed();
+    if (!recordingTimer) recordingTimer = setInterval(updateElapsed, 1000);
+  } else {
+    clearInterval(recordingTimer);
+    recordingTimer = null;
+  }
+
+  ui.recordButton.hidden = !(inCall && huddle.permissions?.record === true);
+  ui.recordButton.disabled = huddle.state !== 'connected';
+  // aria-disabled, not disabled, while waiting: a disabled button would drop the keyboard focus.
+  ui.recordButton.setAttribute('aria-disabled', String(recordingPending));
+  ui.recordButton.setAttribute('aria-pressed', String(Boolean(recording)));
+  ui.recordButton.title = recording ? 'Stop recording' : 'Start recording';
+}
+
+function recordingErrorWords({ code, message, request }) {
+  if (RECORDING_ERROR_WORDS[code]) return RECORDING_ERROR_WORDS[code];
+  const what = request === 'stop_recording' ? 'stop' : 'start';
+  if (code === 'connection_lost') {
+    // The request may have reached the server before the socket went: only the indicator knows.
+    return `The connection to the server was interrupted while asking it to ${what} the recording. `
+      + 'Once reconnected, the header shows whether the call is being recorded.';
+  }
+  return `Could not ${what} the recording. ${sentence(message)}`;
+}
+
+function recordingsHref() {
+  const query = token ? `?token=${encodeURIComponent(token)}` : '';
+  return `/r/${encodeURIComponent(room)}/recordings${query}`;
 }
 
 function sentence(text) {
@@ -683,6 +762,7 @@ huddle.addEventListener('joined', (event) => {
   for (const participant of participants) ensureRemoteTile(participant);
   updateLocalState();
   updateCount();
+  updateRecording(); // permissions.record
   // Measured now (not after the observers' turn), so that the SFU's first `video_sizes` names everyone.
   reportVideoSizes();
 });
@@ -696,6 +776,21 @@ huddle.addEventListener('active-speaker', (event) => {
   const { id } = event.detail;
   if (id && id !== huddle.self?.id && tiles.has(id)) view.lastSpeaker = id;
   layout(); // the large tile follows the speaker (unless someone is pinned)
+});
+
+huddle.addEventListener('recording', (event) => {
+  const { recording, previous, reason } = event.detail;
+  if (recording) {
+    // Seen as it started: our own clock's now. Found running on joining: the server's clock, which may be
+    // somewhat off ours (the elapsed time never shows below zero).
+    recordingSince = reason === 'started' || !(recording.started_at > 0) ? Date.now() : recording.started_at * 1000;
+  } else {
+    recordingSince = 0;
+  }
+  if (reason === 'left') ui.recordingAnnouncer.textContent = '';
+  else if (recording) ui.recordingAnnouncer.textContent = 'This call is being recorded';
+  else if (previous) ui.recordingAnnouncer.textContent = 'Recording stopped';
+  updateRecording();
 });
 
 huddle.addEventListener('participant-joined', (event) => {
@@ -756,6 +851,12 @@ huddle.addEventListener('local-media', () => updateLocalState());
 
 huddle.addEventListener('error', (event) => {
   const detail = event.detail;
+  if (detail.request === 'start_recording' || detail.request === 'stop_recording') {
+    // Answers to the record button: a passing note, as the indicator shows what is true either way.
+    // not_recording: someone else stopped it first, which is what was asked for.
+    if (detail.code !== 'not_recording') showError(recordingErrorWords(detail), { sticky: false });
+    return;
+  }
   lastErrorCode = detail.code;
   if (QUIET_ERRORS.has(detail.code)) {
     console.info('huddle:', detail.code, detail.message);
@@ -780,6 +881,21 @@ ui.audioButton.addEventListener('click', () => {
 ui.videoButton.addEventListener('click', () => {
   huddle.setVideoEnabled(!huddle.videoEnabled);
   updateLocalState();
+});
+
+ui.recordButton.addEventListener('click', async () => {
+  if (recordingPending) return;
+  recordingPending = true;
+  updateRecording();
+  try {
+    if (huddle.recording) await huddle.stopRecording();
+    else await huddle.startRecording();
+  } catch {
+    // Reported through the `error` event (detail.request).
+  } finally {
+    recordingPending = false;
+    updateRecording();
+  }
 });
 
 ui.leaveButton.addEventListener('click', () => {
@@ -863,6 +979,7 @@ window.addEventListener('pagehide', () => {
 // --- start ---
 
 $('#room-name').textContent = room;
+ui.recordingsLink.href = recordingsHref();
 $('.panel-room', ui.joinPanel).textContent = room;
 document.title = room ? `${room} · Huddle` : 'Huddle';
 setStatus(huddle.state);
@@ -871,6 +988,7 @@ updateLocalState();
 if (!ROOM_PATTERN.test(room)) {
   // The client refuses it too (state `error`, error `invalid_room`); nothing is captured or sent.
   ui.copyLink.hidden = true;
+  ui.recordingsLink.hidden = true;
   huddle.join({ room, name: displayName, token }).catch(() => {});
 } else if (displayName || token) {
   joinCall();

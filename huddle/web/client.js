@@ -51,6 +51,9 @@ const SIMULCAST_DEGRADATION = 'maintain-resolution';
 // `video_sizes` goes out at most this often (docs/protocol.md, "video_sizes").
 const VIDEO_SIZES_INTERVAL_MS = 250;
 const VIDEO_SIZES_ID_PREFIX = 'video-sizes-';
+// Request ids of `start_recording` / `stop_recording`: the message type, '-', a number. The `error` event of a
+// refused one names the request (detail.request), even when it comes after the request was settled.
+const RECORDING_ID_PATTERN = /^(start_recording|stop_recording)-\d+$/;
 
 /** An error with a protocol code (`code`) as well as words for people (`message`). */
 export class HuddleError extends Error {
@@ -1061,6 +1064,12 @@ function cleanParticipantId(id) {
   return typeof id === 'string' && id ? id : null;
 }
 
+/** A running recording as the server describes it (docs/protocol.md, "Recording"), copied; else null. */
+function cleanRecording(recording) {
+  if (recording === null || typeof recording !== 'object' || typeof recording.id !== 'string') return null;
+  return recording.state === 'recording' ? { ...recording } : null;
+}
+
 /** Whether two `video_sizes` maps say the same. */
 function sameSizes(a, b) {
   if (!a || !b) return false;
@@ -1084,8 +1093,9 @@ function withTimeout(promise, ms, what) {
  *   state               {state, previous}  state: idle | connecting | connected | reconnecting | disconnected |
  *                                          error. `reconnecting`: the signaling socket dropped; media and
  *                                          participants are kept while a new socket resumes the call.
- *   joined              {self, room, participants, mode, iceServers, permissions}
- *   resumed             {self, room, participants, mode, iceServers, permissions}  back after `reconnecting`
+ *   joined              {self, room, participants, mode, iceServers, permissions, recording}
+ *   resumed             {self, room, participants, mode, iceServers, permissions, recording}  back after
+ *                                          `reconnecting`
  *   mode                {mode, previous}   the call moved to the SFU (previous 'p2p')
  *   participant-joined  {participant}
  *   participant-left    {participantId, participant, reason}
@@ -1100,7 +1110,16 @@ function withTimeout(promise, ms, what) {
  *   active-speaker      {id, previous}     who speaks now (`activeSpeaker`; a participant id, possibly our
  *                                          own, or null), from the server's `active_speaker` and `joined`
  *   publisher-layers    {active}           SFU mode: the camera's simulcast layers some viewer needs (rids)
- *   error               {code, message, source: 'server' | 'local', fatal, requestId}
+ *   recording           {recording, previous, reason}  the call's recording started or stopped. `recording`:
+ *                                          the running one (also `this.recording`) or null; `previous`: the
+ *                                          one running before (after a stop, as the server last described
+ *                                          it: state 'processing', `stopped_at` set). reason: 'started' |
+ *                                          'stopped' (someone started or stopped it), 'joined' (`joined` said
+ *                                          otherwise, e.g. it changed while we were reconnecting), 'left' (our
+ *                                          call ended)
+ *   error               {code, message, source: 'server' | 'local', fatal, requestId, request}  `request`:
+ *                                          'start_recording' | 'stop_recording' when the error answers
+ *                                          startRecording() / stopRecording() (which also reject)
  *
  * Adaptive stream (SFU mode): the page tells the client how large each remote video is shown
  * (setVideoSizes); the client sends `video_sizes` when that changes, at most every 250 ms, and once whenever
@@ -1140,6 +1159,9 @@ export class HuddleClient extends EventTarget {
     this._reconnect = null; // {deadline, attempt, timer}
     this._session = 0;
     this.activeSpeaker = null; // participant id (maybe our own) or null
+    this.recording = null; // the call's running recording ({id, outputs, started_at, started_by, ...}) or null
+    this._recordingRequests = new Map(); // request id -> {request, resolve, reject}, oldest first
+    this._recordingRequestsSent = 0;
     // Adaptive stream: what the page shows (setVideoSizes), what went out last, and the throttle.
     this.lastVideoSizes = null; // {participantId: [w, h]} of the last `video_sizes` sent
     this.videoSizesSent = 0;
@@ -1283,6 +1305,28 @@ export class HuddleClient extends EventTarget {
     this._sendVideoSizes();
   }
 
+  /**
+   * Starts recording the call (the token needs `permissions.record`). `outputs`: some of 'composite' (the
+   * speaker-view MP4) and 'tracks' (a file per track); both when left out. Resolves with the recording once
+   * the server says it runs (the `recording` event comes at the same time); rejects with a HuddleError, also
+   * reported as an `error` event with `request: 'start_recording'` (codes: forbidden, already_recording,
+   * bad_request, unavailable, not_found, connection_lost). A p2p call moves to the SFU first (`mode`).
+   */
+  startRecording(outputs) {
+    const message = { type: 'start_recording' };
+    if (outputs !== undefined && outputs !== null) message.outputs = [...outputs];
+    return this._recordingRequest(message);
+  }
+
+  /**
+   * Stops the call's recording. Resolves with it as the server describes it once stopped (state
+   * 'processing': its files are being finished and stored); rejects like startRecording (request
+   * 'stop_recording'; codes: forbidden, not_recording, connection_lost).
+   */
+  stopRecording() {
+    return this._recordingRequest({ type: 'stop_recording' });
+  }
+
   /** The camera's simulcast layers the server wants on (SFU mode; null until it said, meaning all). */
   get publisherLayers() {
     return this._transport instanceof SfuTransport ? this._transport.publisherLayers : null;
@@ -1371,6 +1415,9 @@ export class HuddleClient extends EventTarget {
       case 'active_speaker':
         this._setActiveSpeaker(message.id);
         break;
+      case 'recording':
+        this._onRecording(message.recording);
+        break;
       case 'error':
         if (typeof message.id === 'string' && message.id.startsWith(VIDEO_SIZES_ID_PREFIX)) {
           // A server that does not know `video_sizes` yet (unknown_type): it sends every video anyway.
@@ -1380,6 +1427,8 @@ export class HuddleClient extends EventTarget {
         if (this._transport instanceof SfuTransport && typeof message.id === 'string') {
           this._transport.handleSignal(message);
         }
+        this._settleRecordingRequest(message.id, null, new HuddleError(message.code,
+          message.message || message.code, { source: 'server', requestId: message.id }));
         this._onServerError(message);
         break;
       default:
@@ -1411,11 +1460,16 @@ export class HuddleClient extends EventTarget {
     // Known before `joined`, so that the page's first layout (and first video_sizes) has the speaker large.
     const previousSpeaker = this.activeSpeaker;
     this.activeSpeaker = cleanParticipantId(message.active_speaker);
+    const previousRecording = this.recording;
+    this.recording = cleanRecording(message.recording);
     this._setState('connected');
     emit(this, 'joined', this._joinedDetail());
     this._applyLocalMedia(true);
     if (this.activeSpeaker !== previousSpeaker) {
       emit(this, 'active-speaker', { id: this.activeSpeaker, previous: previousSpeaker });
+    }
+    if (this.recording?.id !== previousRecording?.id) {
+      emit(this, 'recording', { recording: this.recording, previous: previousRecording, reason: 'joined' });
     }
     this._sendVideoSizes(); // once right after the SFU transport started (the page had its say in `joined`)
   }
@@ -1507,14 +1561,86 @@ export class HuddleClient extends EventTarget {
     this._videoSizesDue = false;
   }
 
+  // --- recording (docs/protocol.md, "Recording") ---
+
+  /**
+   * Sends a start_recording / stop_recording. The server answers a success with the `recording` message it
+   * sends everyone, which carries no request id, and a refusal with an `error` that does; so these are
+   * matched here (_onRecording, _settleRecordingRequest), not by SignalingChannel.request.
+   */
+  _recordingRequest(message) {
+    return new Promise((resolve, reject) => {
+      this._recordingRequestsSent += 1;
+      const id = `${message.type}-${this._recordingRequestsSent}`;
+      this._recordingRequests.set(id, { request: message.type, resolve, reject });
+      const sent = this.state === 'connected' && this._signaling && this._signaling.send({ ...message, id });
+      if (!sent) {
+        const error = new HuddleError('connection_lost', 'not connected to the call', { requestId: id });
+        this._settleRecordingRequest(id, null, error);
+        this._fail(error, false, { requestId: id, request: message.type });
+      }
+    });
+  }
+
+  /** Resolves (`error` null) or rejects the recording request `id`, if it is still waiting. */
+  _settleRecordingRequest(id, result, error) {
+    const pending = this._recordingRequests.get(id);
+    if (!pending) return;
+    this._recordingRequests.delete(id);
+    if (error) pending.reject(error);
+    else pending.resolve(result);
+  }
+
+  /** The socket the requests went out on is gone: their answers are lost with it. */
+  _rejectRecordingRequests(report) {
+    for (const [id, { request }] of [...this._recordingRequests]) {
+      const error = new HuddleError('connection_lost', `the connection was lost before ${request} was answered`);
+      this._settleRecordingRequest(id, null, error);
+      if (report) this._fail(error, false, { requestId: id, request });
+    }
+  }
+
+  _onRecording(recording) {
+    if (recording === null || typeof recording !== 'object' || typeof recording.id !== 'string') return;
+    const running = recording.state === 'recording';
+    // The server handles one socket's messages in order and answers each before reading the next, so a
+    // `recording` answers our oldest request of its kind. A start is ours only if we started it (when someone
+    // else's came first, ours gets already_recording after this). Any stop settles a stop of ours: one that
+    // lost the race gets not_recording later, when nothing waits for it any more.
+    const kind = running ? 'start_recording' : 'stop_recording';
+    for (const [id, pending] of this._recordingRequests) {
+      if (pending.request !== kind) continue;
+      if (!running || recording.started_by === this.self?.id) this._settleRecordingRequest(id, { ...recording });
+      break;
+    }
+    if (running) {
+      this._setRecording({ ...recording }, 'started');
+    } else if (this.recording && this.recording.id === recording.id) {
+      this._setRecording(null, 'stopped', { ...recording });
+    }
+  }
+
+  /** `recording`: the running one or null. `previous` defaults to the one that ran until now. */
+  _setRecording(recording, reason, previous = this.recording) {
+    if ((recording?.id ?? null) === (this.recording?.id ?? null)) {
+      if (recording) this.recording = recording; // the same one, described again
+      return;
+    }
+    this.recording = recording;
+    emit(this, 'recording', { recording, previous, reason });
+  }
+
   _onServerError(message) {
     const fatalCodes = ['unauthorized', 'token_expired', 'wrong_room', 'invalid_room', 'invalid_name',
       'room_full', 'already_joined', 'not_joined'];
     const fatal = this.state === 'connecting' && fatalCodes.includes(message.code);
-    emit(this, 'error', {
+    const detail = {
       code: message.code, message: message.message || message.code, source: 'server', fatal,
       requestId: message.id,
-    });
+    };
+    const recordingRequest = typeof message.id === 'string' && message.id.match(RECORDING_ID_PATTERN);
+    if (recordingRequest) detail.request = recordingRequest[1];
+    emit(this, 'error', detail);
   }
 
   _onSignalingClosed({ code, lost }) {
@@ -1523,6 +1649,7 @@ export class HuddleClient extends EventTarget {
     if (wasConnected && this.resumeToken && !final) {
       // Keep the call (media, participants, tiles) and resume it on a new socket.
       this._signaling = null;
+      this._rejectRecordingRequests(true);
       this._startReconnecting();
       return;
     }
@@ -1650,10 +1777,16 @@ export class HuddleClient extends EventTarget {
       // P2P: every connection we initiated (we joined after them) offers with iceRestart.
       this._transport?.restartIce();
     }
+    // The recording may have started or stopped while we were away (a server without recording says nothing).
+    const previousRecording = this.recording;
+    if ('recording' in message) this.recording = cleanRecording(message.recording);
     this._setState('connected');
     emit(this, 'resumed', this._joinedDetail());
     this._applyLocalMedia(true);
     if ('active_speaker' in message) this._setActiveSpeaker(message.active_speaker);
+    if (this.recording?.id !== previousRecording?.id) {
+      emit(this, 'recording', { recording: this.recording, previous: previousRecording, reason: 'joined' });
+    }
     // The sizes may have changed while we were away: say them again (_switchToSfu has just done so).
     if (!switching) this._videoSizesDue = true;
     this._sendVideoSizes();
@@ -1878,6 +2011,8 @@ export class HuddleClient extends EventTarget {
   // --- helpers ---
 
   _teardown(reason) {
+    // Said on purpose (leave): nothing to report about requests that no longer matter.
+    this._rejectRecordingRequests(reason !== 'self_left');
     this._stopReconnecting();
     this._stopVideoSizes();
     this._closeTransports();
@@ -1897,6 +2032,7 @@ export class HuddleClient extends EventTarget {
     this.resumeToken = null;
     this.lastVideoSizes = null;
     if (this.activeSpeaker !== null) this._setActiveSpeaker(null);
+    if (this.recording !== null) this._setRecording(null, 'left');
   }
 
   _fail(error, fatal = true, extra = {}) {
@@ -1921,6 +2057,7 @@ export class HuddleClient extends EventTarget {
       mode: this.mode,
       iceServers: this.iceServers,
       permissions: this.permissions,
+      recording: this.recording,
     };
   }
 }
