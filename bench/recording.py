@@ -258,7 +258,7 @@ def _children_cpu() -> float:
 def composite_speed(participants: int = 3, seconds: int = 20, **options: Any) -> dict[str, Any]:
     """Run a synthetic call of `participants` x (640x360 VP8 + Opus) for `seconds` through a CompositeWorker
     (1280x720 at 30 fps by default; `options` go to it), as fast as it goes."""
-    from huddle.recording.composite import CompositeWorker
+    from huddle.recording.worker import CompositeWorker
 
     people = bench_people(participants)
     speakers = [(seconds * k / participants, p.id) for k, p in enumerate(people)]

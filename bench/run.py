@@ -622,6 +622,33 @@ def format_table(rows: list[Row], janus_rows: dict[str, Row] | None, janus_note:
     return "\n".join(lines)
 
 
+def measure_recording(seconds: int) -> dict[str, Any]:
+    """Recording costs, measured on synthetic media (no call needed): how fast one core composes and encodes
+    the speaker view, and how many participants' per-track recordings one core writes."""
+    from bench.recording import composite_speed
+    from bench.recording_tracks import tracks_throughput
+
+    return {
+        "composite": composite_speed(participants=3, seconds=seconds),
+        "tracks": tracks_throughput(seconds),
+    }
+
+
+def format_recording(figures: dict[str, Any]) -> str:
+    c, t = figures["composite"], figures["tracks"]
+    return "\n".join(
+        [
+            "recording",
+            f"  composite speaker view ({c['participants']} people in, {c['output']} H.264 + AAC out):"
+            f" {c['times_real_time']:.2f}x real time on {c['cores']:.2f} cores"
+            f" ({c['cpu_per_media_second']:.3f} CPU-s per second of call)",
+            f"  per-track files (VP8 {t['media']['video_kbps']} kbit/s + Opus, no re-encoding):"
+            f" {t['participants_per_core']:,} participants per core"
+            f" ({t['bulk_thread']['us_per_record']:.1f} us per frame)",
+        ]
+    )
+
+
 async def main_async(args: argparse.Namespace) -> int:
     scenarios = QUICK if args.quick else SCENARIOS
     if args.only:
@@ -645,6 +672,11 @@ async def main_async(args: argparse.Namespace) -> int:
     if not args.no_janus:
         janus_rows, janus_note = await run_janus_all(scenarios, say)
     table = format_table(rows, janus_rows, janus_note)
+    recording = None
+    if not args.no_recording and (not args.only or "recording" in args.only):
+        say("recording: composite speed and per-track writer throughput")
+        recording = await asyncio.to_thread(measure_recording, 10 if args.quick else 20)
+        table += "\n\n" + format_recording(recording)
     print(table, flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(started))
@@ -657,6 +689,7 @@ async def main_async(args: argparse.Namespace) -> int:
         "huddle": [asdict(r) for r in rows],
         "janus": [asdict(r) for r in janus_rows.values()] if janus_rows else None,
         "janus_note": janus_note,
+        "recording": recording,
         "table": table,
     }
     path.write_text(json.dumps(document, indent=2) + "\n")
@@ -670,6 +703,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", help="scenario names to run (e.g. call-10 webinar-100)")
     parser.add_argument("--duration", type=float, help="seconds measured per scenario (default 20)")
     parser.add_argument("--no-janus", action="store_true", help="our SFU only")
+    parser.add_argument("--no-recording", action="store_true", help="skip the recording figures")
     args = parser.parse_args(argv)
     if args.duration is not None and not 1 <= args.duration <= 120:
         parser.error("--duration must be 1..120 s")

@@ -106,6 +106,7 @@ class RtpStream:
 
     __slots__ = (
         "buf",
+        "clock_rate",
         "first_header",
         "first_offsets",
         "header",
@@ -117,6 +118,7 @@ class RtpStream:
         "seq",
         "ssrc",
         "ts",
+        "ts_at",
         "view",
     )
 
@@ -128,6 +130,9 @@ class RtpStream:
         self.layer = layer
         self.seq = random.getrandbits(16)
         self.ts = random.getrandbits(32)
+        # When `ts` was last stepped (Unix time) and its clock: an SR maps "now", which lies after it.
+        self.ts_at = 0.0
+        self.clock_rate = AUDIO_CLOCK if kind == "audio" else VIDEO_CLOCK
         self.packets = 0
         self.octets = 0
         common: list[tuple[int, bytes]] = []
@@ -199,11 +204,13 @@ class RtpStream:
         return bytes(self.view[:end])
 
     def sender_report(self, now: float) -> bytes:
-        """An RTCP SR for this stream: our clock against the RTP timestamp it stands for now."""
+        """An RTCP SR for this stream: our clock against the RTP timestamp it stands for now (recorders
+        line tracks up by it, so it counts the time since the last frame too)."""
+        ts = self.ts + round(max(0.0, now - self.ts_at) * self.clock_rate) if self.ts_at else self.ts
         return rtcp.SenderReport(
             self.ssrc,
             rtcp.ntp_from_unix(now),
-            self.ts & 0xFFFFFFFF,
+            ts & 0xFFFFFFFF,
             self.packets & 0xFFFFFFFF,
             self.octets & 0xFFFFFFFF,
         ).serialize()
@@ -281,8 +288,10 @@ class VideoSender:
     def fire(self) -> None:
         connection = self.connection
         ready = connection.srtp is not None and not connection.closed
+        now = time.time()
         for layer, stream in enumerate(self.streams):
             stream.ts += VIDEO_CLOCK // FPS  # time passes for paused layers too, as on a camera
+            stream.ts_at = now
             if not ready or not self.active[layer]:
                 continue
             clip = self.clips[layer]
@@ -343,6 +352,7 @@ class AudioSender:
     def fire(self) -> None:
         stream = self.stream
         stream.ts += AUDIO_CLOCK // 50
+        stream.ts_at = time.time()
         n = self.count
         self.count = n + 1
         connection = self.connection

@@ -20,16 +20,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from huddle.logs import event
-from huddle.recording.composite import CompositeWorker
 from huddle.recording.log import InProcessLog, RecordingLog
 from huddle.recording.recorder import STOP_GRACE, Recorder
 from huddle.recording.store import ObjectStream, Store, Uploader, store_from_settings
-from huddle.recording.tracks import TrackConsumer, TrackWriter
+from huddle.recording.worker import CompositeWorker
 
 if TYPE_CHECKING:
     from huddle.calls.registry import Calls
     from huddle.calls.room import Room
     from huddle.config import Settings
+    from huddle.recording.tracks import TrackConsumer, TrackWriter
 
 log = logging.getLogger("huddle.recording")
 
@@ -56,7 +56,7 @@ class RecordingInfo:
     outputs: tuple[str, ...]
     started_at: float
     started_by: str
-    state: str = "recording"  # → "processing" (finishing files) → "stored" | "failed"
+    state: str = "recording"  # → "processing" (finishing files) → "uploading" → "stored" | "failed"
     stopped_at: float | None = None
     files: list[str] = field(default_factory=list)
 
@@ -94,11 +94,14 @@ class Recordings:
         self.store = store
         self.uploader = Uploader(store, root / ".spool")
         self.log = recording_log or InProcessLog()
-        self.writer = TrackWriter(self.work / "tracks")
-        self.tracks = TrackConsumer(self.log, self.writer)
+        # The per-track writer starts with the first recording that needs it: it loads PyAV, which a node
+        # that never records need not carry.
+        self.writer: TrackWriter | None = None
+        self.tracks: TrackConsumer | None = None
         self._running: dict[str, _Running] = {}  # by room
         self._finishing: dict[str, RecordingInfo] = {}  # by id: stopped, files not stored yet
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()  # finishing files
+        self._uploads: set[asyncio.Task[None]] = set()  # waiting for the store to have them
         calls.room_closed.append(self._room_closed)
 
     @classmethod
@@ -117,7 +120,15 @@ class Recordings:
     async def start(self) -> None:
         (self.work / "composite").mkdir(parents=True, exist_ok=True)
         self.uploader.start()
-        self.tracks.start()
+
+    def _track_consumer(self) -> TrackConsumer:
+        if self.tracks is None:
+            from huddle.recording.tracks import TrackConsumer, TrackWriter
+
+            self.writer = TrackWriter(self.work / "tracks")
+            self.tracks = TrackConsumer(self.log, self.writer)
+            self.tracks.start()
+        return self.tracks
 
     # -- Start and stop -------------------------------------------------------------------------------------
 
@@ -140,6 +151,8 @@ class Recordings:
         started = time.time()
         rid = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(started)) + "-" + secrets.token_hex(3)
         info = RecordingInfo(rid, room_name, tuple(o for o in OUTPUTS if o in outputs), started, by)
+        if "tracks" in info.outputs:
+            self._track_consumer()
         composite = None
         if "composite" in info.outputs:
             composite = CompositeWorker(self.work / "composite" / f"{rid}.mp4")
@@ -208,6 +221,7 @@ class Recordings:
                     await self.uploader.submit(prefix + COMPOSITE_FILE, path)
                     info.files.append(COMPOSITE_FILE)
             if "tracks" in info.outputs:
+                assert self.tracks is not None and self.writer is not None
                 try:
                     paths = await self.tracks.wait_finished(info.id, FINISH_TIMEOUT)
                 except TimeoutError:
@@ -219,10 +233,22 @@ class Recordings:
                     name = path.relative_to(base).as_posix()
                     await self.uploader.submit(prefix + name, path)
                     info.files.append(name)
-            info.state = "stored"
         except Exception as exc:  # one recording's failure must not stop the others from finishing
             info.state = "failed"
+            self._finishing.pop(info.id, None)
             event(log, logging.ERROR, "recording could not be finished", recording=info.id, error=repr(exc))
+            return
+        # The files are safe in the spool; the listing says "uploading" until the store has them all.
+        info.state = "uploading"
+        task = asyncio.get_running_loop().create_task(self._until_stored(info, prefix + info.files[-1]))
+        self._uploads.add(task)
+        task.add_done_callback(self._uploads.discard)
+
+    async def _until_stored(self, info: RecordingInfo, last_key: str) -> None:
+        """The uploader keeps submission order, so the last file stored means all of them are."""
+        try:
+            await self.uploader.wait_uploaded(last_key)
+            info.state = "stored"
         finally:
             self._finishing.pop(info.id, None)
 
@@ -258,7 +284,8 @@ class Recordings:
             self.end(room_name, reason="shutdown")
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.tracks.close()
+        if self.tracks is not None:
+            await self.tracks.close()
         if not await self.uploader.wait_idle(SHUTDOWN_UPLOAD_WAIT):
             event(
                 log,
@@ -267,6 +294,8 @@ class Recordings:
                 pending=self.uploader.pending,
                 store=self.store.describe(),
             )
+        for task in list(self._uploads):
+            task.cancel()
         with contextlib.suppress(Exception):
             await self.uploader.close()
 

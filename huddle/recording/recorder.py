@@ -50,6 +50,7 @@ class _NullOutbox:
 
 @dataclass(slots=True)
 class _Pending:
+    clock: str
     timestamp: int
     arrival: float
     keyframe: bool
@@ -69,7 +70,13 @@ class _Tap:
     depacketizer: Vp8Assembler | OpusDepacketizer
     started: bool = False
     pending: list[_Pending] = field(default_factory=list)
-    first_arrival: float = 0.0
+
+    @property
+    def clock(self) -> str:
+        """Which sender reports map this track's timestamps: a simulcast layer switch rebases the
+        forwarded timestamps by an estimate, and only the new layer's own reports, translated by the
+        Consumer, map them exactly."""
+        return f"{self.track_id}@{self.consumer.current}"
 
     def send_rtp(self, packet: bytes | bytearray) -> bool:
         frame = self.depacketizer.push(packet)
@@ -169,9 +176,7 @@ class Recorder:
         return clock
 
     def _sender_report(self, tap: _Tap, ntp: int, rtp_ts: int) -> None:
-        self._clock(tap.participant_id).on_sender_report(
-            tap.track_id, ntp, rtp_ts, tap.clock_rate, time.time()
-        )
+        self._clock(tap.participant_id).on_sender_report(tap.clock, ntp, rtp_ts, tap.clock_rate, time.time())
         if tap.pending:
             self._release(tap)
 
@@ -179,27 +184,32 @@ class Recorder:
         if self.stopped:
             return
         arrival = time.time()
-        at = self._clock(tap.participant_id).time_of(tap.track_id, timestamp)
-        if at is None:
-            if not tap.pending:
-                tap.first_arrival = arrival
-            tap.pending.append(_Pending(timestamp, arrival, keyframe, data))
-            if arrival - tap.first_arrival > SR_WAIT:
-                self._release(tap)
-            return
+        clock = tap.clock
         if tap.pending:
-            self._release(tap)
+            # Frames wait for their sender report (at the start, or after a layer switch); in order.
+            tap.pending.append(_Pending(clock, timestamp, arrival, keyframe, data))
+            self._release(tap, force=arrival - tap.pending[0].arrival > SR_WAIT)
+            return
+        at = self._clock(tap.participant_id).time_of(clock, timestamp)
+        if at is None:
+            tap.pending.append(_Pending(clock, timestamp, arrival, keyframe, data))
+            return
         self._publish_frame(tap, timestamp, at - self.started_at, keyframe, data)
 
-    def _release(self, tap: _Tap) -> None:
-        """Frames held for the first sender report go out, on the sender's clock if it came by now."""
-        pending, tap.pending = tap.pending, []
+    def _release(self, tap: _Tap, force: bool = False) -> None:
+        """Held frames go out, oldest first, as far as their sender reports map them; with `force`, all of
+        them, on their arrival times where no report came."""
         clock = self._clock(tap.participant_id)
-        for p in pending:
-            at = clock.time_of(tap.track_id, p.timestamp)
-            self._publish_frame(
-                tap, p.timestamp, (p.arrival if at is None else at) - self.started_at, p.keyframe, p.data
-            )
+        done = 0
+        for p in tap.pending:
+            at = clock.time_of(p.clock, p.timestamp)
+            if at is None:
+                if not force:
+                    break
+                at = p.arrival
+            self._publish_frame(tap, p.timestamp, at - self.started_at, p.keyframe, p.data)
+            done += 1
+        del tap.pending[:done]
 
     def _publish_frame(self, tap: _Tap, timestamp: int, at: float, keyframe: bool, data: bytes) -> None:
         if self.stop_at is not None and at > self.stop_at:
@@ -229,7 +239,7 @@ class Recorder:
         for frame in tap.depacketizer.flush():
             self._frame(tap, frame.timestamp, frame.keyframe, frame.data)
         if tap.pending:
-            self._release(tap)
+            self._release(tap, force=True)
         if tap.started:
             at = self.now() if self.stop_at is None else min(self.now(), self.stop_at)
             self._publish(records.TrackEnded(self.recording_id, tap.track_id, at))

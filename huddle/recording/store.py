@@ -642,6 +642,7 @@ class Uploader:
         self.uploaded = 0  # successful uploads since start
         self.failures = 0  # failed upload attempts since start
         self._jobs: collections.deque[_Job] = collections.deque()
+        self._key_waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -810,6 +811,15 @@ class Uploader:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = None
 
+    async def wait_uploaded(self, key: str) -> None:
+        """Return once no upload of `key` is queued any more (a job leaves the queue once the store has
+        it, or its spooled file vanished)."""
+        if not any(job.key == key for job in self._jobs):
+            return
+        future = asyncio.get_running_loop().create_future()
+        self._key_waiters.setdefault(key, []).append(future)
+        await future
+
     def _update_idle(self) -> None:
         if self._jobs:
             self._idle.clear()
@@ -891,3 +901,7 @@ class Uploader:
         if self._jobs and self._jobs[0] is job:
             self._jobs.popleft()
         self._update_idle()
+        if not any(j.key == job.key for j in self._jobs):
+            for future in self._key_waiters.pop(job.key, []):
+                if not future.done():
+                    future.set_result(None)

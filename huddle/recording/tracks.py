@@ -80,6 +80,11 @@ _RECORDING_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 BACKWARD_JUMP = 1.0  # s: an RTP timestamp that goes back further than this is a discontinuity, not reordering
 FORWARD_JUMP = 30.0  # s: ahead of the capture clock by more than this is a discontinuity
+# s: a frame whose RTP timestamp puts it further than this from its capture time (relative to the track's
+# start) moves back onto the capture clock. The SFU keeps a forwarded stream's timestamps continuous across
+# simulcast layer switches by estimate, so each switch may shift them by tens of milliseconds; the capture
+# times (from the publisher's sender reports) are what keep the tracks lined up.
+RESYNC = 0.02
 DEFAULT_FRAME_RATE = 30  # the last video frame's duration when a track has a single frame
 _REMEMBERED = 1024  # finished or skipped recording ids kept, to tell late records from unknown ones
 
@@ -213,6 +218,7 @@ class _Track:
     out_of_order: int = 0
     malformed: int = 0
     jumps: int = 0
+    resyncs: int = 0  # moved back onto the capture clock (see RESYNC)
     size: tuple[int, int] | None = None  # the last keyframe's size
     size_changes: int = 0
     errors: int = 0
@@ -479,6 +485,11 @@ class TrackWriter:
                 self.out_of_order += 1
                 return
             pts = timestamp - track.base
+            on_clock = round((frame.time - track.start_offset) * rate)
+            if abs(pts - on_clock) > RESYNC * rate:
+                pts = max(on_clock, track.pts + 1)
+                track.base = timestamp - pts
+                track.resyncs += 1
         if video and size is not None and size != track.size:
             # VP8 decoders follow a new size at a keyframe; the file goes on (its header has the first).
             track.size_changes += track.size is not None
@@ -654,6 +665,7 @@ class TrackWriter:
                     "errors": track.errors,
                 },
                 "timestamp_jumps": track.jumps,
+                "resyncs": track.resyncs,
             }
             if meta.kind == "video":
                 entry.update(width=track.width, height=track.height, size_changes=track.size_changes)

@@ -28,9 +28,10 @@ import pytest
 
 from bench.recording import RECORDING_ID, Person, SyntheticCall, synthetic_call
 from huddle.recording import composite
-from huddle.recording.composite import CompositeWorker, Compositor
+from huddle.recording.composite import Compositor
 from huddle.recording.layout import MAX_THUMBS, Rect, speaker_layout
 from huddle.recording.records import Frame, RecordingStopped, SpeakerChanged, TrackStarted, encode
+from huddle.recording.worker import CompositeWorker
 
 ROOT = Path(__file__).resolve().parents[2]
 RED = (81, 90, 240)  # Y, U, V
@@ -495,7 +496,7 @@ async def test_killed_worker_leaves_a_playable_file(tmp_path: Path) -> None:
 
 PARENT = """
 import asyncio, pickle, sys
-from huddle.recording.composite import CompositeWorker
+from huddle.recording.worker import CompositeWorker
 
 async def main():
     data = pickle.loads(open(sys.argv[1], "rb").read())
