@@ -96,6 +96,11 @@ def test_a_three_person_call_recorded_from_the_page(new_page, server: Server, tm
         wait_for(lambda page=page: not indicator_shown(page), 10, "the indicator to go")
 
     recording = wait_for(lambda: stored(server, room), 60, "the recording to be stored")
+    # The recordings page lists it, a download link per file, the speaker view first.
+    listing = new_page(f"{server.url}/r/{room}/recordings")
+    links = f"li.recording[data-id='{recording['id']}'] a.download"
+    wait_for(lambda: listing.locator(links).count() == len(recording["files"]), 15, "the download links")
+    assert "speaker-view.mp4" in listing.locator(links).first.get_attribute("href")
     for f in recording["files"]:
         with urllib.request.urlopen(server.url + f["url"], timeout=30) as response:
             (tmp_path / f["name"]).write_bytes(response.read())

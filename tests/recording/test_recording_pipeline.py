@@ -103,7 +103,11 @@ async def test_a_synthetic_call_recorded_to_composite_and_per_track_files(node: 
             started = await response.json()
         async with http.post(f"{base}/api/rooms/{room}/recordings") as response:
             assert response.status == 409  # one recording per call at a time
-        await asyncio.sleep(6.0)
+        await asyncio.sleep(1.0)
+        # Someone joins for a couple of seconds and leaves again, mid-recording.
+        guest = LoadtestConfig(url=base, room=room, participants=1, duration=2.0, warmup=0.5)
+        await run_loadtest(guest)
+        await asyncio.sleep(2.0)
         async with http.delete(f"{base}/api/rooms/{room}/recordings/{started['id']}") as response:
             assert response.status == 200, await response.text()
             stopped = await response.json()
@@ -111,7 +115,8 @@ async def test_a_synthetic_call_recorded_to_composite_and_per_track_files(node: 
         recording = await until_stored(http, base, room, 30)
         names = {f["name"] for f in recording["files"]}
         assert "speaker-view.mp4" in names and "manifest.json" in names
-        assert len([n for n in names if n.endswith(".webm")]) == 6  # 3 people, audio and video each
+        # 3 people throughout and one guest for a while, audio and video each.
+        assert len([n for n in names if n.endswith(".webm")]) == 8
 
         # Download every file back over HTTP: byte for byte what the node wrote (the spool keeps nothing).
         for f in recording["files"]:
@@ -135,7 +140,7 @@ async def test_a_synthetic_call_recorded_to_composite_and_per_track_files(node: 
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["recording_id"] == started["id"] and manifest["room"] == room
     tracks = manifest["tracks"]
-    assert len(tracks) == 6
+    assert len(tracks) == 8
     for track in tracks:
         info = probe(tmp_path / Path(track["file"]).name)
         stream = info["streams"][0]
@@ -144,5 +149,12 @@ async def test_a_synthetic_call_recorded_to_composite_and_per_track_files(node: 
         assert 0 <= track["start_offset"] < duration
     # Everyone was in the call throughout, so on the common clock every track ends when the recording
     # stopped: lined up by their offsets, they end together within 40 ms (10 ms measured).
-    ends = [t["start_offset"] + t["duration"] for t in tracks]
-    assert max(ends) - min(ends) < 0.04, tracks
+    stayed = [t for t in tracks if t["left_at"] is None or t["left_at"] >= duration - 0.1]
+    assert len(stayed) == 6
+    ends = [t["start_offset"] + t["duration"] for t in stayed]
+    assert max(ends) - min(ends) < 0.04, stayed
+    # The guest's tracks sit inside the recording, where the guest was in the call.
+    [guest_audio, guest_video] = sorted((t for t in tracks if t not in stayed), key=lambda t: t["kind"])
+    for t in (guest_audio, guest_video):
+        assert 0.5 < t["start_offset"] and t["start_offset"] + t["duration"] < duration - 1.0, t
+    assert abs(guest_audio["left_at"] - guest_video["left_at"]) < 0.1
