@@ -671,12 +671,12 @@ async def main_async(args: argparse.Namespace) -> int:
     janus_note: str | None = JANUS_NOTE
     if not args.no_janus:
         janus_rows, janus_note = await run_janus_all(scenarios, say)
-    table = format_table(rows, janus_rows, janus_note)
+    table = format_table(rows, janus_rows, janus_note) if rows else ""
     recording = None
     if not args.no_recording and (not args.only or "recording" in args.only):
         say("recording: composite speed and per-track writer throughput")
         recording = await asyncio.to_thread(measure_recording, 10 if args.quick else 20)
-        table += "\n\n" + format_recording(recording)
+        table = "\n\n".join(part for part in (table, format_recording(recording)) if part)
     print(table, flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(started))
