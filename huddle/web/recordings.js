@@ -12,6 +12,7 @@ const MANIFEST_FILE = 'manifest.json';
 const STATE_WORDS = {
   recording: 'Recording now',
   processing: 'Being finished',
+  uploading: 'Being stored',
   stored: 'Ready',
   failed: 'Failed',
 };
@@ -20,6 +21,7 @@ const STATE_WORDS = {
 const FILES_NOTES = {
   recording: 'Its files can be downloaded here once the recording has stopped.',
   processing: 'Its files are being finished and stored; they appear here as they are ready.',
+  uploading: 'Its files are finished and on their way to the store; they appear here as they arrive.',
   failed: 'Its files could not be finished.',
 };
 
@@ -244,7 +246,7 @@ async function load() {
   // Newest first, as the server sends them; sorted here too, so that the page does not depend on it.
   const recordings = [...body.recordings].sort((a, b) => String(b.id).localeCompare(String(a.id)));
   render(recordings);
-  const pending = new Set(recordings.filter((r) => r.state === 'recording' || r.state === 'processing')
+  const pending = new Set(recordings.filter((r) => ['recording', 'processing', 'uploading'].includes(r.state))
     .map((r) => r.id));
   const ready = recordings.filter((r) => pendingBefore.has(r.id) && r.state === 'stored');
   pendingBefore = pending;
