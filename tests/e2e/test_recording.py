@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 import tempfile
 import time
 import urllib.request
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Page
 
+from ..ffprobe import probe
 from .conftest import Server, peer_stats, remote_tiles, start_server, stop_server, wait_decoding, wait_for
 
 
@@ -30,27 +30,6 @@ def server(recordings_dir: Path) -> Iterator[Server]:
     s = start_server("--recordings-dir", str(recordings_dir))
     yield s
     stop_server(s)
-
-
-def probe(path: Path) -> dict:
-    out = subprocess.run(
-        [
-            "ffprobe",
-            "-v",
-            "error",
-            "-count_frames",
-            "-show_streams",
-            "-show_format",
-            "-of",
-            "json",
-            str(path),
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=120,
-    )
-    return json.loads(out.stdout)
 
 
 def get_json(url: str) -> dict:

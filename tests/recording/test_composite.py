@@ -9,7 +9,6 @@ and 9 s; Bob, audio only, all along; Carol (320x180, green) from 3 s to 7 s. Spe
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import os
 import pickle
@@ -32,6 +31,8 @@ from huddle.recording.composite import Compositor
 from huddle.recording.layout import MAX_THUMBS, Rect, speaker_layout
 from huddle.recording.records import Frame, RecordingStopped, SpeakerChanged, TrackStarted, encode
 from huddle.recording.worker import CompositeWorker
+
+from ..ffprobe import probe
 
 ROOT = Path(__file__).resolve().parents[2]
 RED = (81, 90, 240)  # Y, U, V
@@ -59,11 +60,7 @@ SPEAKERS = [(2.0, "bob"), (4.0, "alice"), (6.0, "carol")]
 
 
 def ffprobe(path: Path, count: bool = False) -> dict[str, Any]:
-    command = ["ffprobe", "-v", "error", "-show_streams", "-show_format", "-of", "json"]
-    if count:
-        command.insert(3, "-count_frames")
-    done = subprocess.run([*command, str(path)], capture_output=True, text=True, timeout=60, check=True)
-    return json.loads(done.stdout)
+    return probe(path, count_frames=count, timeout=60)
 
 
 def streams(probe: dict[str, Any]) -> dict[str, dict[str, Any]]:

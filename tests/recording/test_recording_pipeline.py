@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,6 +16,8 @@ import pytest
 from huddle.config import Settings
 from huddle.loadtest.run import LoadtestConfig, run_loadtest
 from huddle.node import Node
+
+from ..ffprobe import probe
 
 HOST = "127.0.0.1"
 
@@ -49,27 +50,6 @@ async def node(request: pytest.FixtureRequest) -> AsyncIterator[Node]:
     node.base_url = f"http://{HOST}:{node.ports.http}"
     yield node
     await node.stop()
-
-
-def probe(path: Path) -> dict:
-    out = subprocess.run(
-        [
-            "ffprobe",
-            "-v",
-            "error",
-            "-count_frames",
-            "-show_streams",
-            "-show_format",
-            "-of",
-            "json",
-            str(path),
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    )
-    return json.loads(out.stdout)
 
 
 async def until_stored(http: aiohttp.ClientSession, base: str, room: str, timeout: float) -> dict:
