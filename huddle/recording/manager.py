@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from huddle.logs import event
 from huddle.recording.log import InProcessLog, RecordingLog
 from huddle.recording.recorder import STOP_GRACE, Recorder
-from huddle.recording.store import ObjectStream, Store, Uploader, store_from_settings
+from huddle.recording.store import ObjectStream, Store, StoreError, Uploader, store_from_settings
 from huddle.recording.worker import CompositeWorker
 
 if TYPE_CHECKING:
@@ -156,7 +156,10 @@ class Recordings:
         composite = None
         if "composite" in info.outputs:
             composite = CompositeWorker(self.work / "composite" / f"{rid}.mp4")
-            composite.start()
+            try:
+                composite.start()
+            except OSError as exc:  # out of processes or memory: say so, and keep the call as it is
+                raise RecordingError("unavailable", f"cannot start the composite worker: {exc}", 503) from exc
         emit = _emitter(self.log, room_name, composite, "tracks" in info.outputs)
         recorder = Recorder(
             rid,
@@ -257,8 +260,17 @@ class Recordings:
     async def list(self, room_name: str) -> list[dict[str, Any]]:
         """Running, finishing and stored recordings of a room, newest first."""
         found: dict[str, dict[str, Any]] = {}
-        for obj in await self.store.list(f"{room_name}/"):
-            _, rid, name = obj.key.split("/", 2)
+        try:
+            stored = await self.store.list(f"{room_name}/")
+        except StoreError as exc:
+            raise RecordingError(
+                "store_unreachable", f"the recordings store ({self.store.describe()}) failed: {exc}", 503
+            ) from exc
+        for obj in stored:
+            parts = obj.key.split("/", 2)
+            if len(parts) != 3:
+                continue  # not a recording's file (something else put into the bucket)
+            _, rid, name = parts
             entry = found.setdefault(rid, {"id": rid, "room": room_name, "state": "stored", "files": []})
             entry["files"].append({"name": name, "size": obj.size, "url": _file_url(room_name, rid, name)})
         pending = [r.info for r in self._running.values() if r.info.room == room_name]
@@ -272,9 +284,14 @@ class Recordings:
 
     async def open(self, room_name: str, recording_id: str, name: str) -> ObjectStream:
         key = f"{room_name}/{recording_id}/{name}"
-        if ".." in key.split("/") or not await self.store.exists(key):
-            raise RecordingError("not_found", "no such recording file", 404)
-        return await self.store.read(key)
+        try:
+            return await self.store.read(key)
+        except (FileNotFoundError, ValueError) as exc:  # missing, or not a key at all (`..`, say)
+            raise RecordingError("not_found", "no such recording file", 404) from exc
+        except StoreError as exc:
+            raise RecordingError(
+                "store_unreachable", f"the recordings store ({self.store.describe()}) failed: {exc}", 503
+            ) from exc
 
     # -- Shutdown -------------------------------------------------------------------------------------------
 

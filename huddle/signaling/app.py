@@ -135,7 +135,11 @@ def _recording_error(exc: RecordingError) -> web.Response:
 
 async def _list_recordings(request: web.Request) -> web.Response:
     name = _authorize(request)
-    return web.json_response({"room": name, "recordings": await request.app[CONTEXT].recordings.list(name)})
+    try:
+        recordings = await request.app[CONTEXT].recordings.list(name)
+    except RecordingError as exc:
+        return _recording_error(exc)
+    return web.json_response({"room": name, "recordings": recordings})
 
 
 async def _start_recording(request: web.Request) -> web.Response:

@@ -3,6 +3,8 @@ requests get clear errors and leave the call as it was."""
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 
 from huddle.config import Settings
@@ -92,3 +94,24 @@ async def test_bad_recording_requests_get_clear_errors(harness: Harness) -> None
     await client.send({"type": "ping", "id": 9})
     assert (await client.expect("pong"))["id"] == 9
     assert harness.node.recordings.running(room) is None
+
+
+def _dead_endpoint() -> str:
+    """An S3 endpoint where nothing listens (a port just freed)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [Settings(s3_endpoint=_dead_endpoint(), s3_bucket="b", s3_access_key="k", s3_secret_key="s")],
+)
+async def test_an_unreachable_store_is_named_in_a_clear_error(harness: Harness) -> None:
+    url = f"{harness.base}/api/rooms/open/recordings"
+    async with harness.http.get(url) as response:
+        assert response.status == 503
+        body = await response.json()
+    assert body["error"] == "store_unreachable" and "127.0.0.1" in body["message"]
+    async with harness.http.get(url + "/20261125T120000Z-abcdef/files/manifest.json") as response:
+        assert response.status == 503
