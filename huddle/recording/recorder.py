@@ -121,7 +121,6 @@ class Recorder:
         self._taps: dict[int, _Tap] = {}  # by id(consumer)
         self._clocks: dict[str, ParticipantClock] = {}
         self._counter = 0
-        self.frames = 0
         self.stop_at: float | None = None  # set by stop(): the end of the recording, on its clock
         self.stopped = False  # set by finish(): nothing more goes out
         self.participant = Participant(
@@ -230,7 +229,6 @@ class Recorder:
                     at,
                 )
             )
-        self.frames += 1
         self._publish(records.Frame(self.recording_id, tap.track_id, timestamp, at, keyframe, data))
 
     def _end(self, tap: _Tap) -> None:
