@@ -45,13 +45,16 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("--name", help="display name shown to others (default: the identity)")
     token.add_argument("--ttl", type=int, default=tokens.DEFAULT_TTL, help="seconds the link stays valid")
     token.add_argument("--no-publish", action="store_true", help="may watch but not send media")
-    token.add_argument("--no-record", action="store_true", help="may not start recordings")
+    token.add_argument("--record", action="store_true", help="may start and stop recordings of the call")
+    token.add_argument(
+        "--download", action="store_true", help="may download the room's recordings (listing needs no flag)"
+    )
     token.add_argument(
         "--url",
         default=os.environ.get("HUDDLE_URL", _default_url()),
         help="base URL of the server [env HUDDLE_URL]",
     )
-    config.add_arguments(token, ("secret",))
+    config.add_arguments(token, ("secret", "secret_file"))
 
     loadtest = sub.add_parser(
         "loadtest",
@@ -108,9 +111,15 @@ async def _serve(settings: config.Settings) -> None:
 
 
 def _token(args: argparse.Namespace) -> int:
-    if not args.secret:
+    try:
+        secret = config.from_namespace(args).secret
+    except ValueError as exc:
+        print(f"huddle token: {exc}", file=sys.stderr)
+        return 2
+    if not secret:
         print(
-            "huddle token: no secret: pass --secret or set HUDDLE_SECRET (the one the server runs with)",
+            "huddle token: no secret: pass --secret-file (or --secret), or set HUDDLE_SECRET_FILE or "
+            "HUDDLE_SECRET: the one the server runs with",
             file=sys.stderr,
         )
         return 2
@@ -120,9 +129,9 @@ def _token(args: argparse.Namespace) -> int:
     if args.ttl <= 0:
         print("huddle token: --ttl must be a positive number of seconds", file=sys.stderr)
         return 2
-    permissions = tokens.Permissions(publish=not args.no_publish, record=not args.no_record)
+    permissions = tokens.Permissions(publish=not args.no_publish, record=args.record, download=args.download)
     token = tokens.issue(
-        args.secret,
+        secret,
         room=args.room,
         identity=args.identity,
         name=args.name,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -16,6 +17,11 @@ class Settings:
     stun_port: int = 3478
     media_port: int = 7882
     secret: str | None = None
+    secret_file: str | None = None
+    api_key: str | None = None
+    allowed_origins: str | None = None
+    max_recordings: int = 4
+    max_connections_per_address: int = 200
     log_level: str = "info"
     max_participants: int = 100
     sfu_always: bool = False
@@ -40,6 +46,14 @@ _HELP = {
     "stun_port": "STUN server port, UDP and TCP (0 picks a free port)",
     "media_port": "UDP port for SFU media (0 picks a free port)",
     "secret": "key that signs join tokens (HS256); unset means open rooms: anyone with the room name joins",
+    "secret_file": "file whose first line is the secret (keeps it out of `ps` and the environment)",
+    "api_key": "key for the REST API's recording control and, with --secret, /metrics (send it as "
+    "'Authorization: Bearer KEY'); unset: REST recording control is refused (403)",
+    "allowed_origins": "comma-separated origins (scheme://host[:port]) whose pages may open the "
+    "WebSocket and call state-changing REST endpoints; default: the server's own origin only",
+    "max_recordings": "most recordings running at once on this node",
+    "max_connections_per_address": "most TCP connections one client address may hold open, per listener "
+    "(HTTP/WebSocket, STUN over TCP, ICE-TCP)",
     "log_level": "log level for the structured logs on stderr",
     "max_participants": "most participants one room admits",
     "sfu_always": "send every call through the SFU, even 1:1 calls (default: 1:1 calls are peer to peer)",
@@ -93,4 +107,25 @@ def from_namespace(ns: argparse.Namespace) -> Settings:
         raise ValueError("--reconnect-grace must be 0 or more seconds")
     if settings.max_participants < 1:
         raise ValueError("--max-participants must be at least 1")
+    if settings.max_recordings < 0:
+        raise ValueError("--max-recordings must be 0 or more")
+    if settings.max_connections_per_address < 1:
+        raise ValueError("--max-connections-per-address must be at least 1")
+    if settings.secret_file:
+        if settings.secret:
+            raise ValueError("give the secret once: --secret or --secret-file, not both")
+        try:
+            secret = Path(settings.secret_file).read_text().splitlines()[0].strip()
+        except (OSError, IndexError, UnicodeDecodeError) as exc:
+            raise ValueError(f"--secret-file {settings.secret_file}: cannot read a secret ({exc})") from None
+        if not secret:
+            raise ValueError(f"--secret-file {settings.secret_file}: the first line is empty")
+        settings = replace(settings, secret=secret)
     return settings
+
+
+def origins(settings: Settings) -> frozenset[str]:
+    """The configured --allowed-origins, normalised (no trailing slash, lower case); empty: same origin."""
+    if not settings.allowed_origins:
+        return frozenset()
+    return frozenset(o.strip().rstrip("/").lower() for o in settings.allowed_origins.split(",") if o.strip())

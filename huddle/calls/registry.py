@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from huddle.calls.room import P2P, SFU, Outbox, Participant, Room, RoomFull
+from huddle.calls.room import P2P, SFU, Outbox, Participant, Room, RoomFull, new_resume_token
 from huddle.logs import event
 from huddle.signaling.tokens import Permissions
 
@@ -20,7 +21,11 @@ __all__ = ["Calls", "ResumeFailed", "RoomFull"]
 
 
 class ResumeFailed(Exception):
-    pass
+    """`expired`: the join token behind it has expired (else the resume token is unknown or used up)."""
+
+    def __init__(self, room: str, *, expired: bool = False) -> None:
+        super().__init__(room)
+        self.expired = expired
 
 
 class Calls:
@@ -53,7 +58,14 @@ class Calls:
     # -- Arriving -------------------------------------------------------------------------------------------
 
     def join(
-        self, room_name: str, *, identity: str, name: str, permissions: Permissions, outbox: Outbox
+        self,
+        room_name: str,
+        *,
+        identity: str,
+        name: str,
+        permissions: Permissions,
+        outbox: Outbox,
+        expires: float | None = None,
     ) -> tuple[Room, Participant]:
         room = self._rooms.get(room_name)
         if room is None:
@@ -63,7 +75,9 @@ class Calls:
             # The same person joining again (a second device, a reloaded tab): the newest wins.
             self._remove(room, previous, "replaced")
             previous.outbox.close(4002, "joined again from elsewhere")
-        participant = Participant(identity=identity, name=name, outbox=outbox, permissions=permissions)
+        participant = Participant(
+            identity=identity, name=name, outbox=outbox, permissions=permissions, expires=expires
+        )
         try:
             room.add(participant)
         except RoomFull:
@@ -89,11 +103,17 @@ class Calls:
         return room, participant
 
     def resume(self, room_name: str, token: str, outbox: Outbox) -> tuple[Room, Participant]:
-        """Give a participant whose signaling dropped a new connection, keeping everything else."""
+        """Give a participant whose signaling dropped a new connection, keeping everything else. The token is
+        used up: the participant gets a new one (sent in `joined`), so a copy of the old one is worthless."""
         found = self._resumable.get(token)
         if found is None or found[0].name != room_name:
             raise ResumeFailed(room_name)
         room, participant = found
+        if participant.expires is not None and time.time() >= participant.expires:
+            raise ResumeFailed(room_name, expired=True)
+        del self._resumable[token]
+        participant.resume_token = new_resume_token()
+        self._resumable[participant.resume_token] = (room, participant)
         if participant.grace_timer is not None:
             participant.grace_timer.cancel()
             participant.grace_timer = None

@@ -86,9 +86,11 @@ class Recordings:
         *,
         root: Path,
         store: Store,
+        max_recordings: int,
         recording_log: RecordingLog | None = None,
     ) -> None:
         self.calls = calls
+        self.max_recordings = max_recordings
         self.root = root
         self.work = root / ".partial"
         self.store = store
@@ -115,7 +117,7 @@ class Recordings:
             settings.s3_secret_key,
             settings.s3_region,
         )
-        return cls(calls, root=root, store=store)
+        return cls(calls, root=root, store=store, max_recordings=settings.max_recordings)
 
     async def start(self) -> None:
         (self.work / "composite").mkdir(parents=True, exist_ok=True)
@@ -145,6 +147,16 @@ class Recordings:
         unknown = [o for o in outputs if o not in OUTPUTS]
         if unknown or not outputs:
             raise RecordingError("bad_request", f"outputs must be some of {list(OUTPUTS)}", 400)
+        # Those still finishing their files hold their worker process too: counting only running ones would
+        # let start-stop loops pile up workers.
+        busy = len(self._running) + len(self._tasks)
+        if busy >= self.max_recordings:
+            raise RecordingError(
+                "too_many_recordings",
+                f"this node is making or finishing {busy} recordings, its limit (--max-recordings "
+                f"{self.max_recordings}); try again when one has finished",
+                503,
+            )
         router = self.calls.move_to_sfu(room)
         if router is None:
             raise RecordingError("unavailable", "this node has no SFU to record with", 503)

@@ -20,7 +20,7 @@ from huddle.logs import event
 from huddle.metrics import Metrics
 from huddle.recording.manager import RecordingError, Recordings
 from huddle.signaling import messages as m
-from huddle.signaling.tokens import Permissions, TokenError, verify
+from huddle.signaling.tokens import OPEN_ROOM, TokenError, verify
 
 log = logging.getLogger("huddle.signaling")
 
@@ -28,6 +28,8 @@ RATE_PER_SECOND = 50.0
 RATE_BURST = 200.0
 DROPS_BEFORE_CLOSE = 2000
 OUTBOX_LIMIT = 512
+# A socket that has not joined by then is closed: an idle one holds a file descriptor and a task for nothing.
+JOIN_TIMEOUT = 10.0
 
 CLOSE_NORMAL = 1000
 CLOSE_POLICY = 1008
@@ -44,6 +46,12 @@ class Context:
     metrics: Metrics
     stun_port: int
     recordings: Recordings
+
+
+def _error_kind(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.TimeoutError):
+        return "heartbeat_timeout"  # no pong within half the heartbeat: the peer is gone, not misbehaving
+    return "too_large" if "size" in str(exc) else "protocol_violation"
 
 
 class TokenBucket:
@@ -81,6 +89,7 @@ class Session:
         self._dropped = 0
         self._last_rate_error = 0.0
         self._closing = False
+        self._join_timer: asyncio.TimerHandle | None = None
 
     # -- Outbox (what calls.room sees) ------------------------------------------------------------------
 
@@ -120,6 +129,9 @@ class Session:
 
     async def run(self) -> None:
         writer = asyncio.create_task(self._write())
+        join_timer = self._join_timer = asyncio.get_running_loop().call_later(
+            JOIN_TIMEOUT, self._join_timed_out
+        )
         try:
             async for msg in self.ws:
                 if msg.type == WSMsgType.TEXT:
@@ -128,9 +140,14 @@ class Session:
                     self._error("binary_not_supported", "send JSON in text frames")
                 elif msg.type == WSMsgType.ERROR:
                     # aiohttp closes the socket itself (1009 for a frame over max_msg_size).
-                    self._count_error("too_large" if "size" in str(msg.data) else "protocol_violation")
+                    self._count_error(_error_kind(msg.data))
                     break
+            else:
+                # A missed pong closes the socket while no read waits too; then the loop just ends.
+                if isinstance(self.ws.exception(), asyncio.TimeoutError):
+                    self._count_error("heartbeat_timeout")
         finally:
+            join_timer.cancel()
             self._depart()
             if not self._closing:
                 writer.cancel()
@@ -170,6 +187,12 @@ class Session:
             return
         handler(message)
 
+    def _join_timed_out(self) -> None:
+        if self._closing:
+            return
+        self._count_error("join_timeout")
+        self.close(CLOSE_POLICY, f"join within {JOIN_TIMEOUT:.0f} s")
+
     def _count_error(self, kind: str) -> None:
         self.ctx.metrics.errors.labels(kind=kind).inc()
 
@@ -200,12 +223,16 @@ class Session:
         if msg.resume is not None:
             try:
                 room, participant = ctx.calls.resume(msg.room, msg.resume, self)
-            except ResumeFailed:
-                self._error("resume_failed", "that call connection is over; join afresh", msg.id)
+            except ResumeFailed as exc:
+                if exc.expired:
+                    text = "your join link has expired, so the call cannot be resumed; ask for a new link"
+                else:
+                    text = "that call connection is over; join afresh"
+                self._error("resume_failed", text, msg.id)
                 return
             self._welcome(room, participant, msg.id, resumed=True)
             return
-        permissions = Permissions()
+        permissions, expires = OPEN_ROOM, None
         if ctx.settings.secret:
             if not msg.token:
                 self._refuse("unauthorized", "this server needs a join token; ask for a join link", msg.id)
@@ -216,6 +243,7 @@ class Session:
                 self._refuse(exc.code, exc.message, msg.id)
                 return
             identity, name, permissions = grant.identity, grant.name, grant.permissions
+            expires = grant.expires
         else:
             name = m.clean_display_name(msg.name)
             if name is None:
@@ -224,7 +252,7 @@ class Session:
             identity = "guest-" + secrets.token_hex(4)
         try:
             room, participant = ctx.calls.join(
-                msg.room, identity=identity, name=name, permissions=permissions, outbox=self
+                msg.room, identity=identity, name=name, permissions=permissions, outbox=self, expires=expires
             )
         except RoomFull:
             self._error("room_full", f"room '{msg.room}' is full ({ctx.calls.capacity} participants)", msg.id)
@@ -233,6 +261,8 @@ class Session:
 
     def _welcome(self, room: Room, participant: Participant, request_id: Any, *, resumed: bool) -> None:
         self.room, self.participant = room, participant
+        if self._join_timer is not None:
+            self._join_timer.cancel()
         reply: dict[str, Any] = {
             "type": "joined",
             "v": m.PROTOCOL_VERSION,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -22,14 +23,25 @@ def weak_secret(secret: str) -> bool:
     return len(secret.encode()) < RECOMMENDED_SECRET_BYTES
 
 
+PERMISSION_NAMES = ("publish", "subscribe", "record", "download")
+
+
 @dataclass(frozen=True, slots=True)
 class Permissions:
+    """What a participant may do. Taking part is granted unless a token says otherwise; what costs the node
+    resources or exposes stored calls (recording, downloading) only when a token says so."""
+
     publish: bool = True
     subscribe: bool = True
-    record: bool = True
+    record: bool = False
+    download: bool = False
 
     def as_dict(self) -> dict[str, bool]:
-        return {"publish": self.publish, "subscribe": self.subscribe, "record": self.record}
+        return {name: getattr(self, name) for name in PERMISSION_NAMES}
+
+
+# Everyone in an open room: whoever knows the room name may do all of it (the cap on recordings bounds it).
+OPEN_ROOM = Permissions(record=True, download=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +50,7 @@ class Grant:
     identity: str
     name: str
     permissions: Permissions = field(default_factory=Permissions)
+    expires: float | None = None  # the token's `exp`: a resume after it is refused
 
 
 class TokenError(Exception):
@@ -89,9 +102,28 @@ def verify(secret: str, token: str, room: str) -> Grant:
         raise TokenError("unauthorized", "join token lacks a valid 'sub' or 'room' claim")
     if token_room != room:
         raise TokenError("wrong_room", f"this join link is for room '{token_room}', not '{room}'")
-    raw = claims.get("permissions") or {}
-    if not isinstance(raw, dict):
-        raise TokenError("unauthorized", "join token's 'permissions' claim must be an object")
-    permissions = Permissions(**{k: bool(raw.get(k, True)) for k in ("publish", "subscribe", "record")})
+    permissions = _permissions(claims.get("permissions", {}))
     display = name.strip()[:64] if isinstance(name, str) and name.strip() else identity[:64]
-    return Grant(room=room, identity=identity, name=display, permissions=permissions)
+    return Grant(
+        room=room, identity=identity, name=display, permissions=permissions, expires=float(claims["exp"])
+    )
+
+
+def _permissions(raw: object) -> Permissions:
+    """Only JSON booleans count: a signer that wrote "false" or 0 meant something, and guessing it wrong would
+    grant what was withheld, so such a token admits nobody."""
+    if not isinstance(raw, dict):
+        raise TokenError("unauthorized", "join token's 'permissions' claim must be an object of booleans")
+    granted = {}
+    for key in PERMISSION_NAMES:
+        if key not in raw:
+            continue
+        value = raw[key]
+        if not isinstance(value, bool):
+            raise TokenError(
+                "unauthorized",
+                f"join token's permission '{key}' must be true or false, not {json.dumps(value)[:20]}; "
+                "ask for a new join link",
+            )
+        granted[key] = value
+    return Permissions(**granted)

@@ -45,6 +45,8 @@ function roomFromPath() {
 
 const room = roomFromPath();
 const token = new URLSearchParams(location.search).get('token') || undefined;
+// Whether this page's link may download files (the list says; with a token, only its `download` permission).
+let canDownload = true;
 
 const dateFormat = new Intl.DateTimeFormat(undefined, { dateStyle: 'medium', timeStyle: 'short' });
 
@@ -110,12 +112,18 @@ function renderFiles(element, files) {
   const sorted = [...files].sort((a, b) => fileOrder(a) - fileOrder(b) || a.name.localeCompare(b.name));
   element.replaceChildren(...sorted.map((file) => {
     const item = document.createElement('li');
-    const link = document.createElement('a');
-    link.className = 'download';
-    link.href = withToken(file.url);
-    link.download = file.name;
-    link.textContent = file.name;
-    item.append(link);
+    if (canDownload) {
+      const link = document.createElement('a');
+      link.className = 'download';
+      link.href = withToken(file.url);
+      link.download = file.name;
+      link.textContent = file.name;
+      item.append(link);
+    } else {
+      const name = document.createElement('span');
+      name.textContent = file.name;
+      item.append(name);
+    }
     const words = [fileWords(file.name), sizeWords(file.size)].filter(Boolean).join(' · ');
     if (words) {
       const note = document.createElement('span');
@@ -170,7 +178,7 @@ function renderRecording(recording) {
   metaElement.hidden = !meta;
 
   const files = Array.isArray(recording.files) ? recording.files : [];
-  const signature = JSON.stringify(files);
+  const signature = JSON.stringify([canDownload, files]);
   if (signature !== item.files) {
     renderFiles($('.files', element), files);
     item.files = signature;
@@ -243,6 +251,7 @@ async function load() {
     return;
   }
 
+  canDownload = body.download !== false;
   // Newest first, as the server sends them; sorted here too, so that the page does not depend on it.
   const recordings = [...body.recordings].sort((a, b) => String(b.id).localeCompare(String(a.id)));
   render(recordings);
@@ -256,6 +265,9 @@ async function load() {
   else if (ready.length === 1) status = 'A recording is ready to download.';
   else if (ready.length > 1) status = `${ready.length} recordings are ready to download.`;
   else if (pending.size > 0) status = 'This list updates itself while a recording is being made or finished.';
+  if (!canDownload && recordings.length > 0) {
+    status = `${status} This link does not allow downloading them: ask for one that does.`.trim();
+  }
   setText(ui.status, status);
   if (pending.size > 0) scheduleLoad(REFRESH_MS);
 }

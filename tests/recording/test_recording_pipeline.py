@@ -20,6 +20,9 @@ from huddle.node import Node
 from ..ffprobe import probe
 
 HOST = "127.0.0.1"
+API_KEY = "recording pipeline test key"
+# Open rooms take REST recording control from the API key only.
+KEY = {"Authorization": f"Bearer {API_KEY}"}
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -42,6 +45,7 @@ async def node(request: pytest.FixtureRequest) -> AsyncIterator[Node]:
             media_port=0,
             sfu_always=True,
             reconnect_grace=0,
+            api_key=API_KEY,
             recordings_dir=tempfile.mkdtemp("-recordings"),
             **s3,
         )
@@ -78,17 +82,19 @@ async def test_a_synthetic_call_recorded_to_composite_and_per_track_files(node: 
                 if response.status == 200 and (await response.json())["sfu"]["rtp_in"] > 200:
                     break
             await asyncio.sleep(0.1)
-        async with http.post(f"{base}/api/rooms/{room}/recordings") as response:
+        async with http.post(f"{base}/api/rooms/{room}/recordings", headers=KEY) as response:
             assert response.status == 201, await response.text()
             started = await response.json()
-        async with http.post(f"{base}/api/rooms/{room}/recordings") as response:
+        async with http.post(f"{base}/api/rooms/{room}/recordings", headers=KEY) as response:
             assert response.status == 409  # one recording per call at a time
         await asyncio.sleep(1.0)
         # Someone joins for a couple of seconds and leaves again, mid-recording.
         guest = LoadtestConfig(url=base, room=room, participants=1, duration=2.0, warmup=0.5)
         await run_loadtest(guest)
         await asyncio.sleep(2.0)
-        async with http.delete(f"{base}/api/rooms/{room}/recordings/{started['id']}") as response:
+        async with http.delete(
+            f"{base}/api/rooms/{room}/recordings/{started['id']}", headers=KEY
+        ) as response:
             assert response.status == 200, await response.text()
             stopped = await response.json()
         duration = stopped["stopped_at"] - stopped["started_at"]

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.error
 import urllib.parse
 import urllib.request
 
@@ -99,3 +100,48 @@ def test_token_prints_a_join_url_with_a_token_for_that_room() -> None:
 def test_token_without_secret_says_what_to_do() -> None:
     result = huddle("token", "--room", "standup", "--identity", "ada")
     assert result.returncode == 2 and "HUDDLE_SECRET" in result.stderr
+
+
+def _granted(result: subprocess.CompletedProcess, secret: str) -> tokens.Permissions:
+    assert result.returncode == 0, result.stderr
+    token = urllib.parse.parse_qs(urllib.parse.urlparse(result.stdout.strip()).query)["token"][0]
+    return tokens.verify(secret, token, "standup").permissions
+
+
+def test_token_grants_recording_and_downloads_only_when_asked() -> None:
+    secret = "a secret of at least thirty-two bytes"
+    env = {"HUDDLE_SECRET": secret}
+    plain = _granted(huddle("token", "--room", "standup", "--identity", "ada", env=env), secret)
+    assert plain == tokens.Permissions(publish=True, subscribe=True, record=False, download=False)
+    asked = huddle(
+        "token", "--room", "standup", "--identity", "ada", "--record", "--download", "--no-publish", env=env
+    )
+    assert _granted(asked, secret) == tokens.Permissions(publish=False, record=True, download=True)
+
+
+def test_token_and_serve_read_the_secret_from_a_file(tmp_path) -> None:
+    secret_file = tmp_path / "secret"
+    secret_file.write_text("a secret of at least thirty-two bytes\n")
+    result = huddle("token", "--room", "standup", "--identity", "ada", "--secret-file", str(secret_file))
+    assert _granted(result, "a secret of at least thirty-two bytes").publish
+    missing = huddle(
+        "token", "--room", "standup", "--identity", "ada", "--secret-file", str(tmp_path / "nope")
+    )
+    assert missing.returncode == 2 and "--secret-file" in missing.stderr
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "huddle", "serve", "--port", "0", "--stun-port", "0", "--media-port", "0"],
+        env={**ENV, "HUDDLE_SECRET_FILE": str(secret_file), "HUDDLE_RECORDINGS_DIR": str(tmp_path / "rec")},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        ready = json.loads(proc.stdout.readline())
+        # A node with a secret keeps /metrics to the API key: so it did read the file.
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"http://127.0.0.1:{ready['http']}/metrics", timeout=5)
+        assert refused.value.code == 403
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=15)

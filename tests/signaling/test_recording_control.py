@@ -13,6 +13,7 @@ from huddle.signaling import tokens
 from .conftest import Harness
 
 SECRET = "a secret long enough for HS256, 32+ bytes"
+API_KEY = "an api key for the integration"
 
 
 def token(room: str, identity: str, record: bool) -> str:
@@ -68,23 +69,25 @@ async def test_only_tokens_with_the_record_permission_start_and_stop(harness: Ha
     assert (await host.expect("error"))["code"] == "not_recording"
 
 
+@pytest.mark.parametrize("settings", [Settings(api_key=API_KEY, reconnect_grace=0)])
 async def test_bad_recording_requests_get_clear_errors(harness: Harness) -> None:
     room = "open"
     url = f"{harness.base}/api/rooms/{room}/recordings"
-    async with harness.http.post(url) as response:
+    key = {"Authorization": f"Bearer {API_KEY}"}
+    async with harness.http.post(url, headers=key) as response:
         assert response.status == 404  # nobody in the room: nothing to record
         assert (await response.json())["error"] == "not_found"
     client = await harness.connect()
     await client.join(room, "Ada")
     await client.send({"type": "start_recording", "id": 1, "outputs": ["hologram"]})
     assert (await client.expect("error"))["code"] == "bad_message"
-    async with harness.http.post(url, data=b"{not json") as response:
+    async with harness.http.post(url, data=b"{not json", headers=key) as response:
         assert response.status == 400
-    async with harness.http.post(url, json={"outputs": "composite"}) as response:
+    async with harness.http.post(url, json={"outputs": "composite"}, headers=key) as response:
         assert response.status == 400
-    async with harness.http.post(url, json={"outputs": ["hologram"]}) as response:
+    async with harness.http.post(url, json={"outputs": ["hologram"]}, headers=key) as response:
         assert response.status == 400
-    async with harness.http.delete(url + "/nope") as response:
+    async with harness.http.delete(url + "/nope", headers=key) as response:
         assert response.status == 404
     async with harness.http.get(url + "/nope/files/..%2F..%2Fetc%2Fpasswd") as response:
         assert response.status == 404

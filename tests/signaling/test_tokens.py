@@ -36,13 +36,13 @@ async def test_a_valid_token_admits_with_its_identity_name_and_permissions(harne
         room="board",
         identity="u-42",
         name="Ada Lovelace",
-        permissions=tokens.Permissions(record=False),
+        permissions=tokens.Permissions(publish=False, download=True),
     )
     _, reply = await _join_with(harness, "board", token)
     assert reply["type"] == "joined"
     assert reply["self"]["identity"] == "u-42"
     assert reply["self"]["name"] == "Ada Lovelace"  # the token's name wins over the one sent
-    assert reply["permissions"] == {"publish": True, "subscribe": True, "record": False}
+    assert reply["permissions"] == {"publish": False, "subscribe": True, "record": False, "download": True}
 
 
 @secret_settings
@@ -109,7 +109,7 @@ def test_token_round_trip_and_claims() -> None:
         "name": "id",
         "iat": 1_000_000,
         "exp": 1_000_030,
-        "permissions": {"publish": True, "subscribe": True, "record": True},
+        "permissions": {"publish": True, "subscribe": True, "record": False, "download": False},
     }
     grant = tokens.verify(SECRET, tokens.issue(SECRET, room="r", identity="id", name=" Ada "), "r")
     assert (grant.identity, grant.name) == ("id", "Ada")
