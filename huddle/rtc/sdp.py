@@ -25,6 +25,10 @@ __all__ = [
     "DEFAULT_EXTENSIONS",
     "DIRECTIONS",
     "H264",
+    "MAX_LINES",
+    "MAX_MEDIA",
+    "MAX_SECTION_LINES",
+    "MAX_SIMULCAST_RIDS",
     "OPUS",
     "SUPPORTED_RTCP_FB",
     "URI_ABS_SEND_TIME",
@@ -48,6 +52,7 @@ __all__ = [
     "Rid",
     "RidChoice",
     "SdpError",
+    "SdpLimitError",
     "SessionDescription",
     "Simulcast",
     "Ssrc",
@@ -67,6 +72,20 @@ __all__ = [
 
 class SdpError(ValueError):
     """An SDP text or description that cannot be used; the only exception `parse` raises."""
+
+
+class SdpLimitError(SdpError):
+    """An SDP over one of the bounds that keep handling it cheap; the message names the bound."""
+
+
+# What `parse` reads at most. Every lookup while parsing is by dict, so each line costs a constant, and
+# these bound the lines: a real offer has a few dozen lines per m-section (Chromium's video section: 125,
+# with 23 payload types and 13 extensions), and the largest description the SFU parses is a subscribe
+# answer of a few hundred short sections.
+MAX_LINES = 16_384
+MAX_MEDIA = 512
+MAX_SECTION_LINES = 256  # at session level, and in each m-section after its m= line
+MAX_SIMULCAST_RIDS = 16  # in one a=simulcast line: browsers send 3 or 4, each costs an object
 
 
 URI_MID = "urn:ietf:params:rtp-hdrext:sdes:mid"
@@ -502,6 +521,10 @@ def _parse_rid(value: str | None) -> Rid:
 
 
 def _parse_sc_list(text: str) -> list[list[RidChoice]]:
+    if text.count(",") + text.count(";") >= MAX_SIMULCAST_RIDS:
+        raise SdpLimitError(
+            f"a=simulcast lists over {MAX_SIMULCAST_RIDS} rids; at most {MAX_SIMULCAST_RIDS} are allowed"
+        )
     streams = []
     for stream in text.split(";"):
         choices = []
@@ -569,10 +592,15 @@ def parse_candidate(text: str) -> Candidate:
 
 
 class _Once:
-    """Rejects a second copy of an attribute that may appear once per level."""
+    """Per-level parsing state: rejects a second copy of an attribute that may appear once per level, counts
+    the level's lines, and indexes what later lines refer to, so each line is parsed in constant time."""
 
     def __init__(self) -> None:
         self.seen: set[str] = set()
+        self.lines = 0
+        self.codecs: dict[int, Codec] = {}
+        self.ssrcs: dict[int, Ssrc] = {}
+        self.rids: set[str] = set()
 
     def __call__(self, name: str) -> None:
         if name in self.seen:
@@ -657,9 +685,9 @@ def _media_attribute(media: MediaDescription, name: str, value: str | None, once
         ident, _, rest = _need(value, name).partition(" ")
         ssrc = _int(ident, "ssrc", 2**32 - 1)
         key, sep, attr_value = rest.strip().partition(":")
-        entry = media.ssrc(ssrc)
+        entry = once.ssrcs.get(ssrc)
         if entry is None:
-            entry = Ssrc(ssrc)
+            entry = once.ssrcs[ssrc] = Ssrc(ssrc)
             media.ssrcs.append(entry)
         if key:
             entry.attributes[_token(key, "ssrc attribute")] = attr_value if sep else None
@@ -672,8 +700,9 @@ def _media_attribute(media: MediaDescription, name: str, value: str | None, once
         )
     elif name == "rid":
         rid = _parse_rid(value)
-        if any(r.id == rid.id for r in media.rids):
+        if rid.id in once.rids:
             raise SdpError(f"a=rid:{rid.id} appears twice")
+        once.rids.add(rid.id)
         media.rids.append(rid)
     elif name == "simulcast":
         once(name)
@@ -691,7 +720,7 @@ def _codec_attribute(media: MediaDescription, name: str, value: str, once: _Once
         media.rtcp_fb_all.append(_need(rest, name))
         return
     pt = _int(ident, f"a={name} payload type", 127)
-    codec = media.codec(pt)
+    codec = once.codecs.get(pt)
     if codec is None:
         raise SdpError(f"a={name}:{pt} names a payload type missing from the m= line")
     if name == "rtpmap":
@@ -709,7 +738,7 @@ def _codec_attribute(media: MediaDescription, name: str, value: str, once: _Once
         codec.rtcp_fb.append(_need(rest, name))
 
 
-def _parse_media_line(value: str) -> MediaDescription:
+def _parse_media_line(value: str, once: _Once) -> MediaDescription:
     parts = value.split()
     if len(parts) < 3:
         raise SdpError(f"bad m= line: {value!r}")
@@ -723,9 +752,10 @@ def _parse_media_line(value: str) -> MediaDescription:
     if _is_rtp(protocol):
         for token in parts[3:]:
             pt = _int(token, "payload type", 127)
-            if media.codec(pt) is not None:
+            if pt in once.codecs:
                 raise SdpError(f"payload type {pt} appears twice on the m= line")
-            media.codecs.append(Codec(pt))
+            codec = once.codecs[pt] = Codec(pt)
+            media.codecs.append(codec)
     else:
         media.formats = [_word(f, "format") for f in parts[3:]]
     return media
@@ -738,10 +768,14 @@ _MEDIA_RANK = {"i": 1, "c": 2, "b": 3, "k": 4, "a": 5}
 _REPEATABLE = set("ebtra")
 
 
-def parse(text: str) -> SessionDescription:
-    """Parse an SDP text (CRLF or LF line ends). Raises SdpError for anything it cannot represent."""
+def parse(text: str, *, max_media: int = MAX_MEDIA) -> SessionDescription:
+    """Parse an SDP text (CRLF or LF line ends). Raises SdpError for anything it cannot represent, and
+    SdpLimitError, before reading further, for a text over MAX_LINES lines, `max_media` m-sections or
+    MAX_SECTION_LINES lines at one level."""
     if not isinstance(text, str):
         raise SdpError("SDP must be text")
+    if text.count("\n", 0, len(text) - 1) >= MAX_LINES:
+        raise SdpLimitError(f"the SDP has over {MAX_LINES} lines; at most {MAX_LINES} are allowed")
     lines = [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
     while lines and lines[-1] == "":
         lines.pop()
@@ -759,10 +793,22 @@ def parse(text: str) -> SessionDescription:
             for required in "ost":
                 if required not in seen_types:
                     raise SdpError(f"the session has no {required}= line")
-            media = _parse_media_line(value)
+            if len(session.media) == max_media:
+                raise SdpLimitError(
+                    f"the SDP has over {max_media} m-sections; at most {max_media} are allowed"
+                )
+            media_once = _Once()
+            media = _parse_media_line(value, media_once)
             session.media.append(media)
-            media_once, media_types, rank = _Once(), set(), 0
+            media_types, rank = set(), 0
             continue
+        level = session_once if media is None else media_once
+        level.lines += 1
+        if level.lines > MAX_SECTION_LINES:
+            where = "at session level" if media is None else f"in m-section {len(session.media) - 1}"
+            raise SdpLimitError(
+                f"the SDP has over {MAX_SECTION_LINES} lines {where}; at most {MAX_SECTION_LINES} are allowed"
+            )
         ranks = _SESSION_RANK if media is None else _MEDIA_RANK
         if kind not in ranks:
             raise SdpError(f"line {number}: unexpected {kind}= line")

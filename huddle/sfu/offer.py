@@ -4,6 +4,9 @@ Payload types and header extension ids are the SFU's own and never change, for e
 keeps them stable across renegotiation (Chromium requires it) and lets a Producer rewrite each packet once
 for all its Consumers. An m-section whose Consumer has gone stays, inactive, and is reused by the next track
 of its kind, so the SDP does not grow with churn.
+
+What one publisher may offer is bounded here too (`check_publish_offer`), and those bounds bound every
+subscriber's offer: at most (room capacity - 1) x MAX_TRACKS sections, since idle sections are reused.
 """
 
 from __future__ import annotations
@@ -35,6 +38,49 @@ EXTENSIONS = {
 SUBSCRIBER_PT = {"opus": OPUS_PT, "vp8": VP8_PT}
 # Header extension URI → the subscribers' id; every other extension is renamed to an unused id.
 SUBSCRIBER_EXT = {sdp.URI_AUDIO_LEVEL: AUDIO_LEVEL_ID, sdp.URI_ABS_SEND_TIME: ABS_SEND_TIME_ID}
+
+
+# Limits on a publish offer, checked before anything is built from it. A client publishes a microphone
+# and a camera, and may add a screen share with its audio: two sending sections of each kind. Sections
+# that send nothing (stopped, inactive, a data channel) cost no producer, but still cost parsing.
+MAX_PUBLISH_SECTIONS = 16
+MAX_TRACKS = {"audio": 2, "video": 2}
+MAX_RIDS = 3  # simulcast layers of one video section (our client sends q, h, f)
+MAX_EXTENSIONS = 32  # header extensions one section may offer (Chromium offers 13)
+MAX_CODECS = 64  # payload types on one m= line (Chromium offers 23 for video)
+
+
+def check_publish_offer(desc: sdp.SessionDescription) -> None:
+    """Raise SdpLimitError naming the first limit a (parsed) publish offer is over."""
+    sending = dict.fromkeys(MAX_TRACKS, 0)
+    for media in desc.media:
+        if len(media.codecs) > MAX_CODECS:
+            raise sdp.SdpLimitError(
+                f"m-section {media.mid} offers {len(media.codecs)} payload types; at most {MAX_CODECS} "
+                "are allowed"
+            )
+        extensions = len(desc.extmaps) + len(media.extmaps)
+        if extensions > MAX_EXTENSIONS:
+            raise sdp.SdpLimitError(
+                f"m-section {media.mid} offers {extensions} header extensions; at most {MAX_EXTENSIONS} "
+                "are allowed"
+            )
+        if len(media.rids) > MAX_RIDS:
+            raise sdp.SdpLimitError(
+                f"m-section {media.mid} offers {len(media.rids)} simulcast rids; at most {MAX_RIDS} "
+                "are allowed"
+            )
+        if (
+            media.kind in sending
+            and not media.rejected
+            and desc.direction_for(media) in ("sendonly", "sendrecv")
+        ):
+            sending[media.kind] += 1
+    for kind, count in sending.items():
+        if count > MAX_TRACKS[kind]:
+            raise sdp.SdpLimitError(
+                f"publish offer has {count} {kind} m-sections sending; at most {MAX_TRACKS[kind]} are allowed"
+            )
 
 
 @dataclass

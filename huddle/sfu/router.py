@@ -44,13 +44,19 @@ TICK = 0.1  # transport-wide feedback cadence (Chromium's own receive side sends
 REPORT_EVERY = 10  # ticks between receiver reports and consent checks
 COUNTS = ("rtp_in", "rtp_out", "bytes_in", "bytes_out", "nacks_in", "retransmits", "plis_out")
 PUBLISH_EXTENSIONS = (sdp.URI_MID, sdp.URI_ABS_SEND_TIME, sdp.URI_AUDIO_LEVEL, sdp.URI_TRANSPORT_CC)
+# Seconds of batched work (offers, allocations) one loop turn may take before the rest waits for the next
+# turn: one publisher's new tracks in a large room mean an offer for every subscriber, and every other call
+# on the node shares this loop.
+TURN_BUDGET = 0.005
 
 
 class _Batch:
-    """Keys gathered during one loop turn and handed to `run` together in the next one."""
+    """Keys gathered during one loop turn and handed to `run` one by one from the next one on, for at most
+    TURN_BUDGET per turn; `done` runs once none is left."""
 
-    def __init__(self, run: Callable[[set[str]], None]) -> None:
+    def __init__(self, run: Callable[[str], None], done: Callable[[], None] | None = None) -> None:
         self._run = run
+        self._done = done
         self._keys: set[str] = set()
         self._scheduled = False
 
@@ -65,8 +71,15 @@ class _Batch:
 
     def _flush(self) -> None:
         self._scheduled = False
-        keys, self._keys = self._keys, set()
-        self._run(keys)
+        deadline = time.perf_counter() + TURN_BUDGET
+        while self._keys:
+            self._run(self._keys.pop())
+            if self._keys and time.perf_counter() >= deadline:
+                self._scheduled = True
+                asyncio.get_running_loop().call_soon(self._flush)
+                return
+        if self._done is not None:
+            self._done()
 
 
 class Sfu:
@@ -367,8 +380,8 @@ class Router:
         self.counts = dict.fromkeys(COUNTS, 0)
         self.speaker = SpeakerDetector(loudest=LOUDEST)
         self._audio_key: object = None  # what the audio selection was last computed from
-        self._allocations = _Batch(self._apply_allocations)
-        self._offers = _Batch(self._send_offers)
+        self._allocations = _Batch(self._apply_allocation, self._dynacast)
+        self._offers = _Batch(self._send_offer)
         self.closed = False
 
     # -- Membership (called by calls.registry) --------------------------------------------------------------
@@ -422,12 +435,10 @@ class Router:
         """Choose `peer`'s layers again, soon (several changes in one loop turn become one pass)."""
         self._allocations.add(peer.participant.id)
 
-    def _apply_allocations(self, pending: set[str]) -> None:
-        for pid in pending:
-            peer = self.peers.get(pid)
-            if peer is not None:
-                self._allocate(peer)
-        self._dynacast()
+    def _apply_allocation(self, pid: str) -> None:
+        peer = self.peers.get(pid)
+        if peer is not None:
+            self._allocate(peer)
 
     def _allocate(self, peer: Peer) -> None:
         requests: list[Request] = []
@@ -527,7 +538,9 @@ class Router:
 
     def on_publish_offer(self, participant: Participant, text: str) -> str:
         peer = self.peers[participant.id]
-        desc = sdp.parse(text)
+        # Limits first: a refused offer changes nothing and builds nothing.
+        desc = sdp.parse(text, max_media=offer.MAX_PUBLISH_SECTIONS)
+        offer.check_publish_offer(desc)
         media = next((m for m in desc.media if not m.rejected and m.kind in ("audio", "video")), None)
         if media is None:
             raise sdp.SdpError("the offer has no audio or video m-section")
@@ -653,29 +666,35 @@ class Router:
         # always goes out before its first offer.
         self._offers.add(peer.participant.id)
 
-    def _send_offers(self, pending: set[str]) -> None:
-        for pid in pending:
-            peer = self.peers.get(pid)
-            if peer is not None and not self.closed:
-                self._send_subscribe_offer(peer)
+    def _send_offer(self, pid: str) -> None:
+        peer = self.peers.get(pid)
+        if peer is not None and not self.closed:
+            self._send_subscribe_offer(peer)
 
     def _send_subscribe_offer(self, peer: Peer) -> None:
         if peer.awaiting is not None:
             peer.dirty = True
             return
-        wanted = {c.producer.id: c for c in peer.consumers.values()}
+        # By SSRC and by kind, so that an offer of n sections costs O(n): rooms can be large.
+        by_ssrc = {c.ssrc: c for c in peer.consumers.values()}
         placed: set[str] = set()
+        idle: dict[str, list[offer.Section]] = {}
         for section in peer.sections:
-            consumer = next((c for c in wanted.values() if c.ssrc == section.ssrc), None)
+            consumer = by_ssrc.get(section.ssrc) if section.ssrc is not None else None
             if consumer is None:
                 section.ssrc = None  # its track is gone: idle until reused
+                idle.setdefault(section.kind, []).append(section)
             else:
                 placed.add(consumer.producer.id)
-        for pid, consumer in wanted.items():
+        for idle_sections in idle.values():
+            idle_sections.reverse()  # popped from the end: the lowest mid first
+        for pid, consumer in peer.consumers.items():
             if pid in placed:
                 continue
-            section = next((s for s in peer.sections if s.ssrc is None and s.kind == consumer.kind), None)
-            if section is None:
+            free = idle.get(consumer.kind)
+            if free:
+                section = free.pop()
+            else:
                 section = offer.Section(str(len(peer.sections)), consumer.kind)
                 peer.sections.append(section)
             section.ssrc = consumer.ssrc
@@ -698,13 +717,7 @@ class Router:
         peer.restart_subscribe = False
         peer.revision += 1
         peer.awaiting = peer.revision
-        peer.offered = {
-            s.mid: c
-            for s in peer.sections
-            if s.ssrc is not None
-            for c in peer.consumers.values()
-            if c.ssrc == s.ssrc
-        }
+        peer.offered = {s.mid: by_ssrc[s.ssrc] for s in peer.sections if s.ssrc is not None}
         text = offer.build_subscribe_offer(
             peer.sections,
             ice_ufrag=peer.subscribe.ice.ufrag,
@@ -722,7 +735,8 @@ class Router:
         peer = self.peers[participant.id]
         if peer.awaiting != revision:
             raise sdp.SdpError(f"revision {revision} is not the offer awaiting an answer ({peer.awaiting})")
-        desc = sdp.parse(text)
+        # An answer has exactly the offer's sections: reading past that many is wasted work.
+        desc = sdp.parse(text, max_media=len(peer.sections))
         media = next((m for m in desc.media if not m.rejected), None)
         if media is None or peer.subscribe is None:
             raise sdp.SdpError("the answer accepts no m-section")
@@ -734,8 +748,9 @@ class Router:
             raise sdp.SdpError("the answer must take a=setup:active: the SFU stays the DTLS server")
         peer.subscribe.set_remote(ufrag, fingerprints[0].value)
         peer.awaiting = None
+        answered_by_mid = {m.mid: m for m in desc.media}
         for mid, consumer in peer.offered.items():
-            answered = desc.media_by_mid(mid)
+            answered = answered_by_mid.get(mid)
             if (
                 answered is None
                 or answered.rejected

@@ -14,6 +14,13 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapte
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 64 * 1024
+# A subscribe answer mirrors the server's offer, one m-section per track the client receives: up to
+# (room capacity - 1) x huddle.sfu.offer.MAX_TRACKS = 396 sections with the default capacity of 100. An
+# answer as Chromium writes it takes 527 characters a section (209 kB for 396, test_offer_limits.py), 6.5 %
+# more once JSON-escaped; these limits leave room for that and stay within the WebSocket frame limit
+# (signaling.app: 4 x MAX_MESSAGE_BYTES).
+MAX_ANSWER_SDP = 240_000
+MAX_ANSWER_MESSAGE_BYTES = 4 * MAX_MESSAGE_BYTES
 ROOM_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 RequestId = Annotated[str, StringConstraints(min_length=1, max_length=64)] | int
@@ -89,7 +96,7 @@ class SfuOffer(_Message):
 class SfuAnswer(_Message):
     type: Literal["sfu_answer"]
     pc: Literal["subscribe"]
-    sdp: Annotated[str, StringConstraints(min_length=1, max_length=60_000)]
+    sdp: Annotated[str, StringConstraints(min_length=1, max_length=MAX_ANSWER_SDP)]
     revision: Annotated[int, Field(ge=0)]
 
 
@@ -152,12 +159,18 @@ MESSAGE_TYPES = frozenset(
 
 def decode(text: str) -> ClientMessage:
     """Parse and validate one text frame. Raises ProtocolError with the code to answer with."""
-    if len(text) > MAX_MESSAGE_BYTES or len(text.encode()) > MAX_MESSAGE_BYTES:
-        raise ProtocolError("too_large", f"message is over {MAX_MESSAGE_BYTES} bytes")
+    size = len(text) if len(text) > MAX_ANSWER_MESSAGE_BYTES else len(text.encode())
+    if size > MAX_ANSWER_MESSAGE_BYTES:
+        raise ProtocolError("too_large", f"message is over {MAX_ANSWER_MESSAGE_BYTES} bytes")
+    large = size > MAX_MESSAGE_BYTES
     try:
         raw = json.loads(text)
     except (ValueError, RecursionError):
+        if large:
+            raise ProtocolError("too_large", f"message is over {MAX_MESSAGE_BYTES} bytes") from None
         raise ProtocolError("bad_json", "message is not valid JSON") from None
+    if large and not (isinstance(raw, dict) and raw.get("type") == "sfu_answer"):
+        raise ProtocolError("too_large", f"message is over {MAX_MESSAGE_BYTES} bytes (sfu_answer excepted)")
     if not isinstance(raw, dict):
         raise ProtocolError("bad_json", "message must be a JSON object")
     request_id = raw.get("id")

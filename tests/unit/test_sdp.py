@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import string
+import time
 from pathlib import Path
 
 import pytest
@@ -263,6 +264,83 @@ def test_parse_rejects(text):
 
 def test_sdp_error_is_a_value_error():
     assert issubclass(SdpError, ValueError)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bounded work: the parser stops at its limits, naming them, and no line costs more than a constant
+
+
+def sections(count: int, kind: str = "audio") -> str:
+    return "".join(f"m={kind} 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:{i}\r\n" for i in range(count))
+
+
+def test_parse_stops_at_max_media_naming_it():
+    assert len(sdp.parse(HEAD + sections(16), max_media=16).media) == 16
+    with pytest.raises(sdp.SdpLimitError, match="over 16 m-sections; at most 16 are allowed"):
+        sdp.parse(HEAD + sections(500), max_media=16)
+    assert len(sdp.parse(HEAD + sections(sdp.MAX_MEDIA)).media) == sdp.MAX_MEDIA
+    with pytest.raises(sdp.SdpLimitError, match=f"at most {sdp.MAX_MEDIA} are allowed"):
+        sdp.parse(HEAD + sections(sdp.MAX_MEDIA + 1))
+
+
+def test_parse_bounds_the_lines_of_each_level():
+    full = "m=audio 9 UDP/TLS/RTP/SAVPF 111\r\n" + "a=x\r\n" * sdp.MAX_SECTION_LINES
+    assert len(sdp.parse(HEAD + full).media[0].attributes) == sdp.MAX_SECTION_LINES
+    with pytest.raises(sdp.SdpLimitError, match=f"over {sdp.MAX_SECTION_LINES} lines in m-section 0"):
+        sdp.parse(HEAD + full + "b=AS:1\r\n")
+    with pytest.raises(sdp.SdpLimitError, match="at session level"):
+        sdp.parse(HEAD + "t=0 0\r\n" * sdp.MAX_SECTION_LINES)
+
+
+def test_parse_bounds_the_whole_text_before_reading_it():
+    with pytest.raises(sdp.SdpLimitError, match=f"over {sdp.MAX_LINES} lines"):
+        sdp.parse(HEAD + sections(sdp.MAX_LINES // 2 + 1))
+
+
+def test_parse_bounds_simulcast_lists():
+    rids = ";".join(f"r{i}" for i in range(sdp.MAX_SIMULCAST_RIDS))
+    line = f"m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=simulcast:send {rids}\r\n"
+    assert len(sdp.parse(HEAD + line).media[0].simulcast.send) == sdp.MAX_SIMULCAST_RIDS
+    with pytest.raises(sdp.SdpLimitError, match="a=simulcast lists over"):
+        sdp.parse(HEAD + line.replace(rids, rids + ",x"))
+
+
+def test_limit_errors_are_sdp_errors():
+    # Signaling answers any ValueError from the SFU with `bad_sdp` and its text, which names the limit.
+    assert issubclass(sdp.SdpLimitError, SdpError)
+
+
+def hostile_offers() -> dict[str, str]:
+    """60,000 characters (the schema's limit for an offer) of what made the parser or the SFU work hardest."""
+
+    def up_to_60k(text: str) -> str:
+        return text[:60_000].rpartition("\r\n")[0] + "\r\n"
+
+    section = HEAD + "m=audio 9 UDP/TLS/RTP/SAVPF 111\r\n"
+    return {
+        "500 audio sections": up_to_60k(HEAD + sections(2000)),
+        "one section of distinct a=ssrc lines": up_to_60k(
+            section + "".join(f"a=ssrc:{i} cname:x\r\n" for i in range(4000))
+        ),
+        "one section of a=rtcp-fb lines": up_to_60k(section + "a=rtcp-fb:111 nack\r\n" * 4000),
+        "one section of a=rid lines": up_to_60k(
+            section + "".join(f"a=rid:{i} send\r\n" for i in range(5000))
+        ),
+        "session-level t= lines": up_to_60k(HEAD + "t=0 0\r\n" * 9000),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(hostile_offers()))
+def test_hostile_offers_are_refused_after_reading_little(name):
+    text = hostile_offers()[name]
+    assert 50_000 < len(text) <= 60_000
+    best = float("inf")
+    for _ in range(5):  # CPU time, the best of five: the parser's own cost, not a busy machine's
+        started = time.thread_time()
+        with pytest.raises(sdp.SdpLimitError):
+            sdp.parse(text, max_media=16)
+        best = min(best, time.thread_time() - started)
+    assert best < 0.005, f"{name}: {best * 1000:.1f} ms"
 
 
 FIXTURE_LINES = sorted({line for name in ALL_FIXTURES for line in fixture(name).split("\r\n") if line})

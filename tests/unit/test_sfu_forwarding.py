@@ -5,12 +5,18 @@ translation), and the subscribe offer every subscriber gets (stable payload type
 from __future__ import annotations
 
 import asyncio
+import copy
+import time
+from pathlib import Path
 from types import SimpleNamespace
+
+import pytest
 
 from huddle.rtc import rtp, sdp
 from huddle.rtc.rtp import ONE_BYTE_PROFILE, RtpPacket
 from huddle.sfu import offer
 from huddle.sfu import producer as producer_module
+from huddle.sfu import router as router_module
 from huddle.sfu.consumer import CACHE_SIZE, Consumer
 from huddle.sfu.offer import Section, build_subscribe_offer
 from huddle.sfu.producer import UNUSED_EXTENSION_ID, Producer, ReceiveStats, remap_extension_ids
@@ -736,3 +742,101 @@ def test_a_thumbnail_skips_the_top_temporal_layer_without_gaps():
     for i, tid in enumerate(tids[:8], start=len(tids)):
         producer.receive(_vp8_temporal(100 + i, 3000 * i, tid, 500 + i), 0)
     assert len(transport.sent) == len(sent) + 8  # full rate again
+
+
+# --- limits on a publish offer ------------------------------------------------------------------------------
+
+FIXTURES = Path(__file__).parent / "sdp"
+
+
+def chromium(name: str = "chromium_simulcast_offer.sdp") -> sdp.SessionDescription:
+    return sdp.parse((FIXTURES / name).read_text())
+
+
+def test_chromium_offers_are_within_the_publish_limits():
+    for name in ("chromium_simulcast_offer.sdp", "chromium_offer.sdp", "chromium_datachannel_offer.sdp"):
+        offer.check_publish_offer(chromium(name))
+
+
+def test_camera_microphone_screen_and_its_audio_are_allowed_one_more_track_is_not():
+    desc = chromium()
+    audio, video = desc.media
+    desc.media += [copy.deepcopy(audio), copy.deepcopy(video)]  # a screen share with its audio
+    offer.check_publish_offer(desc)
+    extra = copy.deepcopy(audio)
+    desc.media.append(extra)
+    with pytest.raises(sdp.SdpLimitError, match="3 audio m-sections sending; at most 2 are allowed"):
+        offer.check_publish_offer(desc)
+    for direction in ("inactive", "recvonly"):  # sections that send nothing cost no producer
+        extra.direction = direction
+        offer.check_publish_offer(desc)
+    extra.direction, extra.port = "sendonly", 0  # nor does a stopped one
+    offer.check_publish_offer(desc)
+    desc.media.append(copy.deepcopy(video))
+    with pytest.raises(sdp.SdpLimitError, match="3 video m-sections sending; at most 2 are allowed"):
+        offer.check_publish_offer(desc)
+
+
+def test_at_most_three_simulcast_layers():
+    desc = chromium()
+    video = desc.media[1]
+    assert [r.id for r in video.rids] == ["q", "h", "f"]
+    video.rids.append(sdp.Rid("x", "send"))
+    with pytest.raises(sdp.SdpLimitError, match="m-section 1 offers 4 simulcast rids; at most 3 are allowed"):
+        offer.check_publish_offer(desc)
+
+
+def test_header_extensions_per_section_are_bounded():
+    desc = chromium()
+    video = desc.media[1]
+    free = [i for i in range(1, 256) if i not in {e.id for e in video.extmaps}]
+    video.extmaps += [sdp.Extmap(i, f"urn:x:{i}") for i in free[: offer.MAX_EXTENSIONS - len(video.extmaps)]]
+    offer.check_publish_offer(desc)
+    desc.extmaps.append(sdp.Extmap(free[-1], "urn:x:session"))  # session-level ones apply to every section
+    with pytest.raises(sdp.SdpLimitError, match="offers 33 header extensions; at most 32 are allowed"):
+        offer.check_publish_offer(desc)
+
+
+def test_codecs_per_section_are_bounded():
+    desc = chromium()
+    audio = desc.media[0]
+    taken = {c.pt for c in audio.codecs}
+    audio.codecs += [sdp.Codec(pt) for pt in range(128) if pt not in taken][: offer.MAX_CODECS - len(taken)]
+    offer.check_publish_offer(desc)
+    audio.codecs.append(sdp.Codec(next(pt for pt in range(128) if audio.codec(pt) is None)))
+    with pytest.raises(
+        sdp.SdpLimitError, match="m-section 0 offers 65 payload types; at most 64 are allowed"
+    ):
+        offer.check_publish_offer(desc)
+
+
+# --- batched work, spread over loop turns -------------------------------------------------------------------
+
+
+async def test_batched_work_is_spread_over_loop_turns(monkeypatch):
+    """An offer for each of 40 subscribers, 2 ms each: no single turn of the loop takes them all."""
+    monkeypatch.setattr(router_module, "TURN_BUDGET", 0.005)
+    done: list[str] = []
+    finished: list[int] = []
+    turns: list[int] = []
+
+    def run(key: str) -> None:
+        time.sleep(0.002)
+        done.append(key)
+
+    batch = router_module._Batch(run, lambda: finished.append(len(done)))
+    for i in range(40):
+        batch.add(f"p{i}")
+    for _ in range(100):
+        before = len(done)
+        await asyncio.sleep(0)
+        turns.append(len(done) - before)
+        if finished:
+            break
+    assert sorted(done) == sorted(f"p{i}" for i in range(40))
+    assert finished == [40]  # `done` once, after the last key
+    assert max(turns) <= 3, turns  # 5 ms of 2 ms items: the one that crosses the budget is the last
+    batch.add("again")
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert done[-1] == "again" and finished == [40, 41]
