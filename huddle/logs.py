@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 
@@ -41,3 +42,40 @@ def setup(level: str) -> None:
 def event(logger: logging.Logger, level: int, msg: str, **fields: Any) -> None:
     if logger.isEnabledFor(level):
         logger.log(level, msg, extra={"fields": fields})
+
+
+class RateLimit(logging.Filter):
+    """Lets through at most one record per `interval` seconds of those whose message starts with `prefix`.
+
+    Meant for a logger that a library floods: asyncio logs "socket.accept() out of system resource", with a
+    traceback, for every attempt while the process is out of file descriptors, which is thousands a second.
+    The record that gets through is shortened to its first line and the error, and says how many were
+    suppressed since the last one; `on_match` is called for every matching record, suppressed or not.
+    """
+
+    def __init__(
+        self, prefix: str, *, interval: float = 1.0, on_match: Callable[[], None] | None = None
+    ) -> None:
+        super().__init__()
+        self.prefix = prefix
+        self.interval = interval
+        self.on_match = on_match
+        self._last = -interval
+        self._suppressed = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not isinstance(record.msg, str) or not record.msg.startswith(self.prefix):
+            return True
+        if self.on_match is not None:
+            self.on_match()
+        now = time.monotonic()
+        if now - self._last < self.interval:
+            self._suppressed += 1
+            return False
+        error = record.exc_info[1] if record.exc_info else None
+        record.msg, record.args = self.prefix, None
+        record.exc_info = record.exc_text = None
+        record.fields = {"error": str(error) if error is not None else None, "suppressed": self._suppressed}
+        self._last = now
+        self._suppressed = 0
+        return True

@@ -7,15 +7,21 @@ is counted under a fixed label, never as a new time series.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
-__all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
+__all__ = ["CONTENT_TYPE_LATEST", "LoopLagMonitor", "Metrics"]
+
+# Node.js samples its event-loop delay at this resolution too: a 20 ms stall shows as a lag of 10 ms or more.
+LAG_SAMPLE_INTERVAL = 0.01
+LAG_WINDOW = 5.0
+LAG_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
 class Metrics:
@@ -52,6 +58,27 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        # process_resident_memory_bytes, process_open_fds, process_max_fds, CPU seconds, ...
+        ProcessCollector(registry=r)
+        self.tasks = Gauge("huddle_asyncio_tasks", "asyncio tasks alive in the node's event loop", registry=r)
+        self.loop_lag = Gauge(
+            "huddle_event_loop_lag_seconds",
+            f"Largest event-loop lag (how late a timer ran) over the last {LAG_WINDOW:g} to "
+            f"{2 * LAG_WINDOW:g} seconds, sampled every {LAG_SAMPLE_INTERVAL * 1000:g} ms",
+            registry=r,
+        )
+        self.loop_lag_samples = Histogram(
+            "huddle_event_loop_lag_samples_seconds",
+            f"Event-loop lag samples (one every {LAG_SAMPLE_INTERVAL * 1000:g} ms): a stall of 20 ms shows "
+            "as a sample of 10 ms or more",
+            buckets=LAG_BUCKETS,
+            registry=r,
+        )
+
+    def watch_event_loop(self, loop: asyncio.AbstractEventLoop) -> LoopLagMonitor:
+        """Sample `loop`'s lag and task count until the returned monitor is stopped."""
+        self.tasks.set_function(lambda: len(asyncio.all_tasks(loop)))
+        return LoopLagMonitor(loop, self.loop_lag, self.loop_lag_samples)
 
     def watch_media_port(self, port: Any) -> None:
         self.registry.register(_MediaPortCollector(port))
@@ -99,3 +126,38 @@ class _SfuCollector(Collector):
             ("plis_out", "keyframe requests sent to publishers"),
         ):
             yield CounterMetricFamily(f"huddle_sfu_{name}", text, value=totals[name])
+
+
+class LoopLagMonitor:
+    """A timer that measures how late it runs: whatever held the event loop held everyone else too.
+
+    The gauge shows the largest lag of the current and the previous window, so that a stall is visible at
+    once and for at least one window; the histogram keeps every sample for rates and quantiles.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, gauge: Gauge, histogram: Histogram) -> None:
+        self._loop = loop
+        self._gauge = gauge
+        self._histogram = histogram
+        self._window_end = loop.time() + LAG_WINDOW
+        self._current = self._previous = 0.0
+        self._due = loop.time() + LAG_SAMPLE_INTERVAL
+        self._handle: asyncio.TimerHandle | None = loop.call_at(self._due, self._sample)
+
+    def _sample(self) -> None:
+        now = self._loop.time()
+        lag = max(0.0, now - self._due)
+        self._histogram.observe(lag)
+        if now >= self._window_end:
+            self._previous, self._current = self._current, 0.0
+            self._window_end = now + LAG_WINDOW
+        if lag > self._current:
+            self._current = lag
+        self._gauge.set(max(self._current, self._previous))
+        self._due = now + LAG_SAMPLE_INTERVAL
+        self._handle = self._loop.call_at(self._due, self._sample)
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import resource
 import socket
 from dataclasses import dataclass
 
@@ -10,19 +12,23 @@ from aiohttp import web
 
 from huddle.calls.registry import Calls
 from huddle.config import Settings
-from huddle.logs import event
-from huddle.metrics import Metrics
+from huddle.logs import RateLimit, event
+from huddle.metrics import LoopLagMonitor, Metrics
 from huddle.recording.manager import Recordings
 from huddle.rtc.certificate import Certificate
 from huddle.rtc.port import MediaPort
 from huddle.rtc.sdp import Candidate
 from huddle.sfu.router import Sfu
 from huddle.signaling.app import build_app
+from huddle.signaling.connections import ConnectionGuard, GuardedSite
 from huddle.signaling.session import Context
 from huddle.signaling.tokens import weak_secret
 from huddle.stun import StunServer
 
 log = logging.getLogger("huddle.node")
+
+# What asyncio logs, with a traceback, for every accept() that fails for want of file descriptors.
+ACCEPT_ERROR = "socket.accept() out of system resource"
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +42,7 @@ class Node:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.metrics = Metrics()
-        self.media = MediaPort(self.metrics)
+        self.media = MediaPort(self.metrics, max_connections_per_address=settings.max_connections_per_address)
         self.sfu: Sfu | None = None
         self.calls = Calls(
             capacity=settings.max_participants,
@@ -46,12 +52,18 @@ class Node:
         )
         self.metrics.rooms.set_function(lambda: len(self.calls))
         self.metrics.participants.set_function(self.calls.participant_count)
-        self.stun = StunServer(self.metrics)
+        self.stun = StunServer(self.metrics, max_connections_per_address=settings.max_connections_per_address)
         self.recordings = Recordings.from_settings(self.calls, settings)
         self._runner: web.AppRunner | None = None
+        self._lag: LoopLagMonitor | None = None
+        accept_errors = self.metrics.errors.labels(kind="accept_error")
+        self._accept_errors = RateLimit(ACCEPT_ERROR, on_match=accept_errors.inc)
 
     async def start(self) -> Ports:
         s = self.settings
+        _raise_open_files_limit()
+        logging.getLogger("asyncio").addFilter(self._accept_errors)
+        self._lag = self.metrics.watch_event_loop(asyncio.get_running_loop())
         stun_port = await self.stun.start(s.host, s.stun_port)
         media_port = await self.media.start(s.host, s.media_port)
         announce = s.announce_ip or (s.host if s.host not in ("0.0.0.0", "::", "") else "127.0.0.1")
@@ -70,14 +82,11 @@ class Node:
         )
         self._runner = web.AppRunner(build_app(ctx), access_log=None, handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, s.host, s.port, reuse_address=True)
+        guard = ConnectionGuard(self.metrics, per_address=s.max_connections_per_address)
+        site = GuardedSite(self._runner, s.host, s.port, guard)
         await site.start()
-        server = site._server
-        assert server is not None and server.sockets
         http_port = next(
-            sock.getsockname()[1]
-            for sock in server.sockets
-            if sock.family in (socket.AF_INET, socket.AF_INET6)
+            sock.getsockname()[1] for sock in site.sockets if sock.family in (socket.AF_INET, socket.AF_INET6)
         )
         if s.secret and weak_secret(s.secret):
             event(
@@ -109,10 +118,34 @@ class Node:
             await self.sfu.close()
         await self.media.close()
         await self.stun.close()
+        if self._lag is not None:
+            self._lag.stop()
+            self._lag = None
+        logging.getLogger("asyncio").removeFilter(self._accept_errors)
 
     def _router(self, room):
         assert self.sfu is not None, "the node starts its SFU before it admits anyone"
         return self.sfu.router(room, self.calls.remove_participant)
+
+
+def _raise_open_files_limit() -> None:
+    """Every connection, call and recording costs descriptors; the usual soft limit of 1,024 is a few hundred
+    participants. The hard limit is what the administrator allows, so take all of it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (OSError, ValueError) as exc:
+            event(
+                log,
+                logging.WARNING,
+                "cannot raise the open files limit",
+                soft=soft,
+                hard=hard,
+                error=str(exc),
+            )
+    event(log, logging.INFO, "open files limit", soft=soft, hard=hard)
 
 
 def _url_host(host: str) -> str:

@@ -3,7 +3,9 @@
 A datagram from an address that passed ICE goes straight to its transport (one dict lookup per packet).
 From any other address only a STUN check is accepted, and it is routed by the ufrag in its USERNAME; once it
 passes, its address is bound to that transport. Everything else is dropped and counted by reason.
-ICE-TCP frames each packet with a 2-byte length (RFC 4571); a TCP connection is an address of its own.
+ICE-TCP frames each packet with a 2-byte length (RFC 4571); a TCP connection is an address of its own. A
+connection must pass ICE (be bound to a transport) within TCP_ICE_TIMEOUT whatever it sends meanwhile, and one
+client address holds at most `max_connections_per_address` of them.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ SCM_TIMESTAMPNS = getattr(socket, "SCM_TIMESTAMPNS", SO_TIMESTAMPNS)
 _TIMESPEC = struct.Struct("@qq")
 ANCILLARY_SIZE = socket.CMSG_SPACE(_TIMESPEC.size)
 TCP_IDLE_TIMEOUT = 40.0  # a live ICE-TCP connection carries consent checks every few seconds
+TCP_ICE_TIMEOUT = 10.0  # a browser's first check follows the connection at once
 _LENGTH = struct.Struct("!H")
 
 
@@ -43,8 +46,9 @@ def tcp_address(peer: tuple[Any, ...]) -> Address:
 
 
 class MediaPort:
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, *, max_connections_per_address: int = 200) -> None:
         self.metrics = metrics
+        self.max_connections_per_address = max_connections_per_address
         self._dropped = {}
         self._by_ufrag: dict[str, WebRtcTransport] = {}
         self._by_addr: dict[Address, WebRtcTransport] = {}
@@ -55,6 +59,7 @@ class MediaPort:
         self.arrival_us = 0
         self._tcp_server: asyncio.Server | None = None
         self._tcp: dict[Address, asyncio.StreamWriter] = {}
+        self._tcp_per_host: dict[str, int] = {}
         self.port = 0
         # Plain integers on the per-packet path; /metrics reads them through a collector.
         self.packets_in = self.packets_out = self.bytes_in = self.bytes_out = 0
@@ -175,7 +180,7 @@ class MediaPort:
             self._receive_stun(data, addr, transport)
             return
         if transport is None:
-            self.drop("unknown_source")
+            self.drop("dtls_unknown_source" if 19 < data[0] < 64 else "unknown_source")
             return
         reason = transport.receive(data, addr)
         if reason is not None:
@@ -224,22 +229,47 @@ class MediaPort:
         peer = writer.get_extra_info("peername")
         if peer is None or len(self._tcp) >= TCP_MAX_CONNECTIONS:
             self.drop("tcp_refused")
-            writer.close()
+            writer.transport.abort()
             return
+        host = str(peer[0])
+        held = self._tcp_per_host.get(host, 0)
+        if held >= self.max_connections_per_address:
+            self.drop("tcp_per_address_limit")
+            writer.transport.abort()
+            return
+        self._tcp_per_host[host] = held + 1
         addr = tcp_address(peer)
         self._tcp[addr] = writer
+        loop = asyncio.get_running_loop()
+        bound = False
         try:
-            while True:
-                header = await asyncio.wait_for(reader.readexactly(2), TCP_IDLE_TIMEOUT)
-                (length,) = _LENGTH.unpack(header)
-                data = await asyncio.wait_for(reader.readexactly(length), TCP_IDLE_TIMEOUT)
-                self.receive(data, addr)
-        except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
+            async with asyncio.timeout(TCP_ICE_TIMEOUT) as deadline:
+                while True:
+                    header = await reader.readexactly(2)
+                    (length,) = _LENGTH.unpack(header)
+                    data = await reader.readexactly(length)
+                    self.receive(data, addr)
+                    if addr in self._by_addr:
+                        # Past ICE: from now on only silence ends it (and the transport's consent checks).
+                        # Moving the deadline only when half of it is gone keeps timers off the packet path.
+                        bound = True
+                        now = loop.time()
+                        when = deadline.when()
+                        if when is None or when - now < TCP_IDLE_TIMEOUT / 2:
+                            deadline.reschedule(now + TCP_IDLE_TIMEOUT)
+        except TimeoutError:
+            self.drop("tcp_idle_timeout" if bound else "tcp_ice_timeout")
+        except (asyncio.IncompleteReadError, ConnectionError):
             pass
         except Exception:  # one connection must never take the port down
             log.exception("ICE-TCP connection failed", extra={"fields": {"peer": str(peer)}})
         finally:
             self._tcp.pop(addr, None)
+            held = self._tcp_per_host[host] - 1
+            if held:
+                self._tcp_per_host[host] = held
+            else:
+                del self._tcp_per_host[host]
             transport = self._by_addr.pop(addr, None)
             if transport is not None:
                 transport.ice.valid.discard(addr)

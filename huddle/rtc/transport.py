@@ -28,6 +28,7 @@ log = logging.getLogger("huddle.rtc")
 # DTLS records that arrive before we know the peer's fingerprint (its answer is still on its way over
 # signaling while its ClientHello already came over UDP) wait here; a handful is a whole flight.
 EARLY_DTLS_LIMIT = 8
+APPLICATION_DATA = 23  # DTLS record content type
 
 
 class WebRtcTransport:
@@ -124,18 +125,31 @@ class WebRtcTransport:
             self._early_dtls.append((data, addr))
             return None
         ignored = self.dtls.ignored_datagrams
+        connected = self.dtls.state is DtlsState.CONNECTED
         self.dtls.receive_datagram(data, time.monotonic())
-        self._after_dtls(addr)
-        return "dtls_garbage" if self.dtls.ignored_datagrams != ignored else None
+        if self._after_dtls(addr):
+            return None
+        if self.dtls.ignored_datagrams != ignored:
+            return "dtls_garbage"
+        # Well framed, yet OpenSSL took nothing from it: after the handshake a peer sends only records that
+        # decrypt (application data, alerts, a retransmitted flight that we answer), and before it never
+        # application data. OpenSSL drops such records silently (RFC 6347 §4.1.2.7); count them here.
+        if connected or data[0] == APPLICATION_DATA:
+            return "dtls_rejected"
+        return None
 
-    def _after_dtls(self, addr: Address | None = None) -> None:
+    def _after_dtls(self, addr: Address | None = None) -> bool:
+        """Send what DTLS wants sent and act on its events; whether there was anything of either."""
         dtls = self.dtls
         assert dtls is not None
         target = addr if addr is not None else self.ice.selected
+        produced = False
         for datagram in dtls.datagrams_to_send():
+            produced = True
             if target is not None:
                 self.port.send_to(datagram, target)
         while (ev := dtls.next_event()) is not None:
+            produced = True
             if isinstance(ev, HandshakeComplete):
                 self.srtp = SrtpSession(ev.keys)
                 log.debug(
@@ -145,6 +159,7 @@ class WebRtcTransport:
             elif isinstance(ev, Failed | Closed):
                 log.info("dtls ended", extra={"fields": {"transport": self.label, "reason": ev.reason}})
         self._arm_timer()
+        return produced
 
     def _arm_timer(self) -> None:
         if self._timer is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 from collections.abc import AsyncIterator, Sequence
@@ -543,3 +544,75 @@ async def test_fixed_port_busy_on_tcp_fails_cleanly() -> None:
             udp.bind(("127.0.0.1", port))
     finally:
         taken.close()
+
+
+async def test_tcp_one_address_holds_at_most_its_share() -> None:
+    r = await start_server(max_connections_per_address=2)
+    try:
+        clients = [await r.connect() for _ in range(2)]
+        for reader, writer in clients:
+            writer.write(request())
+            await read_message(reader)
+        reader, writer = await r.connect()
+        await assert_disconnected(reader)
+        writer.close()
+        assert dropped(r.metrics, "tcp", "per_address_limit") == 1
+        # Another address is served; so is the first again once it frees a slot.
+        other_reader, other_writer = await asyncio.open_connection(
+            "127.0.0.1", r.port, local_addr=("127.0.0.2", 0)
+        )
+        other_writer.write(request())
+        await read_message(other_reader)
+        other_writer.close()
+        clients[0][1].close()
+        await assert_disconnected(clients[0][0])
+        for _ in range(100):
+            reader, writer = await r.connect()
+            writer.write(request())
+            try:
+                await read_message(reader)
+                break
+            except (asyncio.IncompleteReadError, ConnectionResetError):
+                await asyncio.sleep(0.01)  # the server had not yet seen the close
+            finally:
+                writer.close()
+        else:
+            raise AssertionError("the freed slot was never given back")
+        assert dropped(r.metrics, "tcp", "per_address_limit") <= 100
+    finally:
+        for _, writer in clients:
+            writer.close()
+        await r.server.close()
+
+
+async def test_tcp_idle_means_no_binding_request_not_no_bytes() -> None:
+    r = await start_server(idle_timeout=1.0)
+    loop = asyncio.get_running_loop()
+    try:
+        busy_reader, busy_writer = await r.connect()  # asks for a binding every 0.3 s: stays
+        junk_reader, junk_writer = await r.connect()  # sends only what is not a request: goes
+        opened = loop.time()
+
+        async def until_closed() -> float:
+            with contextlib.suppress(ConnectionResetError):
+                while await junk_reader.read(4096):
+                    pass  # the error answers to the refused method
+            return loop.time() - opened
+
+        junk_closed = asyncio.create_task(until_closed())
+        for _ in range(8):
+            busy_writer.write(request())
+            await read_message(busy_reader)
+            if not junk_closed.done():
+                junk_writer.write(request(message_class=MessageClass.INDICATION))
+                junk_writer.write(request(method=0x003))  # a method we refuse with an error
+            await asyncio.sleep(0.3)
+        assert 0.9 <= await asyncio.wait_for(junk_closed, TIMEOUT) <= 1.5
+        assert dropped(r.metrics, "tcp", "idle_timeout") == 1
+        assert loop.time() - opened >= 2.0  # the busy one outlived the idle timeout twice
+        busy_writer.write(request())
+        await read_message(busy_reader)
+        busy_writer.close()
+        junk_writer.close()
+    finally:
+        await r.server.close()
