@@ -22,7 +22,7 @@ const MAX_ICE_RESTARTS = 3;
 const CLOSE_UNAUTHORIZED = 4001; // token refused: reconnecting cannot help
 const CLOSE_REPLACED = 4002; // the server's close code when the same identity joined again elsewhere
 const CLOSE_REMOVED = 4004; // the server removed this participant (e.g. its media timed out)
-const CLOSE_DROPPED = 4000; // our own code for a socket we gave up on (silence, or the test hook)
+const CLOSE_DROPPED = 4000; // our own code for a socket we gave up on (no word from the server)
 // Reconnection: waits before each attempt to open a new socket, the last one repeating until the grace
 // period (`reconnect_grace` from `joined`) is over. One attempt may take at most RESUME_ATTEMPT_MS.
 const RECONNECT_DELAYS_MS = Object.freeze([500, 1000, 2000]);
@@ -1341,17 +1341,6 @@ export class HuddleClient extends EventTarget {
     const current = this._transport ? this._transport.connections() : [];
     const retiring = this._retiring ? this._retiring.connections() : [];
     return [...current, ...retiring];
-  }
-
-  /**
-   * TEST HOOK (tests/e2e rely on it; not for applications): closes the signaling WebSocket abruptly, without
-   * `leave`, as a lost network would. The client then reconnects (state `reconnecting`) and resumes the call.
-   * Returns false when there was no socket to drop.
-   */
-  _debugDropConnection() {
-    if (!this._signaling) return false;
-    this._signaling.drop('dropped by _debugDropConnection (test hook)');
-    return true;
   }
 
   // --- messages from the server ---

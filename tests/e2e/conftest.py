@@ -89,12 +89,13 @@ def browser() -> Iterator[Browser]:
 
 
 @pytest.fixture
-def new_page(browser: Browser) -> Iterator[Callable[[str], Page]]:
+def new_page(browser: Browser) -> Iterator[Callable[..., Page]]:
     """Each page in its own context, as separate people on separate machines would be."""
     contexts = []
 
-    def make(url: str) -> Page:
-        context = browser.new_context(viewport={"width": 1000, "height": 700})
+    def make(url: str, **context_options: Any) -> Page:
+        """`context_options` for Browser.new_context, e.g. device_scale_factor for a high-density screen."""
+        context = browser.new_context(**{"viewport": {"width": 1000, "height": 700}, **context_options})
         contexts.append(context)
         page = context.new_page()
         page.on("pageerror", lambda exc: print(f"[page error] {exc}"))

@@ -47,10 +47,19 @@ async def _abuse(server: Server) -> dict[str, str]:
         udp.sendto(datagram, ("127.0.0.1", server.stun))
         udp.sendto(datagram, ("127.0.0.1", server.media))
     udp.close()
+    # An HTTP client on the STUN port's TCP side: the server hangs up on it at once, saying nothing.
     reader, writer = await asyncio.open_connection("127.0.0.1", server.stun)
-    writer.write(os.urandom(4096))
+    writer.write(b"GET / HTTP/1.1\r\nHost: huddle\r\n\r\n" + b"x" * 4000)
     await writer.drain()
-    await asyncio.wait_for(reader.read(), 5)  # the server hangs up on garbage
+    started = time.monotonic()
+    try:
+        # read() returns only at end of file (or raises when the server resets the connection).
+        answers["stun_tcp"] = repr(await asyncio.wait_for(reader.read(), 5))
+    except ConnectionResetError:
+        answers["stun_tcp"] = "reset"
+    except TimeoutError:
+        answers["stun_tcp"] = "still open after 5 s"
+    answers["stun_tcp_closed_after"] = f"{time.monotonic() - started:.3f}"
     writer.close()
     return answers
 
@@ -70,6 +79,7 @@ def test_abuse_beside_a_running_call_leaves_its_media_alone(new_page, server: Se
 
     # The abuse runs on a thread of its own (Playwright's sync API must stay on this one), while this one
     # samples the call's decoded frames: no stall of over a second on either side.
+    not_stun = _metric(server, 'huddle_stun_dropped_total{reason="not_stun",transport="tcp"}')
     answers: dict[str, str] = {}
     abuser = threading.Thread(target=lambda: answers.update(asyncio.run(_abuse(server))))
     samples: list[tuple[float, int, int]] = []
@@ -81,12 +91,18 @@ def test_abuse_beside_a_running_call_leaves_its_media_alone(new_page, server: Se
         time.sleep(0.25)
     abuser.join()
 
+    stun_tcp, closed_after = answers.pop("stun_tcp"), float(answers.pop("stun_tcp_closed_after"))
     assert answers == {
         "malformed": "bad_json",
         "unknown": "unknown_type",
         "oversized": "too_large",
         "bad_room": "invalid_room",
     }
+    # The STUN server closed the garbage connection itself (end of file, or a reset when our bytes were still
+    # unread), at once rather than after its idle timeout, and counted it under its reason.
+    assert stun_tcp in ("b''", "reset"), stun_tcp
+    assert closed_after <= 1.0, f"the STUN server kept a garbage connection for {closed_after} s"
+    assert _metric(server, 'huddle_stun_dropped_total{reason="not_stun",transport="tcp"}') == not_stun + 1
     for side in (1, 2):
         run, worst = 0.0, 0.0
         for a, b in itertools.pairwise(samples):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from playwright.sync_api import Page
@@ -150,16 +150,25 @@ def test_everyone_agrees_on_the_active_speaker_and_it_moves(new_page, server: Se
     pages = _room(new_page, server, "speaker", ["Ada", "Bob", "Cy"])
     ada, bob, cy = pages
     ids = {name: pid_of(page) for name, page in zip(["Ada", "Bob", "Cy"], pages, strict=True)}
-    # Only Ada's (fake, beeping) microphone is on.
-    for page in (bob, cy):
-        page.click("#toggle-audio")
 
     def agreed(pid: str) -> bool:
         return all(p.evaluate("window.huddle.activeSpeaker") == pid for p in pages)
 
+    # Only Bob's (fake, beeping) microphone is on, until everyone sees him speaking; then he falls silent too.
+    for page in (ada, cy):
+        page.click("#toggle-audio")
+    wait_for(lambda: agreed(ids["Bob"]), 10, "everyone to see Bob speaking")
+    bob.click("#toggle-audio")
+    time.sleep(2)  # past the 1.5 s a speaker's speech is held: the floor is free, though still shown as Bob's
+    assert agreed(ids["Bob"])
+
+    # Ada starts speaking into the silence: every page shows her as the speaker within what people notice.
+    ada.click("#toggle-audio")
     started = time.monotonic()
-    wait_for(lambda: agreed(ids["Ada"]), 6, "everyone to see Ada speaking")
-    print(f"all pages agreed on Ada {time.monotonic() - started:.2f} s after the others muted")
+    wait_for(lambda: agreed(ids["Ada"]), 5, "everyone to see Ada speaking", interval=0.05)
+    first = time.monotonic() - started
+    print(f"all pages agreed on Ada {first:.2f} s after she unmuted")
+    assert first <= FIRST_AGREEMENT_BOUND, f"the pages agreed on Ada only {first:.2f} s after she unmuted"
     for page in (bob, cy):
         assert (
             page.get_attribute(f'.tile.remote[data-participant-id="{ids["Ada"]}"]', "data-speaking") == "true"
@@ -168,13 +177,18 @@ def test_everyone_agrees_on_the_active_speaker_and_it_moves(new_page, server: Se
     ada.click("#toggle-audio")
     bob.click("#toggle-audio")
     started = time.monotonic()
-    wait_for(lambda: agreed(ids["Bob"]), 3, "everyone to see Bob speaking")
+    wait_for(lambda: agreed(ids["Bob"]), 3, "everyone to see Bob speaking", interval=0.05)
     moved = time.monotonic() - started
     print(f"the floor moved to Bob in {moved:.2f} s")
-    assert moved <= 2.5  # 1.8 s measured: Ada's speech is held 1.5 s, then Bob's takeover
+    assert moved <= 2.5  # 1.7-2.1 s measured: Ada's speech is held 1.5 s, then Bob's takeover
     # And it stays there: no flapping back while Bob goes on.
     time.sleep(2)
     assert agreed(ids["Bob"])
+
+
+# Someone who starts talking into a silence is shown as the speaker on every page within this: 0.68-0.98 s
+# measured over five runs (the fake microphone beeps once a second, so up to a second more by its phase).
+FIRST_AGREEMENT_BOUND = 2.0
 
 
 def _limit(port: int, rate: str) -> None:
@@ -212,17 +226,66 @@ async () => {
 
 
 def test_a_thin_downlink_settles_on_low_layers_and_recovers(new_page, server: Server) -> None:
-    ada, bob, _cy = _room(new_page, server, "thin", ["Ada", "Bob", "Cy"])
-    ada_id = pid_of(ada)
+    names = ["Ada", "Bob", "Cy"]
+    pages = []
+    for name in names:
+        # Bob's screen has twice the pixel density: his thumbnail of Cy (about 250 px wide) takes about 500
+        # device pixels and so Cy's middle layer, which leaves the thumbnail something to give up first.
+        density = {"device_scale_factor": 2} if name == "Bob" else {}
+        page = new_page(f"{server.url}/r/thin?name={name}", **density)
+        page.set_viewport_size({"width": 1280, "height": 720})
+        pages.append(page)
+    for page, name in zip(pages, names, strict=True):
+        others = sorted(n for n in names if n != name)
+        wait_for(lambda page=page, others=others: sorted(remote_tiles(page)) == others, 20, f"{name}'s tiles")
+    ada, bob, cy = pages
+    ada_id, cy_id = pid_of(ada), pid_of(cy)
     _pin(bob, "Ada")
-    wait_for(lambda: video_from(bob, ada_id)["width"] >= 1280, 20, "Ada in HD on Bob's stage")
+    wait_for(
+        lambda: video_from(bob, ada_id)["width"] >= 1280 and video_from(bob, cy_id)["width"] == 640,
+        30,
+        "Ada in HD on Bob's stage and Cy's middle layer in his thumbnail",
+    )
     port = bob.evaluate(SUBSCRIBE_PORT_JS)
+
+    def watch(seconds: float) -> list[tuple[float, int, int, int]]:
+        """(seconds since, stage width, thumbnail width, stage frames decoded), four times a second."""
+        timeline = []
+        started = time.monotonic()
+        while (now := time.monotonic() - started) < seconds:
+            stage, thumbnail = video_from(bob, ada_id), video_from(bob, cy_id)
+            timeline.append((now, stage["width"], thumbnail["width"], stage["frames"]))
+            time.sleep(0.25)
+        return timeline
+
+    def settled(
+        timeline: list[tuple[float, int, int, int]], condition: Callable[..., bool], what: str
+    ) -> list:
+        """The samples from the first that meets `condition`, which must come within 10 s."""
+        i = next((i for i, sample in enumerate(timeline) if condition(*sample[1:3])), len(timeline))
+        assert i < len(timeline) and timeline[i][0] <= 10, f"{what}: not within 10 s: {timeline}"
+        return timeline[i:]
+
     _limit(port, "500kbit")
     try:
-        wait_for(lambda: video_from(bob, ada_id)["width"] <= 640, 20, "Bob's layers to step down")
-        # The call goes on at the lower layers.
-        frames = video_from(bob, ada_id)["frames"]
-        wait_for(lambda: video_from(bob, ada_id)["frames"] > frames + 30, 10, "video over the thin link")
+        timeline = watch(LIMITED_SECONDS)
     finally:
         _unlimit()
-    wait_for(lambda: video_from(bob, ada_id)["width"] >= 1280, 40, "Bob's layers to come back up")
+    restored = time.monotonic()
+    print(f"on 500 kbit/s (s, stage px, thumbnail px, stage frames): {timeline}")
+    # The thumbnail gives up its middle layer, and the stage steps down from its top one ...
+    after = settled(
+        timeline, lambda stage, thumbnail: stage <= 640 and thumbnail <= 320, "both stepping down"
+    )
+    # ... and then, in every sample for as long as the link is thin (not in one): the stage stays down, and
+    # the thumbnail stays on its lowest layer, whatever room the estimate leaves going to the stage first.
+    risen = [sample for sample in after if sample[1] > 640 or sample[2] > 320]
+    assert not risen, f"back up while the link was thin: {risen}"
+    assert after[-1][0] - after[0][0] >= 8
+    assert after[-1][3] - after[0][3] >= 60, "the stage's video stalled on the thin link"
+    # 9-12 s measured: the bandwidth estimate climbs back step by step, each layer up waits for a keyframe.
+    wait_for(lambda: video_from(bob, ada_id)["width"] >= 1280, 30, "Bob's layers to come back up")
+    print(f"the stage back in HD {time.monotonic() - restored:.1f} s after the limit went")
+
+
+LIMITED_SECONDS = 20

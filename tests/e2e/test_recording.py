@@ -132,13 +132,17 @@ def test_recording_a_one_to_one_call_moves_it_to_the_sfu(new_page, server: Serve
 
 def test_sigterm_in_the_middle_of_a_recording_leaves_playable_files(new_page, tmp_path: Path) -> None:
     recordings = tmp_path / "recordings"
-    server = start_server("--recordings-dir", str(recordings), "--sfu-always")
+    server = start_server("--recordings-dir", str(recordings), "--sfu-always", "--api-key", "e2e-key")
     try:
         room = "cut"
         pages = join(new_page, server, room, ["Eve", "Fay"])
         for page in pages:
             wait_for(lambda page=page: page.evaluate("window.huddle.mode") == "sfu", 10, "SFU mode")
-        request = urllib.request.Request(f"{server.url}/api/rooms/{room}/recordings", method="POST")
+        request = urllib.request.Request(
+            f"{server.url}/api/rooms/{room}/recordings",
+            method="POST",
+            headers={"Authorization": "Bearer e2e-key"},
+        )
         with urllib.request.urlopen(request, timeout=10) as response:
             assert response.status == 201
         time.sleep(4)

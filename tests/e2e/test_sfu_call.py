@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
+import subprocess
 import threading
 import time
 import urllib.request
@@ -254,76 +256,154 @@ def test_an_aiortc_participant_and_chromium_pages_in_one_call(new_page, browser)
         stop_server(server)
 
 
-LOCAL_PORTS_JS = """
+# Every UDP port this page's peer connections gathered a candidate on: all the sockets its media can use.
+LOCAL_UDP_PORTS_JS = """
 async () => {
-  const ports = [];
+  const ports = new Set();
   for (const {pc} of window.huddle.peerConnections()) {
-    const stats = await pc.getStats();
-    const byId = new Map();
-    stats.forEach(r => byId.set(r.id, r));
-    stats.forEach(r => {
-      if (r.type === 'transport' && r.selectedCandidatePairId) {
-        ports.push(byId.get(byId.get(r.selectedCandidatePairId).localCandidateId).port);
-      }
+    (await pc.getStats()).forEach(r => {
+      if (r.type === 'local-candidate' && r.protocol === 'udp') ports.add(r.port);
     });
   }
-  return ports;
+  return [...ports];
 }
 """
 
 
-def test_a_page_whose_network_drops_for_5_seconds_comes_back_by_itself(new_page, server: Server) -> None:
-    names = ["Ada", "Bob", "Cy"]
-    ada, bob, cy = _join(new_page, server, "flaky", names)
-    for page in (ada, bob, cy):
-        wait_for(lambda page=page: decoding_videos(page, 30) == 2, 40, "the call through the SFU")
-    cy_id = cy.evaluate("window.huddle.self.id")
+def _client_ports(*server_ports: int) -> set[int]:
+    """The client-side ports of the established TCP connections to these server ports (`ss`, in our
+    namespace, where Chromium is the only client)."""
+    out = subprocess.run(["ss", "-Htn", "state", "established"], capture_output=True, text=True, check=True)
+    ports = set()
+    for line in out.stdout.splitlines():
+        local, peer = line.split()[-2:]
+        if int(peer.rsplit(":", 1)[1]) in server_ports:
+            ports.add(int(local.rsplit(":", 1)[1]))
+    return ports
 
-    # Cy's network goes: its signaling socket drops and nothing passes on its UDP ports, for 5 s.
-    ports = set(cy.evaluate(LOCAL_PORTS_JS))
-    assert len(ports) >= 1
-    rules = [f"udp {way} {port}" for port in sorted(ports) for way in ("sport", "dport")]
-    cy.context.set_offline(True)
+
+# Every state the status line shows from now on, with the seconds since (a poll could miss a short one).
+WATCH_STATUS_JS = """
+() => {
+  window.__statuses = [];
+  const status = document.querySelector('#status'), started = performance.now();
+  const seconds = () => (performance.now() - started) / 1000;
+  new MutationObserver(() => window.__statuses.push([status.dataset.state, seconds()]))
+    .observe(status, {attributes: true, attributeFilter: ['data-state']});
+}
+"""
+
+
+def _tile_connections(page: Page) -> list[str]:
+    """The media connection state each remote tile shows ('disconnected' reads 'Reconnecting…')."""
+    return page.eval_on_selector_all(".tile.remote", "els => els.map(e => e.dataset.connection || '')")
+
+
+CUT_SECONDS = 8
+
+
+def test_a_page_whose_network_drops_for_8_seconds_comes_back_by_itself(new_page) -> None:
+    """Cy's network stops passing packets, as a Wi-Fi that drops out does: nothing of its signaling socket or
+    its media sockets gets through, nor any connection it tries to open. The page notices by itself (ICE
+    consent, then the signaling socket), and comes back by itself once the network does.
+
+    8 s rather than 5: the server gives up on a silent socket at most 6 s into the silence (a ping 4 s after
+    the last message, 2 s for its pong; 2.3-6.2 s measured), so only a longer cut is sure to take the
+    signaling socket down too and make the page resume its call on a new one, which this test is about."""
+    server = start_server("--sfu-always", "--reconnect-grace", "20")
     try:
+        ada, bob = _join(new_page, server, "flaky", ["Ada", "Bob"])
+        for page in (ada, bob):
+            wait_for(lambda page=page: decoding_videos(page, 30) == 1, 40, "Ada and Bob's call")
+        # Cy's TCP connections are those that appear with Cy (Ada and Bob open none in a steady SFU call).
+        others_tcp = _client_ports(server.http, server.media)
+        cy = new_page(f"{server.url}/r/flaky?name=Cy")
+        for page, others in ((ada, ["Bob", "Cy"]), (bob, ["Ada", "Cy"]), (cy, ["Ada", "Bob"])):
+            wait_for(lambda page=page, others=others: sorted(remote_tiles(page)) == others, 20, "Cy's tiles")
+            wait_for(lambda page=page: decoding_videos(page, 30) == 2, 40, "the call through the SFU")
+        cy_id = cy.evaluate("window.huddle.self.id")
+        ids = {name: page.evaluate("window.huddle.self.id") for name, page in (("Ada", ada), ("Bob", bob))}
+        cy_tcp = _client_ports(server.http, server.media) - others_tcp
+        cy_udp = set(cy.evaluate(LOCAL_UDP_PORTS_JS))
+        assert cy_tcp and cy_udp, (cy_tcp, cy_udp)
+        rules = [
+            f"{proto} {way} {{ {', '.join(map(str, sorted(ports)))} }}"
+            for proto, ports in (("tcp", cy_tcp), ("udp", cy_udp))
+            for way in ("sport", "dport")
+        ]
+        # A connection Cy opens during the cut has a port nobody knows in advance, so new connections to the
+        # server are refused to every page for those seconds; Ada and Bob, whose network is fine, open none.
+        rules.append(f"tcp dport {{ {server.http}, {server.media} }} tcp flags & (syn | ack) == syn")
+
+        def frames() -> dict[str, int]:
+            return {
+                "cy<-ada": _frames_from(cy, ids["Ada"]),
+                "cy<-bob": _frames_from(cy, ids["Bob"]),
+                "ada<-cy": _frames_from(ada, cy_id),
+                "bob<-cy": _frames_from(bob, cy_id),
+                "ada<-bob": _frames_from(ada, ids["Bob"]),
+                "bob<-ada": _frames_from(bob, ids["Ada"]),
+            }
+
+        cy_tile = f'.tile.remote[data-participant-id="{cy_id}"]'
+        seen: dict[str, float] = {}  # what each page showed first, seconds after the cut started
+        samples: list[tuple[float, dict[str, int]]] = []
+        cy.evaluate(WATCH_STATUS_JS)
+        started = time.monotonic()
         with dropping(*rules):
-            cy.evaluate("window.huddle._debugDropConnection()")
-            wait_for(lambda: cy.get_attribute("#status", "data-state") == "reconnecting", 5, "Cy to see it")
-            tile = f'.tile.remote[data-participant-id="{cy_id}"]'
-            wait_for(
-                lambda: ada.get_attribute(tile, "data-connection-state") == "reconnecting",
-                10,
-                "the others to see Cy reconnecting",
+            while (now := time.monotonic() - started) < CUT_SECONDS:
+                samples.append((now, frames()))
+                if all(state == "disconnected" for state in _tile_connections(cy)):
+                    seen.setdefault("cy: tiles say reconnecting", now)
+                if all(
+                    p.get_attribute(cy_tile, "data-connection-state") == "reconnecting" for p in (ada, bob)
+                ):
+                    seen.setdefault("others: Cy reconnecting", now)
+                time.sleep(0.2)
+        restored = time.monotonic()
+        print(f"during the cut: {seen}")
+        # Cy noticed by itself, from its media going silent (ICE consent, 5.4-6.6 s measured), before the
+        # network came back ...
+        assert seen.get("cy: tiles say reconnecting", 99) < CUT_SECONDS, seen
+        # ... and so did the server: the others see Cy reconnecting, keeping Cy's tile.
+        assert seen.get("others: Cy reconnecting", 99) <= CUT_SECONDS, seen
+        # The cut was real and Cy's alone: in its last 2 s nothing from or to Cy was decoded, while Ada and
+        # Bob went on seeing each other.
+        late = [f for t, f in samples if t >= CUT_SECONDS - 2]
+        for key in ("cy<-ada", "cy<-bob", "ada<-cy", "bob<-cy"):
+            assert late[-1][key] - late[0][key] <= 1, (key, late[0], late[-1])
+        for key in ("ada<-bob", "bob<-ada"):
+            assert samples[-1][1][key] - samples[0][1][key] >= 60, (key, samples[0], samples[-1])
+
+        # The network is back: Cy's page finds its signaling socket dead, resumes the call on a new one and
+        # restarts ICE; video flows both ways again, with nobody seeing Cy leave.
+        cut_end = frames()
+
+        def back() -> bool:
+            now = frames()
+            return (
+                cy.get_attribute("#status", "data-state") == "connected"
+                and all(now[key] >= cut_end[key] + 30 for key in ("cy<-ada", "cy<-bob", "ada<-cy", "bob<-cy"))
+                and all(p.get_attribute(cy_tile, "data-connection-state") == "connected" for p in (ada, bob))
+                and all(state == "connected" for state in _tile_connections(cy))
             )
-            time.sleep(5)
+
+        wait_for(back, 30, "Cy back in the call, video both ways")
+        took = time.monotonic() - restored
+        print(f"back {took:.1f} s after the network came back; status: {cy.evaluate('window.__statuses')}")
+        statuses = [state for state, _ in cy.evaluate("window.__statuses")]
+        assert statuses[:1] == ["reconnecting"] and statuses[-1] == "connected", statuses
+        assert took <= RECOVERY_BOUND, f"Cy took {took:.1f} s to come back"
+        assert cy.evaluate("window.huddle.self.id") == cy_id
+        for page in (ada, bob):
+            assert page.eval_on_selector_all(cy_tile, "e => e.length") == 1
     finally:
-        cy.context.set_offline(False)
-
-    wait_for(lambda: cy.get_attribute("#status", "data-state") == "connected", 20, "Cy to come back")
-    assert cy.evaluate("window.huddle.self.id") == cy_id
-    for page in (ada, bob):
-        # Same participant, same tile: nobody saw Cy leave.
-        assert page.eval_on_selector_all(f'.tile.remote[data-participant-id="{cy_id}"]', "e => e.length") == 1
-        wait_for(
-            lambda page=page: (
-                page.get_attribute(f'.tile.remote[data-participant-id="{cy_id}"]', "data-connection-state")
-                == "connected"
-            ),
-            10,
-            "Cy back",
-        )
-    # Video resumes both ways.
-    before = {n: _frames_from(p, cy_id) for n, p in (("ada", ada), ("bob", bob))}
-    wait_for(
-        lambda: all(_frames_from(p, cy_id) > before[n] + 30 for n, p in (("ada", ada), ("bob", bob))),
-        20,
-        "Cy's video to resume for the others",
-    )
-    mine = decoding_total(cy)
-    wait_for(lambda: decoding_total(cy) > mine + 60, 20, "Cy to see the others again")
+        stop_server(server)
 
 
-def decoding_total(page: Page) -> int:
-    return sum(s["frames"] for s in inbound(page)["streams"] if s["kind"] == "video")
+# 3.7-4.1 s measured from the network's return to video both ways (the socket found dead, the resume, the ICE
+# restart, a keyframe); a page that waits out its 12 s silence timeout or a slow resume takes longer.
+RECOVERY_BOUND = 7
 
 
 def _frames_from(page: Page, participant_id: str) -> int:
@@ -368,17 +448,56 @@ def _metric(server: Server, name: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(name))
 
 
+# The video this page receives, summed over its inbound streams, as the browser itself counts it.
+VIDEO_RECEIVED_JS = """
+async () => {
+  const out = {packets: 0, lost: 0, nacks: 0, frames: 0};
+  for (const {pc} of window.huddle.peerConnections()) {
+    (await pc.getStats()).forEach(r => {
+      if (r.type === 'inbound-rtp' && r.kind === 'video') {
+        out.packets += r.packetsReceived || 0; out.lost += r.packetsLost || 0; out.nacks += r.nackCount || 0;
+        out.frames += r.framesDecoded || 0;
+      }
+    });
+  }
+  return out;
+}
+"""
+
+
 def test_lost_packets_are_repaired_from_the_sfus_cache(new_page) -> None:
     server = start_server("--sfu-always")
-    # 3 % of what the SFU sends to the browsers is lost on the way.
+    # 3 % of what the SFU sends to the browsers (retransmissions too) is lost on the way.
     try:
         with dropping(f"udp sport {server.media} numgen random mod 100 < 3"):
-            ada, bob = _join(new_page, server, "lossy", ["Ada", "Bob"])
-            for page in (ada, bob):
-                wait_for(lambda page=page: decoding_videos(page, 150) == 1, 40, "video despite the loss")
+            pages = _join(new_page, server, "lossy", ["Ada", "Bob"])
+            for page in pages:
+                wait_for(lambda page=page: decoding_videos(page, 60) == 1, 40, "video despite the loss")
+            samples = []
+            started = time.monotonic()
+            while time.monotonic() - started < 10:
+                samples.append(
+                    (time.monotonic(), [page.evaluate(VIDEO_RECEIVED_JS)["frames"] for page in pages])
+                )
+                time.sleep(0.25)
+            received = [page.evaluate(VIDEO_RECEIVED_JS) for page in pages]
         room = _room(server, "lossy")
+        print(f"the browsers counted {received}; the SFU {room['sfu']}")
+        for got in received:
+            # Over the whole call (1,000 packets and more), the browser saw the loss and asked for the packets
+            # again ...
+            assert got["nacks"] >= 3, got
+            # ... and got them: what stays lost (a repaired packet counts as received) is a small part of the
+            # 3 % dropped on the way (0-0.1 % measured), where no repair would leave nearly all of it.
+            assert got["lost"] <= 0.01 * (got["packets"] + got["lost"]), got
+        # Video went on decoding, without a stall of over a second.
+        for side in range(len(pages)):
+            run = worst = 0.0
+            for a, b in itertools.pairwise(samples):
+                run = run + (b[0] - a[0]) if b[1][side] == a[1][side] else 0.0
+                worst = max(worst, run)
+            assert worst <= 1.0, f"video stalled for {worst:.2f} s"
         assert room["sfu"]["nacks_in"] > 0
-        assert room["sfu"]["retransmits"] > 0
         # Nearly every NACKed packet was in the cache (the rest were lost again on the way back).
         assert room["sfu"]["retransmits"] >= 0.8 * room["sfu"]["nacks_in"], room["sfu"]
     finally:

@@ -151,11 +151,17 @@ async def test_unknown_types_are_counted_under_one_label(harness: Harness) -> No
     assert 'huddle_signaling_messages_total{type="invalid"} 5.0' in text
 
 
-async def test_garbage_over_plain_http_does_not_hurt(harness: Harness) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", harness.ports.http)
-    writer.write(b"\x16\x03\x01garbage\r\n\r\n" * 10)
-    await writer.drain()
-    await reader.read(1000)
-    writer.close()
+async def test_garbage_over_plain_http_is_refused_and_the_connection_closed(harness: Harness) -> None:
+    """TLS, or no HTTP at all, sent to the plain HTTP port: a 400, and the server hangs up at once rather
+    than keeping the connection (and its file) for whoever sent it."""
+    for garbage in (b"\x16\x03\x01garbage\r\n\r\n" * 10, b"GET / HTTP/1.1\r\nHost: x\r\nno colon\r\n\r\n"):
+        reader, writer = await asyncio.open_connection("127.0.0.1", harness.ports.http)
+        writer.write(garbage)
+        await writer.drain()
+        # read() returns only at end of file: the server closed the connection, within the second.
+        answer = await asyncio.wait_for(reader.read(), 1.0)
+        assert answer.startswith(b"HTTP/1.0 400 ") or answer.startswith(b"HTTP/1.1 400 "), answer[:80]
+        assert reader.at_eof()
+        writer.close()
     ok: Client = await harness.connect()
     await ok.join("r", "Ada")
