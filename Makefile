@@ -20,6 +20,14 @@ bench: $(STAMP)
 	bench/deps
 	scripts/in-netns $(PY) -m bench.run $(BENCH_ARGS)
 
+# Coverage-guided fuzzing of the parsers (fuzz/, atheris): FUZZ_SECONDS per target, FUZZ_TARGETS="sdp stun" for
+# some. Fails on a crash or a hang, with the reproducer in fuzz/crashes/. Not part of `make test`.
+FUZZ_SECONDS ?= 60
+.PHONY: fuzz
+fuzz: $(STAMP)
+	$(PY) -c 'import atheris' 2>/dev/null || $(PY) -m pip install -q -e '.[fuzz]'
+	nice -n 10 $(PY) -m fuzz --seconds $(FUZZ_SECONDS) $(FUZZ_TARGETS)
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
