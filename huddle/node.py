@@ -20,7 +20,7 @@ from huddle.rtc.port import MediaPort
 from huddle.rtc.sdp import Candidate
 from huddle.sfu.router import Sfu
 from huddle.signaling.app import build_app
-from huddle.signaling.connections import ConnectionGuard, GuardedSite
+from huddle.signaling.connections import ConnectionGuard, GuardedSite, HttpErrorLog
 from huddle.signaling.session import Context
 from huddle.signaling.tokens import weak_secret
 from huddle.stun import StunServer
@@ -80,7 +80,9 @@ class Node:
             stun_port=stun_port,
             recordings=self.recordings,
         )
-        self._runner = web.AppRunner(build_app(ctx), access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(
+            build_app(ctx), access_log=None, handle_signals=False, logger=HttpErrorLog(self.metrics)
+        )
         await self._runner.setup()
         guard = ConnectionGuard(self.metrics, per_address=s.max_connections_per_address)
         site = GuardedSite(self._runner, s.host, s.port, guard)

@@ -17,12 +17,14 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.log import server_logger
 from aiohttp.web_protocol import RequestHandler
 
 from huddle.logs import event
 from huddle.metrics import Metrics
 
-__all__ = ["ConnectionGuard", "GuardedSite"]
+__all__ = ["ConnectionGuard", "GuardedSite", "HttpErrorLog"]
 
 log = logging.getLogger("huddle.signaling")
 
@@ -35,6 +37,36 @@ BACKLOG: Final = 1024
 PER_ADDRESS_LIMIT: Final = "http_per_address_limit"
 HEADER_TIMEOUT_KIND: Final = "http_header_timeout"
 IDLE_TIMEOUT_KIND: Final = "http_idle_timeout"
+BAD_REQUEST_KIND: Final = "http_bad_request"
+
+
+class HttpErrorLog:
+    """The logger aiohttp's request handlers are given (`AppRunner(logger=...)`).
+
+    A request that is not HTTP (TLS or random bytes on the plain port, a header line without a colon) is the
+    client's doing: aiohttp answers 400 and closes, and logs it with a traceback at error level, which anyone
+    could repeat to fill the logs. Such requests are counted and logged at debug level only; everything else,
+    such as an exception in one of our handlers, goes to aiohttp's logger with its traceback as before.
+    """
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._bad_requests = metrics.errors.labels(kind=BAD_REQUEST_KIND)
+
+    def _client_error(self, exc_info: object, args: tuple[Any, ...]) -> bool:
+        if not isinstance(exc_info, HttpProcessingError):
+            return False
+        self._bad_requests.inc()
+        address = args[0] if args else None
+        event(log, logging.DEBUG, "bad HTTP request", address=str(address), error=str(exc_info)[:200])
+        return True
+
+    def debug(self, msg: str, *args: Any, exc_info: object = None, **kwargs: Any) -> None:
+        if not self._client_error(exc_info, args):
+            server_logger.debug(msg, *args, exc_info=exc_info, **kwargs)  # type: ignore[arg-type]
+
+    def exception(self, msg: str, *args: Any, exc_info: object = True, **kwargs: Any) -> None:
+        if not self._client_error(exc_info, args):
+            server_logger.exception(msg, *args, exc_info=exc_info, **kwargs)  # type: ignore[arg-type]
 
 
 class ConnectionGuard:

@@ -163,5 +163,6 @@ async def test_garbage_over_plain_http_is_refused_and_the_connection_closed(harn
         assert answer.startswith(b"HTTP/1.0 400 ") or answer.startswith(b"HTTP/1.1 400 "), answer[:80]
         assert reader.at_eof()
         writer.close()
+    assert await harness.metric("huddle_errors_total", {"kind": "http_bad_request"}) == 2
     ok: Client = await harness.connect()
     await ok.join("r", "Ada")
