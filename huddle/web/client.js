@@ -1430,7 +1430,8 @@ export class HuddleClient extends EventTarget {
     this.room = message.room || this.room;
     this.mode = message.mode === 'sfu' ? 'sfu' : 'p2p';
     this.iceServers = message.ice_servers || [];
-    this.permissions = message.permissions || { publish: true, subscribe: true, record: true };
+    // The server always says; a reply without it grants only what joining itself gives.
+    this.permissions = message.permissions || { publish: true, subscribe: true, record: false, download: false };
     this.resumeToken = typeof message.resume_token === 'string' ? message.resume_token : null;
     this.reconnectGrace = Number(message.reconnect_grace) > 0 ? Number(message.reconnect_grace)
       : DEFAULT_RECONNECT_GRACE_S;
