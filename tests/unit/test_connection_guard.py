@@ -124,16 +124,21 @@ async def test_one_address_holds_at_most_its_share_and_others_are_served() -> No
             writer.close()
 
 
+async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> float:
+    """Send REQUEST a byte every 0.1 s (3 s for all of it); the seconds until the server closed on us."""
+    closed = asyncio.create_task(closed_after(reader))
+    for byte in REQUEST:
+        if closed.done():
+            break
+        writer.write(bytes([byte]))
+        await asyncio.sleep(0.1)
+    return await closed
+
+
 async def test_headers_sent_too_slowly_are_cut_off() -> None:
     async with serve(per_address=10, header_timeout=0.5, idle_timeout=5.0) as served:
         reader, writer = await served.connect()
-        closed = asyncio.create_task(closed_after(reader))
-        for byte in REQUEST:  # one byte every 0.1 s: 3 s for the whole request
-            if closed.done():
-                break
-            writer.write(bytes([byte]))
-            await asyncio.sleep(0.1)
-        assert 0.4 <= await closed <= 0.8
+        assert 0.4 <= await trickle(reader, writer) <= 0.8
         assert served.errors("http_header_timeout") == 1
         writer.close()
 
@@ -152,13 +157,7 @@ async def test_an_idle_keep_alive_connection_is_closed_and_so_is_a_slow_second_r
         writer.write(REQUEST)
         await response(reader)
         await asyncio.sleep(0.3)
-        closed = asyncio.create_task(closed_after(reader))
-        for byte in REQUEST:
-            if closed.done():
-                break
-            writer.write(bytes([byte]))
-            await asyncio.sleep(0.1)
-        assert 0.4 <= await closed <= 0.8
+        assert 0.4 <= await trickle(reader, writer) <= 0.8
         assert served.errors("http_header_timeout") == 1
         writer.close()
 
