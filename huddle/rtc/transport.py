@@ -218,4 +218,13 @@ class WebRtcTransport:
                 for datagram in self.dtls.datagrams_to_send():
                     self.port.send_to(datagram, self.ice.selected)
         self.port.unregister(self, self._addresses)
+        # The callbacks are the owner's bound methods and the owner holds this transport: without this, a
+        # closed call's state (and its OpenSSL objects) would wait for a full garbage collection.
+        self.on_rtp = self.on_rtcp = _ignore
+        self.on_connected = _ignore
+        self.dtls = None
         self.srtp = None
+
+
+def _ignore(*args: object) -> None:
+    pass

@@ -138,6 +138,12 @@ class Consumer:
         self.octets += size
         return transport.send_rtp(out)
 
+    def close(self) -> None:
+        """Its producer or its subscriber is gone: let go of the cached packets and the transport now."""
+        self.ready = False
+        self.cache = None
+        self.transport = None
+
     def retransmit(self, seqs: list[int]) -> int:
         """Answer a NACK from the cache; returns how many of the asked-for packets were re-sent."""
         if self.cache is None or self.transport is None:

@@ -367,6 +367,17 @@ class Peer:
         for transport in (self.publish, self.subscribe):
             if transport is not None:
                 transport.close()
+        # Producers, Consumers and transports point back at their Peer: cutting the ties frees a departed
+        # participant's state (packet caches included) at once instead of at the next full collection, which
+        # a busy node runs rarely (RSS grew 1.3 MB per departure in `make soak` before this).
+        self.publish = self.subscribe = None
+        for consumer in self.consumers.values():
+            consumer.close()
+        self.consumers.clear()
+        self.producers.clear()
+        self.by_ssrc.clear()
+        self.sections.clear()
+        self.offered.clear()
 
 
 class Router:
@@ -405,7 +416,6 @@ class Router:
             consumer.producer.consumers.remove(consumer)
             if peer.sink is not None:
                 peer.sink.consumer_removed(consumer)
-        peer.consumers.clear()
         peer.close()
         self._offers.discard(participant.id)
         self._allocations.discard(participant.id)
@@ -537,7 +547,9 @@ class Router:
     # -- Negotiation (called by signaling) ------------------------------------------------------------------
 
     def on_publish_offer(self, participant: Participant, text: str) -> str:
-        peer = self.peers[participant.id]
+        peer = self.peers.get(participant.id)
+        if peer is None:  # an offer that crossed its sender's departure
+            raise sdp.SdpError("you are no longer in this call")
         # Limits first: a refused offer changes nothing and builds nothing.
         desc = sdp.parse(text, max_media=offer.MAX_PUBLISH_SECTIONS)
         offer.check_publish_offer(desc)
@@ -644,6 +656,7 @@ class Router:
                 consumer.subscriber.sink.consumer_removed(consumer)
             else:
                 self._renegotiate(consumer.subscriber)
+            consumer.close()
         producer.consumers.clear()
 
     def _consume(self, producer: Producer, subscriber: Peer) -> None:
@@ -732,7 +745,9 @@ class Router:
         )
 
     def on_subscribe_answer(self, participant: Participant, text: str, revision: int) -> None:
-        peer = self.peers[participant.id]
+        peer = self.peers.get(participant.id)
+        if peer is None:  # an answer that crossed its sender's departure
+            raise sdp.SdpError("you are no longer in this call")
         if peer.awaiting != revision:
             raise sdp.SdpError(f"revision {revision} is not the offer awaiting an answer ({peer.awaiting})")
         # An answer has exactly the offer's sections: reading past that many is wasted work.
