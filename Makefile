@@ -20,6 +20,13 @@ bench: $(STAMP)
 	bench/deps
 	scripts/in-netns $(PY) -m bench.run $(BENCH_ARGS)
 
+# A 50-person call for 30 minutes with people coming and going: the server's memory, files and tasks must
+# not grow (bench/soak.py). Not part of `make test`; SOAK_ARGS="--minutes 4 --settle 1" for a short try.
+.PHONY: soak
+soak: $(STAMP)
+	scripts/system-deps test
+	scripts/in-netns $(PY) -m bench.soak $(SOAK_ARGS)
+
 # Coverage-guided fuzzing of the parsers (fuzz/, atheris): FUZZ_SECONDS per target, FUZZ_TARGETS="sdp stun" for
 # some. Fails on a crash or a hang, with the reproducer in fuzz/crashes/. Not part of `make test`.
 FUZZ_SECONDS ?= 60

@@ -51,6 +51,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="decrypt 1 received packet in this many per stream (1: all; more saves the generator's CPU, "
         "loss still counts every packet)",
     )
+    parser.add_argument(
+        "--churn",
+        type=float,
+        default=0.0,
+        help="every this many seconds someone leaves (every third vanishes, as a closed tab) and a newcomer "
+        "takes the seat, from the warm-up to the end (default 0: nobody leaves)",
+    )
     parser.add_argument("--json", type=Path, help="also write the full results to this JSON file")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
@@ -70,6 +77,7 @@ def main(args: argparse.Namespace) -> int:
         join_rate=args.join_rate,
         connect_timeout=args.connect_timeout,
         decrypt_every=args.decrypt_every,
+        churn=args.churn,
     )
     try:
         config.validate()
@@ -94,7 +102,8 @@ def main(args: argparse.Namespace) -> int:
         args.json.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     if not result.complete:
         print(
-            f"huddle loadtest: only {result.connected} of {result.participants} participants connected",
+            f"huddle loadtest: only {result.connected} of {result.participants} participants connected"
+            + (f", {result.join_failures} of {result.joins} newcomers did not" if result.joins else ""),
             file=sys.stderr,
         )
         return 1

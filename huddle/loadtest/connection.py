@@ -197,11 +197,12 @@ class MediaConnection:
         self._next_check = now
         self._check(now)
 
-    def close(self) -> None:
+    def close(self, *, notify: bool = True) -> None:
+        """Close the socket; with `notify`, after telling the server (DTLS close_notify)."""
         if self.closed:
             return
         self.closed = True
-        if self.dtls is not None and self.dtls.state is DtlsState.CONNECTED:
+        if notify and self.dtls is not None and self.dtls.state is DtlsState.CONNECTED:
             self.dtls.close()
             for datagram in self.dtls.datagrams_to_send():
                 self._send(datagram)

@@ -115,6 +115,7 @@ class SyntheticParticipant:
         self.session_id = random.getrandbits(62)
         self.keyframe_requests = 0
         self.offers = 0
+        self.offer_bytes = 0  # size of the last subscribe offer
         self.closed = False
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -337,7 +338,10 @@ class SyntheticParticipant:
             session_id=self.session_id,
         )
         self.offers += 1
+        self.offer_bytes = len(text)
         self.tracks = {t.ssrc: t for t in tracks}
+        # Streams of publishers who left: their figures are kept, they stop being reported on.
+        self.receiver.retire(self.tracks)
         index_of = self.shared.index_of
         for track in tracks:
             stream = self.receiver.stream(track.ssrc)
@@ -411,7 +415,9 @@ class SyntheticParticipant:
 
     # -- leaving --------------------------------------------------------------------------------------------
 
-    async def leave(self) -> None:
+    async def leave(self, *, vanish: bool = False) -> None:
+        """Hang up; or, with `vanish`, disappear as a closed tab or a dead network does: no `leave`, no DTLS
+        close_notify, the sockets just go (the server keeps the seat for its reconnect grace)."""
         if self.closed:
             return
         self.closed = True
@@ -420,15 +426,19 @@ class SyntheticParticipant:
                 sender.closed = True
         if self._sizes_handle is not None:
             self._sizes_handle.cancel()
+        if self.id is not None:
+            self.shared.index_of.pop(self.id, None)
         # Media first (DTLS close_notify while the server still knows our addresses), then signaling.
         for connection in (self.publish, self.subscribe):
             if connection is not None:
-                connection.close()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._send({"type": "leave"}), 2)
+                connection.close(notify=not vanish)
+        if not vanish:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._send({"type": "leave"}), 2)
         if self._ws is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._ws.close(), 2)
+                # A closed tab says 1001 (going away); hanging up, 1000.
+                await asyncio.wait_for(self._ws.close(code=1001 if vanish else 1000), 2)
         if self._reader is not None:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -6,8 +6,14 @@
 
 Phases: encode the media (once per process), join at `join_rate` per second (publishers first: they are the
 first `publishers` participants), wait until every media connection is up (at most `connect_timeout`), let
-the layers settle for `warmup` seconds, measure for `duration` seconds, leave. Everything is bounded:
-`MAX_PARTICIPANTS`, `MAX_DURATION`, and a deadline over the whole run.
+the layers settle for `warmup` seconds, measure for `duration` seconds, leave. With `churn`, from the warm-up
+to the end of the window someone leaves every `churn` seconds (every `VANISH_EVERY`th one vanishes, as a
+closed tab does; the others hang up) and a newcomer of the same role takes the seat; what the departed
+received counts too. Everything is bounded: `MAX_PARTICIPANTS`, `MAX_DURATION`, and a deadline over the whole
+run.
+
+`Crowd` is the participants of a run and the loops they share, for drivers with their own timeline (the
+soak test, bench/soak.py).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import resource
 import time
 from collections.abc import Callable
@@ -36,6 +43,8 @@ from huddle.rtc.certificate import Certificate
 __all__ = [
     "MAX_DURATION",
     "MAX_PARTICIPANTS",
+    "VANISH_EVERY",
+    "Crowd",
     "LoadtestConfig",
     "LoadtestResult",
     "format_summary",
@@ -45,6 +54,7 @@ __all__ = [
 log = logging.getLogger("huddle.loadtest")
 
 TICK = 0.05  # seconds between the process-wide timer passes over all participants
+VANISH_EVERY = 3  # churn: every third participant who leaves vanishes instead of hanging up
 
 
 @dataclass
@@ -60,6 +70,7 @@ class LoadtestConfig:
     join_rate: float = 20.0  # joins per second
     connect_timeout: float = 30.0
     decrypt_every: int = 1  # decrypt 1 packet in this many per stream (1: all)
+    churn: float = 0.0  # seconds between one leaving and a newcomer taking the seat (0: nobody leaves)
 
     def validate(self) -> None:
         if not 1 <= self.participants <= MAX_PARTICIPANTS:
@@ -77,6 +88,8 @@ class LoadtestConfig:
             raise ValueError("join_rate must be more than 0 and at most 1000 per second")
         if not 1 <= self.decrypt_every <= 1000:
             raise ValueError("decrypt_every must be 1..1000")
+        if self.churn and not (0.5 <= self.churn <= MAX_DURATION and self.participants >= 2):
+            raise ValueError(f"churn must be 0 or 0.5..{MAX_DURATION:g} s, with at least 2 participants")
         if not self.url.startswith(("http://", "https://")):
             raise ValueError("url must start with http:// or https://")
 
@@ -113,6 +126,11 @@ class LoadtestResult:
     delay_p99_ms: float | None = None
     delay_max_ms: float | None = None
     keyframe_requests: int = 0
+    joins: int = 0  # churn: newcomers, from the warm-up to the end of the window
+    leaves: int = 0  # churn: departures (hung up or vanished)
+    vanished: int = 0
+    join_failures: int = 0  # newcomers not connected within connect_timeout
+    offer_bytes_max: int = 0  # the largest subscribe offer a participant received last
     cpu_seconds: float = 0.0  # the generator's own (user + system), inside the window
     cpu_percent_per_participant: float = 0.0  # of one core
     pacer: dict[str, float] = field(default_factory=dict)
@@ -121,8 +139,9 @@ class LoadtestResult:
 
     @property
     def complete(self) -> bool:
-        """Everyone joined and connected: the figures describe the call asked for."""
-        return self.joined == self.participants and self.connected == self.participants
+        """Everyone joined and connected (newcomers too): the figures describe the call asked for."""
+        everyone = self.joined == self.connected == self.participants
+        return everyone and not self.join_failures
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -142,6 +161,138 @@ async def _every(interval: float, action: Callable[[float], None]) -> None:
             action(time.monotonic())
         except Exception:  # a timer bug must not stop everyone's consent checks
             log.exception("load test timer failed")
+
+
+class Crowd:
+    """The synthetic participants of one run and the process-wide loops they share (pacing, reading,
+    timers). People may come and go: `replace` has one leave and a newcomer of the same role take the seat,
+    and `start_churn` does that every few seconds. The departed stay in `gone`, with what they received."""
+
+    def __init__(self, shared: Shared, participants: int, publishers: int) -> None:
+        self.shared = shared
+        self.people = [SyntheticParticipant(shared, i, publish=i < publishers) for i in range(participants)]
+        shared.participants = self.people  # the same list: seats are replaced in place
+        self.gone: list[SyntheticParticipant] = []
+        self.joins = self.leaves = self.vanished = self.join_failures = 0
+        self.measuring = False
+        self._next_index = participants  # fresh indices: media trailers tell the newcomer from the departed
+        self._busy: set[int] = set()  # seats being replaced
+        self._replacing: set[asyncio.Task[None]] = set()
+        self._loops: list[asyncio.Task[None]] = []
+        self._churn: asyncio.Task[None] | None = None
+
+    @property
+    def everyone(self) -> list[SyntheticParticipant]:
+        return self.people + self.gone
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._loops = [
+            loop.create_task(self.shared.pacer.run()),
+            loop.create_task(_every(TICK, lambda now: [p.tick(now) for p in self.people])),
+        ]
+        if self.shared.poller is not None:
+            self._loops.append(loop.create_task(self.shared.poller.run()))
+
+    async def stop(self) -> None:
+        """Everyone still here leaves, and the loops end."""
+        await self.stop_churn()
+        for task in self._replacing:
+            task.cancel()
+        await asyncio.gather(*self._replacing, return_exceptions=True)
+        await asyncio.gather(*(p.leave() for p in self.people), return_exceptions=True)
+        for task in self._loops:
+            task.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+
+    def open_window(self, stamp: int) -> None:
+        self.measuring = True
+        for person in self.people:
+            person.receiver.start_window(stamp)
+
+    def close_window(self, stamp: int) -> None:
+        self.measuring = False
+        for person in self.people:
+            person.receiver.stop_window(stamp)
+
+    def received(self) -> tuple[int, int, int]:
+        """(packets, lost, freezes) in the window so far, over everyone who has been in the call."""
+        packets = lost = freezes = 0
+        for person in self.everyone:
+            receiver = person.receiver
+            packets += receiver.retired.packets
+            lost += receiver.retired.lost
+            freezes += receiver.retired.freezes
+            for stream in receiver.streams.values():
+                packets += stream.received
+                lost += stream.lost
+                freezes += stream.freezes
+        return packets, lost, freezes
+
+    def start_churn(self, interval: float, connect_timeout: float, rng: random.Random) -> None:
+        """From now until `stop_churn`, every `interval` seconds someone leaves (never the speaker, nor a
+        seat still being replaced) and a newcomer takes the seat."""
+        if self._churn is None:
+            churn = self._churn_loop(interval, connect_timeout, rng)
+            self._churn = asyncio.get_running_loop().create_task(churn)
+
+    async def stop_churn(self) -> None:
+        """No more departures; the replacements under way finish (each is bounded by its timeout)."""
+        if self._churn is not None:
+            self._churn.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._churn
+            self._churn = None
+
+    async def _churn_loop(self, interval: float, connect_timeout: float, rng: random.Random) -> None:
+        loop = asyncio.get_running_loop()
+        seats = [i for i in range(len(self.people)) if i != self.shared.speaker]
+        while True:
+            await asyncio.sleep(interval)
+            free = [i for i in seats if i not in self._busy]
+            if not free:
+                continue
+            vanish = (self.leaves + 1) % VANISH_EVERY == 0
+            task = loop.create_task(self.replace(rng.choice(free), vanish=vanish, timeout=connect_timeout))
+            self._replacing.add(task)
+            task.add_done_callback(self._replacing.discard)
+
+    async def replace(self, seat: int, *, vanish: bool, timeout: float) -> None:
+        """The participant in `seat` leaves (or vanishes); a newcomer of the same role joins and connects
+        within `timeout` seconds, or counts as a join failure."""
+        self._busy.add(seat)
+        try:
+            old = self.people[seat]
+            new = SyntheticParticipant(self.shared, self._next_index, publish=old.publishes)
+            self._next_index += 1
+            stamp = now_us()
+            if self.measuring:
+                old.receiver.stop_window(stamp)
+                new.receiver.start_window(stamp)
+            self.people[seat] = new
+            self.gone.append(old)
+            self.leaves += 1
+            self.vanished += vanish
+            await asyncio.gather(old.leave(vanish=vanish), self._join(new, timeout))
+        finally:
+            self._busy.discard(seat)
+
+    async def _join(self, person: SyntheticParticipant, timeout: float) -> None:
+        self.joins += 1
+        deadline = time.monotonic() + timeout
+        try:
+            await asyncio.wait_for(person.join(), timeout)
+        except (TimeoutError, OSError, ConnectionError, aiohttp.ClientError) as exc:
+            person.errors.append(f"newcomer could not join: {exc!r}")
+            self.join_failures += 1
+            return
+        while time.monotonic() < deadline:
+            if person.connected or person.failed:
+                break
+            await asyncio.sleep(0.05)
+        if not person.connected:
+            person.errors.append(f"newcomer not connected: {person.failed or f'after {timeout:g} s'}")
+            self.join_failures += 1
 
 
 async def run_loadtest(
@@ -183,37 +334,24 @@ async def _run(config: LoadtestConfig, say: Callable[[str], None]) -> LoadtestRe
             speaker=config.speaker,
             decrypt_every=config.decrypt_every,
         )
-        people = [
-            SyntheticParticipant(shared, i, publish=i < config.publisher_count)
-            for i in range(config.participants)
-        ]
-        shared.participants = people
-        loop = asyncio.get_running_loop()
-        tasks = [
-            loop.create_task(pacer.run()),
-            loop.create_task(poller.run()),
-            loop.create_task(_every(TICK, lambda now: [p.tick(now) for p in people])),
-        ]
+        crowd = Crowd(shared, config.participants, config.publisher_count)
+        crowd.start()
         try:
-            await _measure(config, result, people, pacer, say)
+            await _measure(config, result, crowd, pacer, say)
         finally:
             say("leaving")
-            await asyncio.gather(*(p.leave() for p in people), return_exceptions=True)
-            for task in tasks:
-                task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await crowd.stop()
     return result
 
 
 async def _measure(
     config: LoadtestConfig,
     result: LoadtestResult,
-    people: list[SyntheticParticipant],
+    crowd: Crowd,
     pacer: Pacer,
     say: Callable[[str], None],
 ) -> None:
+    people = crowd.people
     say(f"joining {config.participants} participants")
     started = time.monotonic()
     joins = []
@@ -244,20 +382,21 @@ async def _measure(
         elif not person.connected:
             result.errors.append(f"{person.name}: not connected after {config.connect_timeout:g} s")
 
+    if config.churn:
+        crowd.start_churn(config.churn, config.connect_timeout, random.Random(config.room))
     say(f"warming up for {config.warmup:g} s")
     await asyncio.sleep(config.warmup)
     say(f"measuring for {config.duration:g} s")
-    sent_before = [(c.sent, c.sent_bytes) for p in people for c in (p.publish,) if c is not None]
+    sent_before = _sent(crowd.everyone)
     fired, late, skipped, busy = pacer.fired, pacer.late, pacer.skipped, pacer.busy
     cpu_before = _cpu()
     window_start = time.monotonic()
-    stamp = now_us()
-    for person in people:
-        person.receiver.start_window(stamp)
+    crowd.open_window(now_us())
     await asyncio.sleep(config.duration)
-    stamp = now_us()
-    for person in people:
-        person.receiver.stop_window(stamp)
+    await crowd.stop_churn()
+    crowd.close_window(now_us())
+    result.joins, result.leaves = crowd.joins, crowd.leaves
+    result.vanished, result.join_failures = crowd.vanished, crowd.join_failures
     window = time.monotonic() - window_start
     cpu = _cpu() - cpu_before
     result.window_seconds = round(window, 3)
@@ -269,16 +408,23 @@ async def _measure(
         "skipped": pacer.skipped - skipped,
         "busy_seconds": round(pacer.busy - busy, 3),
     }
-    sent_after = [(c.sent, c.sent_bytes) for p in people for c in (p.publish,) if c is not None]
-    result.packets_sent = sum(a for a, _ in sent_after) - sum(a for a, _ in sent_before)
-    result.bytes_sent = sum(b for _, b in sent_after) - sum(b for _, b in sent_before)
-    _collect(result, people)
+    for index, (packets, sent_bytes) in _sent(crowd.everyone).items():
+        packets_before, bytes_before = sent_before.get(index, (0, 0))
+        result.packets_sent += packets - packets_before
+        result.bytes_sent += sent_bytes - bytes_before
+    _collect(result, crowd.everyone)
+
+
+def _sent(people: list[SyntheticParticipant]) -> dict[int, tuple[int, int]]:
+    """RTP packets and bytes each publisher has sent so far, by participant index."""
+    return {p.index: (p.publish.sent, p.publish.sent_bytes) for p in people if p.publish is not None}
 
 
 def _collect(result: LoadtestResult, people: list[SyntheticParticipant]) -> None:
     histogram = DelayHistogram()
     for person in people:
         result.keyframe_requests += person.keyframe_requests
+        result.offer_bytes_max = max(result.offer_bytes_max, person.offer_bytes)
         result.errors.extend(f"{person.name}: {error}" for error in person.errors)
         if person.id is None:
             continue
@@ -286,7 +432,7 @@ def _collect(result: LoadtestResult, people: list[SyntheticParticipant]) -> None
         result.subscribers.append(sub)
         histogram.merge(person.receiver.histogram)
         result.packets_received += sub.packets
-        result.bytes_received += sum(s.bytes for s in sub.streams)
+        result.bytes_received += sum(s.bytes for s in sub.streams) + person.receiver.retired.bytes
         result.lost += sub.lost
         result.freezes += sub.freezes
         result.videos_expected += sub.videos_expected
@@ -329,6 +475,15 @@ def format_summary(result: LoadtestResult, *, rows: int = 20) -> str:
         f"{result.videos_at_layer}/{result.videos_expected} at the expected layer, "
         f"{result.videos_unexpected} not shown but sent; audio streams "
         f"{result.audio_received}/{result.audio_expected} (top-3 rule)",
+        *(
+            [
+                f"  churn     {result.leaves} left ({result.vanished} vanished), {result.joins} joined, "
+                f"{result.join_failures} newcomers not connected; largest subscribe offer "
+                f"{result.offer_bytes_max:,} bytes"
+            ]
+            if config.get("churn")
+            else []
+        ),
         f"  generator {result.cpu_seconds:.2f} CPU s in the window: "
         f"{result.cpu_percent_per_participant:.2f} % of a core per participant, "
         f"{100 * result.cpu_seconds / window:.0f} % in all; keyframe requests {result.keyframe_requests}, "

@@ -13,6 +13,7 @@ starting point, so that joining and layer negotiation do not count as loss.
 
 from __future__ import annotations
 
+from collections.abc import Container
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -26,6 +27,7 @@ __all__ = [
     "DelayHistogram",
     "ReceiveStream",
     "Receiver",
+    "Retired",
     "StreamResult",
     "SubscriberResult",
 ]
@@ -136,6 +138,7 @@ class ReceiveStream:
         "publisher_index",
         "received",
         "ssrc",
+        "top",
         "wrong_sender",
     )
 
@@ -167,6 +170,8 @@ class ReceiveStream:
         self.foreign = 0
         self.auth_errors = 0
         self.base = self.hi + 1 if self.hi >= 0 else -1
+        # The highest inside the window: what arrives after it closes (while leaving) is not loss.
+        self.top = -1
 
     def report_block(self) -> ReportBlock | None:
         """An RTCP report block on this stream since the last one (RFC 3550 §6.4.1, A.3), as browsers send."""
@@ -184,9 +189,9 @@ class ReceiveStream:
 
     @property
     def lost(self) -> int:
-        if self.base < 0 or self.hi < self.base:
+        if self.base < 0 or self.top < self.base:
             return 0
-        return max(0, self.hi - self.base + 1 - self.received)
+        return max(0, self.top - self.base + 1 - self.received)
 
 
 @dataclass
@@ -231,6 +236,16 @@ class SubscriberResult:
         return asdict(self)
 
 
+@dataclass(slots=True)
+class Retired:
+    """What arrived, inside the window, on streams a subscriber no longer receives (their publisher left)."""
+
+    packets: int = 0
+    bytes: int = 0
+    lost: int = 0
+    freezes: int = 0
+
+
 class Receiver:
     """Per-subscriber accounting of everything the subscribe connection receives."""
 
@@ -245,6 +260,7 @@ class Receiver:
         # more saves CPU at scale (loss and freezes still count every packet, from the clear header).
         self.decrypt_every = max(1, decrypt_every)
         self.unknown = 0
+        self.retired = Retired()  # streams of publishers who left, summed
 
     def stream(self, ssrc: int) -> ReceiveStream:
         stream = self.streams.get(ssrc)
@@ -252,10 +268,22 @@ class Receiver:
             stream = self.streams[ssrc] = ReceiveStream(ssrc)
         return stream
 
+    def retire(self, keep: Container[int]) -> None:
+        """Forget the streams whose SSRC is not in `keep` (their publisher left), adding their figures to
+        `retired`: a long call with people coming and going neither grows nor reports on the departed."""
+        for ssrc in [ssrc for ssrc in self.streams if ssrc not in keep]:
+            stream = self.streams.pop(ssrc)
+            retired = self.retired
+            retired.packets += stream.received
+            retired.bytes += stream.bytes
+            retired.lost += stream.lost
+            retired.freezes += stream.freezes
+
     def start_window(self, now_us: int) -> None:
         self.measuring = True
         self.window_start_us = now_us
         self.histogram = DelayHistogram()
+        self.retired = Retired()
         for stream in self.streams.values():
             stream.reset()
             # A stream that should flow and does not in the first FREEZE_GAP of the window has frozen.
@@ -296,6 +324,8 @@ class Receiver:
             return
         if stream.base < 0:
             stream.base = ext
+        if ext > stream.top:
+            stream.top = ext
         received = stream.received = stream.received + 1
         stream.bytes += len(data)
         if stream.kind == "video" and stream.last_us:
@@ -383,6 +413,9 @@ class Receiver:
                 result.videos_unexpected += 1
             elif stream.kind == "audio" and stream.received:
                 result.audio_received += 1
+        result.packets += self.retired.packets
+        result.lost += self.retired.lost
+        result.freezes += self.retired.freezes
         result.streams.sort(key=lambda s: (s.publisher, s.kind))
         result.delay_p50_ms = self.histogram.percentile_ms(0.5)
         result.delay_p99_ms = self.histogram.percentile_ms(0.99)
