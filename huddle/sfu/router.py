@@ -21,7 +21,7 @@ from huddle.rtc.certificate import Certificate
 from huddle.rtc.port import MediaPort
 from huddle.rtc.transport import WebRtcTransport
 from huddle.sfu import offer
-from huddle.sfu.allocation import Request, allocate
+from huddle.sfu.allocation import CONGESTION_LOSS, Budget, Request, allocate, rungs
 from huddle.sfu.consumer import Consumer
 from huddle.sfu.producer import UNUSED_EXTENSION_ID, Producer, order_rids
 from huddle.sfu.speaker import SpeakerDetector
@@ -31,13 +31,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("huddle.sfu")
 
-# Bandwidth: a subscriber reporting this much loss is congested; its layers then stay down this long, and
-# after that step up by this factor (plus a fixed step) at most once per interval, while no loss returns.
-CONGESTION_LOSS = 0.1
-HOLD_AFTER_CONGESTION = 8.0
-STEP_UP_INTERVAL = 4.0
-PROBE_FACTOR = 1.5
-PROBE_STEP = 200_000
 THUMBNAIL_WIDTH = 360  # device pixels: a video shown this small gets half the frame rate
 LOUDEST = 3  # audio streams each subscriber gets, besides anyone who just began to speak
 TICK = 0.1  # transport-wide feedback cadence (Chromium's own receive side sends it about this often)
@@ -182,12 +175,10 @@ class Peer:
         # first video_sizes (then everyone's lowest layer). And its downlink estimate from REMB, in bit/s.
         self.sizes: dict[str, tuple[int, int]] | None = None
         self.estimate: float | None = None
-        # What we send it (video payload bit/s, smoothed), and until when its layers may not step up after
-        # its estimate fell below that (congestion).
+        # What we send it (video payload bit/s, smoothed), and what its layers may use.
         self.sent_rate = 0.0
         self._sent_octets = 0
-        self.hold_until = 0.0
-        self.budget: float | None = None
+        self.budget = Budget()
         self.loss = 0.0  # fraction of our packets its last receiver report says were lost
         self.twcc: list[tuple[int, int]] = []
         self.twcc_count = 0
@@ -465,8 +456,8 @@ class Router:
             # Every layer the publisher declared counts, sent or paused: dynacast turns on what is wanted.
             bitrates = [int(b) for b in producer.bitrates]
             requests.append(Request(consumer, width, height, producer.widths, bitrates))
-        chosen = allocate(requests, self._budget(peer))
         now = time.monotonic()
+        chosen = allocate(requests, self._budget(peer, requests, now))
         for request in requests:
             consumer = request.key
             assert isinstance(consumer, Consumer)
@@ -478,25 +469,11 @@ class Router:
             thumbnail = peer.sizes is not None and 0 < request.width <= THUMBNAIL_WIDTH
             consumer.max_tid = 1 if thumbnail else None
 
-    def _budget(self, peer: Peer) -> float | None:
-        """The bit rate `peer`'s layers may use, from its feedback.
-
-        Loss in its receiver reports means its downlink is full: the budget drops to what got through (or
-        its REMB estimate, if lower) and stays down a while. Without loss, the budget allows one step above
-        what we send (or its estimate, if higher), and the next reports confirm it or take it back. REMB
-        alone cannot drive this: a browser's receive-side estimate stays near what it receives, and reads
-        low for seconds after every change, so trusting it would only ever step layers down.
-        """
-        sent, now = peer.sent_rate, time.monotonic()
-        if peer.loss > CONGESTION_LOSS and sent > 0:
-            through = sent * (1 - peer.loss)
-            peer.budget = min(through, peer.estimate) if peer.estimate else through
-            peer.hold_until = now + HOLD_AFTER_CONGESTION
-            peer.loss = 0.0  # acted on; the next report says whether the new layers fit
-        elif peer.budget is not None and now >= peer.hold_until:
-            peer.budget = max(peer.budget, sent, peer.estimate or 0) * PROBE_FACTOR + PROBE_STEP
-            peer.hold_until = now + STEP_UP_INTERVAL
-        return peer.budget
+    def _budget(self, peer: Peer, requests: list[Request], now: float) -> float | None:
+        """The bit rate `peer`'s layers may use, from the loss in its latest receiver report (see Budget)."""
+        budget = peer.budget.update(now, peer.sent_rate, peer.estimate, peer.loss, rungs(requests))
+        peer.loss = 0.0  # acted on; the next report says whether the new layers fit
+        return budget
 
     def _measure(self, peer: Peer, interval: float) -> None:
         octets = sum(c.octets for c in peer.consumers.values() if c.kind == "video")

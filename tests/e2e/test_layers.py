@@ -283,7 +283,8 @@ def test_a_thin_downlink_settles_on_low_layers_and_recovers(new_page, server: Se
     assert not risen, f"back up while the link was thin: {risen}"
     assert after[-1][0] - after[0][0] >= 8
     assert after[-1][3] - after[0][3] >= 60, "the stage's video stalled on the thin link"
-    # 9-12 s measured: the bandwidth estimate climbs back step by step, each layer up waits for a keyframe.
+    # 15-23 s measured: the probe that failed while limited holds the next one back (16 s), then it climbs a
+    # layer at a time, each up waiting for a keyframe.
     wait_for(lambda: video_from(bob, ada_id)["width"] >= 1280, 30, "Bob's layers to come back up")
     print(f"the stage back in HD {time.monotonic() - restored:.1f} s after the limit went")
 
