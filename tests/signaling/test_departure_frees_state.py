@@ -14,11 +14,8 @@ import weakref
 import pytest
 
 from huddle.config import Settings
-from huddle.loadtest.negotiation import publish_offer
 from tests.signaling.conftest import Harness
-from tests.signaling.test_offer_limits import chromium_like_answer
-
-FINGERPRINT = ":".join(f"{b:02X}" for b in range(32))
+from tests.signaling.test_offer_limits import chromium_like_answer, publish_message
 
 
 @pytest.fixture
@@ -31,21 +28,7 @@ async def test_a_participant_who_leaves_is_freed_without_the_cyclic_collector(ha
     await ada.join("free", "Ada")
     bob = await harness.connect()
     await bob.join("free", "Bob")
-    await bob.send(
-        {
-            "type": "sfu_offer",
-            "pc": "publish",
-            "sdp": publish_offer(
-                ufrag="abcd",
-                pwd="0123456789abcdefghijkl",
-                fingerprint=FINGERPRINT,
-                host=("127.0.0.1", 9),
-                session_id=1,
-                stream_id="bob",
-                audio_ssrc=1234,
-            ),
-        }
-    )
+    await bob.send(publish_message("bob"))
     await bob.expect("sfu_answer")
     offer = await ada.expect("sfu_offer")
     # Ada takes Bob's tracks, as a browser would: her consumers of them are then in use.

@@ -139,25 +139,25 @@ async def test_a_500_section_publish_offer_is_refused_and_stalls_no_other_call(h
 
     # The refusal changes nothing for the attacker either: an offer within the limits is answered, and the
     # others get its tracks.
-    await attacker.send(
-        {
-            "type": "sfu_offer",
-            "pc": "publish",
-            "sdp": publish_offer(
-                ufrag="abcd",
-                pwd="0123456789abcdefghijkl",
-                fingerprint=FINGERPRINT,
-                host=("127.0.0.1", 9),
-                session_id=1,
-                stream_id="mallory",
-                audio_ssrc=1234,
-            ),
-        }
-    )
+    await attacker.send(publish_message("mallory"))
     answer = await attacker.expect("sfu_answer")
     assert answer["pc"] == "publish"
     offer = await others[0].expect("sfu_offer")
     assert offer["sdp"].count("m=audio") == 1 and offer["sdp"].count("m=video") == 1
+
+
+def publish_message(stream_id: str) -> dict:
+    """An `sfu_offer` within every limit: one audio and one simulcast video track, as the loadtest sends."""
+    sdp_text = publish_offer(
+        ufrag="abcd",
+        pwd="0123456789abcdefghijkl",
+        fingerprint=FINGERPRINT,
+        host=("127.0.0.1", 9),
+        session_id=1,
+        stream_id=stream_id,
+        audio_ssrc=1234,
+    )
+    return {"type": "sfu_offer", "pc": "publish", "sdp": sdp_text}
 
 
 def chromium_like_answer(offer_text: str) -> str:
