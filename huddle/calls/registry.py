@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from huddle.calls.room import P2P, SFU, Outbox, Participant, Room, RoomFull, new_resume_token
 from huddle.logs import event
-from huddle.signaling.tokens import Permissions
+from huddle.permissions import Permissions
 
 if TYPE_CHECKING:
     from huddle.sfu.router import Router

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from huddle.signaling.tokens import Permissions
+from huddle.permissions import Permissions
 
 if TYPE_CHECKING:
     from huddle.sfu.router import Router

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from huddle.calls.room import Participant
+from huddle.permissions import Permissions
 from huddle.recording import records
 from huddle.recording.depacketize import OpusDepacketizer, ParticipantClock, Vp8Assembler
 from huddle.rtc import rtcp
-from huddle.signaling.tokens import Permissions
 
 if TYPE_CHECKING:
     from huddle.sfu.consumer import Consumer

@@ -10,6 +10,10 @@ from dataclasses import dataclass, field
 import jwt
 from jwt.warnings import InsecureKeyLengthWarning
 
+from huddle.permissions import OPEN_ROOM, PERMISSION_NAMES, Permissions
+
+__all__ = ["OPEN_ROOM", "PERMISSION_NAMES", "Grant", "Permissions", "TokenError", "issue", "verify"]
+
 ALGORITHM = "HS256"
 DEFAULT_TTL = 6 * 3600
 # RFC 7518 §3.2: an HS256 key should have at least as many bits as the hash.
@@ -21,27 +25,6 @@ warnings.filterwarnings("ignore", category=InsecureKeyLengthWarning)
 
 def weak_secret(secret: str) -> bool:
     return len(secret.encode()) < RECOMMENDED_SECRET_BYTES
-
-
-PERMISSION_NAMES = ("publish", "subscribe", "record", "download")
-
-
-@dataclass(frozen=True, slots=True)
-class Permissions:
-    """What a participant may do. Taking part is granted unless a token says otherwise; what costs the node
-    resources or exposes stored calls (recording, downloading) only when a token says so."""
-
-    publish: bool = True
-    subscribe: bool = True
-    record: bool = False
-    download: bool = False
-
-    def as_dict(self) -> dict[str, bool]:
-        return {name: getattr(self, name) for name in PERMISSION_NAMES}
-
-
-# Everyone in an open room: whoever knows the room name may do all of it (the cap on recordings bounds it).
-OPEN_ROOM = Permissions(record=True, download=True)
 
 
 @dataclass(frozen=True, slots=True)
