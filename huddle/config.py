@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
@@ -33,6 +34,14 @@ class Settings:
     s3_access_key: str | None = None
     s3_secret_key: str | None = None
     s3_region: str = "us-east-1"
+    zookeeper: str | None = None
+    node_id: str = "local"
+    zk_session_timeout: float = 6.0
+    standby_for: str | None = None
+    workers: str = "1"
+    public_url: str | None = None
+    worker_socket: str | None = None
+    worker_ids: str | None = None
 
     @property
     def open_rooms(self) -> bool:
@@ -67,7 +76,23 @@ _HELP = {
     "s3_access_key": "S3 access key id",
     "s3_secret_key": "S3 secret access key (prefer the environment variable to the flag)",
     "s3_region": "S3 region",
+    "zookeeper": "join a cluster: ZooKeeper servers as HOST:PORT[,HOST:PORT...][/chroot] (default chroot "
+    "/huddle); unset: this node is on its own",
+    "node_id": "this node's id in the cluster (letters, digits, '-', '_'); a live node's id is unique",
+    "zk_session_timeout": "seconds without ZooKeeper after which this node stops serving its calls and "
+    "a dead node's standby takes over",
+    "standby_for": "run as the passive standby of the active node with this id: host no call until it dies, "
+    "then take over its calls",
+    "workers": "node processes on this machine behind the one HTTP port, calls placed over them by chat id "
+    "('auto': one per core)",
+    "public_url": "the URL clients reach this node's HTTP port at (default: http://HOST:PORT); other nodes "
+    "redirect participants here",
+    "worker_socket": argparse.SUPPRESS,
+    "worker_ids": argparse.SUPPRESS,
 }
+
+# Set by the --workers parent for its children only.
+_HIDDEN = ("worker_socket", "worker_ids")
 
 
 def env_name(field_name: str) -> str:
@@ -83,12 +108,18 @@ def add_arguments(parser: argparse.ArgumentParser, names: tuple[str, ...] | None
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
         env = os.environ.get(env_name(f.name))
-        help_text = f"{_HELP[f.name]} [env {env_name(f.name)}; default {default!r}]"
+        help_text = (
+            argparse.SUPPRESS
+            if f.name in _HIDDEN
+            else f"{_HELP[f.name]} [env {env_name(f.name)}; default {default!r}]"
+        )
         if isinstance(default, bool):
             value = env.lower() in ("1", "true", "yes", "on") if env else default
             parser.add_argument(flag, dest=f.name, action="store_true", default=value, help=help_text)
             continue
         kind = type(default) if isinstance(default, int | float) else str
+        if f.name == "zk_session_timeout":
+            kind = float
         value = kind(env) if env not in (None, "") else default
         kwargs: dict = {"type": kind, "default": value, "help": help_text}
         if f.name == "log_level":
@@ -111,6 +142,18 @@ def from_namespace(ns: argparse.Namespace) -> Settings:
         raise ValueError("--max-recordings must be 0 or more")
     if settings.max_connections_per_address < 1:
         raise ValueError("--max-connections-per-address must be at least 1")
+    if not _ID.fullmatch(settings.node_id):
+        raise ValueError("--node-id must be 1-64 letters, digits, '-' or '_'")
+    if settings.standby_for is not None:
+        if not _ID.fullmatch(settings.standby_for):
+            raise ValueError("--standby-for must be a node id: 1-64 letters, digits, '-' or '_'")
+        if not settings.zookeeper:
+            raise ValueError("--standby-for needs --zookeeper: the standby learns there that its active died")
+        if settings.standby_for == settings.node_id:
+            raise ValueError("--standby-for must name another node than --node-id")
+    if settings.zk_session_timeout < 1.0:
+        raise ValueError("--zk-session-timeout must be at least 1 second (ZooKeeper's minimum is 2 ticks)")
+    worker_count(settings)
     if settings.secret_file:
         if settings.secret:
             raise ValueError("give the secret once: --secret or --secret-file, not both")
@@ -122,6 +165,24 @@ def from_namespace(ns: argparse.Namespace) -> Settings:
             raise ValueError(f"--secret-file {settings.secret_file}: the first line is empty")
         settings = replace(settings, secret=secret)
     return settings
+
+
+_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def worker_count(settings: Settings) -> int:
+    """--workers as a number of processes (`auto`: one per core this process may run on)."""
+    if settings.workers == "auto":
+        return max(1, len(os.sched_getaffinity(0)))
+    try:
+        count = int(settings.workers)
+    except ValueError:
+        raise ValueError(f"--workers must be a number or 'auto', got {settings.workers!r}") from None
+    if not 1 <= count <= 64:
+        raise ValueError("--workers must be 1-64")
+    if count > 1 and settings.zookeeper:
+        raise ValueError("--workers and --zookeeper do not go together yet: run one node per core instead")
+    return count
 
 
 def origins(settings: Settings) -> frozenset[str]:
