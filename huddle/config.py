@@ -40,7 +40,6 @@ class Settings:
     standby_for: str | None = None
     workers: str = "1"
     public_url: str | None = None
-    worker_socket: str | None = None
     worker_ids: str | None = None
 
     @property
@@ -87,12 +86,11 @@ _HELP = {
     "('auto': one per core)",
     "public_url": "the URL clients reach this node's HTTP port at (default: http://HOST:PORT); other nodes "
     "redirect participants here",
-    "worker_socket": argparse.SUPPRESS,
     "worker_ids": argparse.SUPPRESS,
 }
 
 # Set by the --workers parent for its children only.
-_HIDDEN = ("worker_socket", "worker_ids")
+_HIDDEN = ("worker_ids",)
 
 
 def env_name(field_name: str) -> str:
