@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import resource
-import socket
+import secrets
 from dataclasses import dataclass
+from pathlib import Path
 
 from aiohttp import web
 
 from huddle.calls.registry import Calls
+from huddle.calls.resume import ResumeKey
+from huddle.cluster.membership import Membership, NodeInfo, SingleNode
 from huddle.config import Settings
 from huddle.logs import RateLimit, event
 from huddle.metrics import LoopLagMonitor, Metrics
@@ -20,8 +25,8 @@ from huddle.rtc.port import MediaPort
 from huddle.rtc.sdp import Candidate
 from huddle.sfu.router import Sfu
 from huddle.signaling.app import build_app
-from huddle.signaling.connections import ConnectionGuard, GuardedSite, HttpErrorLog
-from huddle.signaling.session import Context
+from huddle.signaling.connections import ConnectionGuard, GuardedSite, HttpErrorLog, bind_tcp
+from huddle.signaling.session import CLOSE_SERVICE_RESTART, Context
 from huddle.signaling.tokens import weak_secret
 from huddle.stun import StunServer
 
@@ -29,6 +34,8 @@ log = logging.getLogger("huddle.node")
 
 # What asyncio logs, with a traceback, for every accept() that fails for want of file descriptors.
 ACCEPT_ERROR = "socket.accept() out of system resource"
+# How often this node tells its cluster which calls it holds (what /api/cluster shows).
+REPORT_SECONDS = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +53,7 @@ class Node:
         self.sfu: Sfu | None = None
         self.calls = Calls(
             capacity=settings.max_participants,
+            resume_key=resume_key(settings),
             reconnect_grace=settings.reconnect_grace,
             sfu_always=settings.sfu_always,
             router_factory=self._router,
@@ -56,6 +64,8 @@ class Node:
         self.recordings = Recordings.from_settings(self.calls, settings)
         self._runner: web.AppRunner | None = None
         self._lag: LoopLagMonitor | None = None
+        self.cluster: Membership | None = None
+        self._reporter: asyncio.Task[None] | None = None
         accept_errors = self.metrics.errors.labels(kind="accept_error")
         self._accept_errors = RateLimit(ACCEPT_ERROR, on_match=accept_errors.inc)
 
@@ -72,6 +82,24 @@ class Node:
             candidates.append(Candidate.host(announce, media_port, transport="tcp"))
         self.sfu = Sfu(self.media, Certificate.generate(), candidates)
         self.metrics.watch_sfu(self.sfu)
+        # Bound before the cluster hears of this node, listening only once it may take calls.
+        http_socket = bind_tcp(s.host, s.port)
+        http_port = http_socket.getsockname()[1]
+        try:
+            me = NodeInfo(
+                id=s.node_id,
+                url=(s.public_url or f"http://{_url_host(announce)}:{http_port}").rstrip("/"),
+                media=f"{_url_host(announce)}:{media_port}",
+                role="standby" if s.standby_for else "active",
+                standby_for=s.standby_for,
+                serves=None if s.standby_for else s.node_id,
+                rooms={},
+            )
+            self.cluster = self._membership(me)
+            await self.cluster.start()
+        except BaseException:
+            http_socket.close()
+            raise
         await self.recordings.start()
         ctx = Context(
             settings=s,
@@ -79,17 +107,15 @@ class Node:
             metrics=self.metrics,
             stun_port=stun_port,
             recordings=self.recordings,
+            cluster=self.cluster,
         )
         self._runner = web.AppRunner(
             build_app(ctx), access_log=None, handle_signals=False, logger=HttpErrorLog(self.metrics)
         )
         await self._runner.setup()
         guard = ConnectionGuard(self.metrics, per_address=s.max_connections_per_address)
-        site = GuardedSite(self._runner, s.host, s.port, guard)
-        await site.start()
-        http_port = next(
-            sock.getsockname()[1] for sock in site.sockets if sock.family in (socket.AF_INET, socket.AF_INET6)
-        )
+        await GuardedSite(self._runner, http_socket, guard).start()
+        self._reporter = asyncio.get_running_loop().create_task(self._report())
         if s.secret and weak_secret(s.secret):
             event(
                 log,
@@ -106,13 +132,68 @@ class Node:
             stun=stun_port,
             media=media_port,
             open_rooms=s.open_rooms,
+            node=s.node_id,
+            role=me.role,
         )
         return ports
 
+    def _membership(self, me: NodeInfo) -> Membership:
+        s = self.settings
+        membership: Membership
+        if s.zookeeper:
+            from huddle.cluster.zookeeper import ZooKeeperMembership
+
+            membership = ZooKeeperMembership(
+                s.zookeeper,
+                me=me,
+                standby_for=s.standby_for,
+                session_timeout=s.zk_session_timeout,
+                count_error=self._count_error,
+            )
+        elif s.worker_ids:
+            from huddle.cluster.static import Workers
+
+            membership = Workers(me, tuple(s.worker_ids.split(",")))
+        else:
+            membership = SingleNode(me)
+        membership.on_fenced = self._fenced
+        membership.on_serving = self._serving
+        return membership
+
+    def _count_error(self, kind: str) -> None:
+        self.metrics.errors.labels(kind=kind).inc()
+
+    def _fenced(self, why: str) -> None:
+        """Another node may serve our calls from now on: forward nothing more, and send every client on."""
+        event(log, logging.WARNING, "no longer serving calls", reason=why, rooms=len(self.calls))
+        self.calls.drop_all(CLOSE_SERVICE_RESTART, "this node stopped serving the call; reconnecting")
+
+    def _serving(self, slot: str) -> None:
+        event(log, logging.WARNING if slot != self.settings.node_id else logging.INFO, "serving", slot=slot)
+
+    async def _report(self) -> None:
+        """Keep the cluster's view of this node's calls current (only when they changed)."""
+        assert self.cluster is not None
+        last: dict[str, int] | None = None
+        while True:
+            rooms = self.calls.rooms()
+            if rooms != last:
+                self.cluster.report(rooms)
+                last = rooms
+            await asyncio.sleep(REPORT_SECONDS)
+
     async def stop(self) -> None:
+        if self._reporter is not None:
+            self._reporter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reporter
+            self._reporter = None
         # Recordings first, while their calls still run: their files are finished and stay playable.
         await self.recordings.close()
-        self.calls.close()
+        # Let a standby take the calls before their clients come looking for them.
+        if self.cluster is not None:
+            await self.cluster.stop()
+        self.calls.drop_all(CLOSE_SERVICE_RESTART, "the server is restarting; reconnecting")
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -128,6 +209,30 @@ class Node:
     def _router(self, room):
         assert self.sfu is not None, "the node starts its SFU before it admits anyone"
         return self.sfu.router(room, self.calls.remove_participant)
+
+
+def resume_key(settings: Settings) -> ResumeKey:
+    """The key every node of this deployment signs resume tokens with: derived from --secret when there is
+    one; else kept in the recordings folder, so that a restarted node (or a --workers sibling, which shares
+    the folder) still takes its clients' tokens."""
+    if settings.secret:
+        return ResumeKey.from_secret(settings.secret)
+    path = Path(settings.recordings_dir) / ".resume-key"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        # Written whole under another name, then linked: a sibling starting at the same time reads the one
+        # key that won, never a half-written file.
+        draft = path.with_name(f".resume-key.{os.getpid()}")
+        draft.write_text(secrets.token_hex(32) + "\n")
+        draft.chmod(0o600)
+        with contextlib.suppress(FileExistsError):
+            os.link(draft, path)
+        draft.unlink()
+    key = path.read_text().strip()
+    try:
+        return ResumeKey(bytes.fromhex(key))
+    except ValueError:
+        raise ValueError(f"{path} does not hold a resume key; delete it and a new one is made") from None
 
 
 def _raise_open_files_limit() -> None:

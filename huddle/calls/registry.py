@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from huddle.calls.room import P2P, SFU, Outbox, Participant, Room, RoomFull, new_resume_token
+from huddle.calls.resume import ResumeClaims, ResumeKey, ResumeTokenError
+from huddle.calls.room import P2P, SFU, Outbox, Participant, Room, RoomFull
 from huddle.logs import event
 from huddle.permissions import Permissions
 
@@ -18,6 +20,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("huddle.calls")
 
 __all__ = ["Calls", "ResumeFailed", "RoomFull"]
+
+# Participants who left here, so that their old resume tokens cannot seat them again on this node; bounded,
+# oldest forgotten first (a token outlives this memory only on a node that restarted, see calls/resume.py).
+DEPARTED_REMEMBERED = 65_536
 
 
 class ResumeFailed(Exception):
@@ -34,15 +40,18 @@ class Calls:
         *,
         capacity: int,
         reconnect_grace: float,
+        resume_key: ResumeKey,
         sfu_always: bool = False,
         router_factory: Callable[[Room], Router] | None = None,
     ) -> None:
         self.capacity = capacity
+        self.resume_key = resume_key
         self.reconnect_grace = reconnect_grace
         self.sfu_always = sfu_always
         self._router_factory = router_factory
         self._rooms: dict[str, Room] = {}
         self._resumable: dict[str, tuple[Room, Participant]] = {}
+        self._departed: OrderedDict[str, None] = OrderedDict()
         # Called with a room as its last participant leaves, before its Router closes (recordings stop).
         self.room_closed: list[Callable[[Room], None]] = []
 
@@ -78,12 +87,7 @@ class Calls:
         participant = Participant(
             identity=identity, name=name, outbox=outbox, permissions=permissions, expires=expires
         )
-        try:
-            room.add(participant)
-        except RoomFull:
-            self._discard_if_empty(room)
-            raise
-        self._resumable[participant.resume_token] = (room, participant)
+        self._seat(room, participant)
         room.broadcast(
             {"type": "participant_joined", "participant": participant.describe()}, exclude=participant
         )
@@ -102,18 +106,58 @@ class Calls:
         )
         return room, participant
 
-    def resume(self, room_name: str, token: str, outbox: Outbox) -> tuple[Room, Participant]:
+    def _seat(self, room: Room, participant: Participant) -> None:
+        try:
+            room.add(participant)
+        except RoomFull:
+            self._discard_if_empty(room)
+            raise
+        self._issue_resume_token(room, participant)
+
+    def _issue_resume_token(self, room: Room, participant: Participant) -> None:
+        self._resumable.pop(participant.resume_token, None)
+        participant.resume_token = self.resume_key.issue(
+            ResumeClaims(
+                room=room.name,
+                participant=participant.id,
+                identity=participant.identity,
+                name=participant.name,
+                permissions=participant.permissions,
+                expires=participant.expires,
+                issued=time.time(),
+            )
+        )
+        self._resumable[participant.resume_token] = (room, participant)
+
+    def check_resume(self, room_name: str, token: str) -> None:
+        """Raise ResumeFailed unless some node of this deployment could take this token (a door checks it
+        before sending the client on to the call's node)."""
+        if token in self._resumable:
+            return
+        try:
+            self.resume_key.verify(token, room_name, time.time())
+        except ResumeTokenError as exc:
+            raise ResumeFailed(room_name, expired=str(exc) == "expired") from None
+
+    def resume(
+        self, room_name: str, token: str, outbox: Outbox, mode: str | None = None
+    ) -> tuple[Room, Participant, bool]:
         """Give a participant whose signaling dropped a new connection, keeping everything else. The token is
-        used up: the participant gets a new one (sent in `joined`), so a copy of the old one is worthless."""
+        used up: the participant gets a new one (sent in `joined`), so a copy of the old one is worthless.
+
+        A participant this node does not know (it restarted, or took over a dead node's calls) is seated again
+        from the token's signed claims, with the same id: the third value is then True, and the client must
+        set up its media with this node afresh. `mode` is the mode its client was in: a call that was on the
+        SFU starts there again rather than flapping through p2p while its people come back one by one."""
         found = self._resumable.get(token)
-        if found is None or found[0].name != room_name:
-            raise ResumeFailed(room_name)
+        if found is None:
+            return self._restore(room_name, token, outbox, mode)
         room, participant = found
+        if room.name != room_name:
+            raise ResumeFailed(room_name)
         if participant.expires is not None and time.time() >= participant.expires:
             raise ResumeFailed(room_name, expired=True)
-        del self._resumable[token]
-        participant.resume_token = new_resume_token()
-        self._resumable[participant.resume_token] = (room, participant)
+        self._issue_resume_token(room, participant)
         if participant.grace_timer is not None:
             participant.grace_timer.cancel()
             participant.grace_timer = None
@@ -129,7 +173,53 @@ class Calls:
         if room.router is not None:
             room.router.restart_ice(participant)
         event(log, logging.INFO, "participant resumed", room=room.name, participant=participant.id)
-        return room, participant
+        return room, participant, False
+
+    def _restore(
+        self, room_name: str, token: str, outbox: Outbox, mode: str | None
+    ) -> tuple[Room, Participant, bool]:
+        try:
+            claims = self.resume_key.verify(token, room_name, time.time())
+        except ResumeTokenError as exc:
+            raise ResumeFailed(room_name, expired=str(exc) == "expired") from None
+        room = self._rooms.get(room_name)
+        if claims.participant in self._departed or (
+            room is not None
+            and (claims.participant in room.participants or room.by_identity(claims.identity) is not None)
+        ):
+            # Left here, already back with a newer token, or the same person joined afresh since.
+            raise ResumeFailed(room_name)
+        if room is None:
+            room = self._rooms[room_name] = Room(room_name, self.capacity)
+        participant = Participant(
+            identity=claims.identity,
+            name=claims.name,
+            outbox=outbox,
+            permissions=claims.permissions,
+            expires=claims.expires,
+            id=claims.participant,
+        )
+        try:
+            self._seat(room, participant)
+        except RoomFull:
+            raise ResumeFailed(room_name) from None
+        room.broadcast(
+            {"type": "participant_joined", "participant": participant.describe()}, exclude=participant
+        )
+        if room.mode == P2P and (len(room) > 2 or self.sfu_always or mode == SFU):
+            self._switch_to_sfu(room, newcomer=participant)
+        elif room.router is not None:
+            room.router.add_peer(participant)
+        event(
+            log,
+            logging.INFO,
+            "participant restored",
+            room=room.name,
+            participant=participant.id,
+            size=len(room),
+            mode=room.mode,
+        )
+        return room, participant, True
 
     def leave_by_token(self, room_name: str, token: str) -> bool:
         """A page closed while reconnecting has no socket to say `leave` on, so it sends its resume token."""
@@ -185,6 +275,9 @@ class Calls:
         self._resumable.pop(participant.resume_token, None)
         if not room.remove(participant):
             return
+        self._departed[participant.id] = None
+        if len(self._departed) > DEPARTED_REMEMBERED:
+            self._departed.popitem(last=False)
         if room.router is not None:
             room.router.remove_peer(participant)
         room.broadcast({"type": "participant_left", "id": participant.id, "reason": reason})
@@ -220,7 +313,30 @@ class Calls:
                 room.router.close()
                 room.router = None
 
-    def close(self) -> None:
-        for room in list(self._rooms.values()):
+    def drop_all(self, code: int, reason: str) -> None:
+        """Stop serving every call here without telling anyone that anyone left: the clients are closed with
+        `code` and resume on whichever node serves their call next (this one restarted, or a standby)."""
+        rooms = list(self._rooms.values())
+        self._rooms.clear()
+        self._resumable.clear()
+        for room in rooms:
             for participant in room:
-                self._remove(room, participant, "shutdown")
+                if participant.grace_timer is not None:
+                    participant.grace_timer.cancel()
+                    participant.grace_timer = None
+                room.remove(participant)
+                participant.outbox.close(code, reason)
+            for listener in self.room_closed:
+                try:
+                    listener(room)
+                except Exception:  # the room must close whatever a listener does
+                    log.exception("room_closed listener failed", extra={"fields": {"room": room.name}})
+            if room.router is not None:
+                room.router.close()
+                room.router = None
+        if rooms:
+            event(log, logging.INFO, "calls dropped", rooms=len(rooms), reason=reason)
+
+    def rooms(self) -> dict[str, int]:
+        """Room name -> participants here, for the cluster's view of this node."""
+        return {name: len(room) for name, room in self._rooms.items()}

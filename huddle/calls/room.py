@@ -26,11 +26,6 @@ class Outbox(Protocol):
     def close(self, code: int, reason: str) -> None: ...
 
 
-def new_resume_token() -> str:
-    # Secret enough that nobody can take over a dropped participant by guessing it.
-    return secrets.token_urlsafe(24)
-
-
 @dataclass(eq=False, slots=True)
 class Participant:
     identity: str
@@ -38,7 +33,8 @@ class Participant:
     outbox: Outbox
     permissions: Permissions = field(default_factory=Permissions)
     id: str = field(default_factory=lambda: "p_" + secrets.token_hex(4))
-    resume_token: str = field(default_factory=new_resume_token)
+    # Signed by the calls registry as soon as it seats the participant (calls/resume.py).
+    resume_token: str = ""
     # When the join token that admitted it expires (seconds since the epoch; None in open rooms): a resume
     # must not keep a seat that the invite no longer gives.
     expires: float | None = None

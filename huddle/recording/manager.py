@@ -88,13 +88,15 @@ class Recordings:
         store: Store,
         max_recordings: int,
         recording_log: RecordingLog | None = None,
+        node_id: str = "local",
     ) -> None:
         self.calls = calls
         self.max_recordings = max_recordings
         self.root = root
         self.work = root / ".partial"
         self.store = store
-        self.uploader = Uploader(store, root / ".spool")
+        # One spool per node: --workers siblings share the recordings folder, and a spool has one uploader.
+        self.uploader = Uploader(store, root / ".spool" / node_id)
         self.log = recording_log or InProcessLog()
         # The per-track writer starts with the first recording that needs it: it loads PyAV, which a node
         # that never records need not carry.
@@ -117,7 +119,9 @@ class Recordings:
             settings.s3_secret_key,
             settings.s3_region,
         )
-        return cls(calls, root=root, store=store, max_recordings=settings.max_recordings)
+        return cls(
+            calls, root=root, store=store, max_recordings=settings.max_recordings, node_id=settings.node_id
+        )
 
     async def start(self) -> None:
         (self.work / "composite").mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ from pathlib import Path
 from aiohttp import WSCloseCode, web
 
 from huddle import config
+from huddle.calls.resume import MAX_TOKEN_CHARS
 from huddle.logs import event
 from huddle.metrics import CONTENT_TYPE_LATEST
 from huddle.recording.manager import OUTPUTS, RecordingError
@@ -66,6 +67,8 @@ def build_app(ctx: Context) -> web.Application:
     app.router.add_get("/ws", _websocket)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/api/cluster", _cluster)
+    app.router.add_get("/api/node", _node)
     app.router.add_get("/api/rooms/{room}", _room_stats)
     app.router.add_post("/api/rooms/{room}/leave", _leave)
     app.router.add_get("/r/{room}/recordings", _page("recordings.html"))
@@ -81,8 +84,11 @@ def build_app(ctx: Context) -> web.Application:
 async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
     """On every response, error pages and static files included (a middleware would miss some of them)."""
     host = request.host
-    # Older browsers do not count ws: to this host as 'self'.
-    websocket = f" ws://{host} wss://{host}" if _PLAIN_HOST.fullmatch(host) else ""
+    # Older browsers do not count ws: to this host as 'self'. The cluster's other nodes are where a join is
+    # redirected to, and where the page reconnects when this node dies.
+    hosts = [host] if _PLAIN_HOST.fullmatch(host) else []
+    hosts += sorted({_host_of(node.url) for node in request.app[CONTEXT].cluster.nodes()} - {host, ""})
+    websocket = "".join(f" ws://{h} wss://{h}" for h in hosts)
     response.headers.setdefault("Content-Security-Policy", _CSP.format(websocket=websocket))
     for name, value in _SECURITY_HEADERS.items():
         response.headers.setdefault(name, value)
@@ -96,6 +102,9 @@ def _origin_allowed(request: web.Request) -> bool:
         return True
     origin = origin.strip().rstrip("/").lower()
     if origin in request.app[ORIGINS]:
+        return True
+    # A page served by another node of the cluster, whose join was redirected here.
+    if any(origin == node.url.rstrip("/").lower() for node in request.app[CONTEXT].cluster.nodes()):
         return True
     # Either scheme: behind a TLS proxy the page is https while the request reaching us is http.
     scheme, sep, host = origin.partition("://")
@@ -115,6 +124,12 @@ async def _check_origin(
             "--allowed-origins\n"
         )
     return await handler(request)
+
+
+def _host_of(url: str) -> str:
+    """host[:port] of a node's URL, if it can go into the CSP as it is."""
+    host = url.partition("://")[2].split("/", 1)[0]
+    return host if _PLAIN_HOST.fullmatch(host) else ""
 
 
 def _page(filename: str):
@@ -146,15 +161,38 @@ async def _healthz(request: web.Request) -> web.Response:
 
 
 async def _metrics(request: web.Request) -> web.Response:
-    settings = request.app[CONTEXT].settings
-    # With --secret the node is not meant for everyone, and its figures (rooms, load) are nobody else's.
-    if settings.secret:
-        if not settings.api_key:
-            raise web.HTTPForbidden(text="with --secret, /metrics needs an API key: start with --api-key\n")
-        if not _api_key_ok(request):
-            raise _key_needed("/metrics")
+    _figures_allowed(request, "/metrics")
     body = request.app[CONTEXT].metrics.render()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def _figures_allowed(request: web.Request, what: str) -> None:
+    """/metrics and /api/cluster: open without --secret; with it, the API key's (load and room names are
+    nobody else's business)."""
+    settings = request.app[CONTEXT].settings
+    if settings.secret:
+        if not settings.api_key:
+            raise web.HTTPForbidden(text=f"with --secret, {what} needs an API key: start with --api-key\n")
+        if not _api_key_ok(request):
+            raise _key_needed(what)
+
+
+async def _cluster(request: web.Request) -> web.Response:
+    """Every live node of the cluster, with its role and calls (docs/operations.md, "Cluster")."""
+    _figures_allowed(request, "/api/cluster")
+    cluster = request.app[CONTEXT].cluster
+    return web.json_response(
+        {"self": cluster.self_id, "nodes": [node.describe() for node in sorted(cluster.nodes(), key=_by_id)]}
+    )
+
+
+async def _node(request: web.Request) -> web.Response:
+    _figures_allowed(request, "/api/node")
+    return web.json_response(request.app[CONTEXT].cluster.me().describe())
+
+
+def _by_id(node) -> str:
+    return node.id
 
 
 def _bearer(request: web.Request) -> str:
@@ -234,7 +272,7 @@ async def _room_stats(request: web.Request) -> web.Response:
 async def _leave(request: web.Request) -> web.Response:
     """`navigator.sendBeacon` from a closing page whose socket is down: the body is its resume token."""
     ctx = request.app[CONTEXT]
-    token = (await request.text())[:256].strip()
+    token = (await request.text())[:MAX_TOKEN_CHARS].strip()
     if not ctx.calls.leave_by_token(request.match_info["room"], token):
         raise web.HTTPNotFound(text="no such participant to leave; nothing to do\n")
     return web.Response(status=204)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -225,20 +226,36 @@ class _Connection(asyncio.Protocol):
         transport.close()
 
 
+def bind_tcp(host: str, port: int) -> socket.socket:
+    """A bound, not yet listening TCP socket: the port is known (port 0 picks one) before anyone can connect,
+    so a node can tell its cluster where it is before it takes its first request."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
 class GuardedSite(web.BaseSite):
     """A TCP site whose connections pass through a `ConnectionGuard` before they reach aiohttp."""
 
-    __slots__ = ("_guard", "_host", "_port")
+    __slots__ = ("_guard", "_sock")
 
-    def __init__(self, runner: web.BaseRunner, host: str, port: int, guard: ConnectionGuard) -> None:
+    def __init__(self, runner: web.BaseRunner, sock: socket.socket, guard: ConnectionGuard) -> None:
         super().__init__(runner)
-        self._host = host
-        self._port = port
+        self._sock = sock
         self._guard = guard
 
     @property
     def name(self) -> str:
-        return f"http://{self._host}:{self._port}"
+        host, port = self._sock.getsockname()[:2]
+        return f"http://{host}:{port}"
 
     @property
     def sockets(self) -> list[Any]:
@@ -250,5 +267,5 @@ class GuardedSite(web.BaseSite):
         assert server is not None
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            self._guard.protocol_factory(server), self._host, self._port, reuse_address=True, backlog=BACKLOG
+            self._guard.protocol_factory(server), sock=self._sock, backlog=BACKLOG
         )

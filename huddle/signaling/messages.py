@@ -48,7 +48,9 @@ class Join(_Message):
     room: Annotated[str, StringConstraints(max_length=256)]
     name: Annotated[str, StringConstraints(max_length=256)] | None = None
     token: Annotated[str, StringConstraints(max_length=8192)] | None = None
-    resume: Annotated[str, StringConstraints(min_length=1, max_length=128)] | None = None
+    resume: Annotated[str, StringConstraints(min_length=1, max_length=2048)] | None = None
+    # With `resume`: the mode the client was in (a node rebuilding the call starts it there).
+    mode: Literal["p2p", "sfu"] | None = None
 
 
 class Leave(_Message):

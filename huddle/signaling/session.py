@@ -8,6 +8,7 @@ import json
 import logging
 import secrets
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,12 +16,13 @@ from aiohttp import WSMsgType, web
 
 from huddle.calls.registry import Calls, ResumeFailed
 from huddle.calls.room import P2P, SFU, Participant, Room, RoomFull
+from huddle.cluster.membership import ClusterUnavailable, Membership, NodeInfo
 from huddle.config import Settings
 from huddle.logs import event
 from huddle.metrics import Metrics
 from huddle.recording.manager import RecordingError, Recordings
 from huddle.signaling import messages as m
-from huddle.signaling.tokens import OPEN_ROOM, TokenError, verify
+from huddle.signaling.tokens import OPEN_ROOM, Permissions, TokenError, verify
 
 log = logging.getLogger("huddle.signaling")
 
@@ -35,6 +37,8 @@ CLOSE_NORMAL = 1000
 CLOSE_POLICY = 1008
 CLOSE_TRY_AGAIN = 1013
 CLOSE_UNAUTHORIZED = 4001
+# This node stops serving its calls (it shuts down, or lost the cluster): resume elsewhere, at once.
+CLOSE_SERVICE_RESTART = 1012
 
 
 @dataclass(slots=True)
@@ -46,12 +50,21 @@ class Context:
     metrics: Metrics
     stun_port: int
     recordings: Recordings
+    cluster: Membership
 
 
 def _error_kind(exc: BaseException) -> str:
     if isinstance(exc, asyncio.TimeoutError):
         return "heartbeat_timeout"  # no pong within half the heartbeat: the peer is gone, not misbehaving
     return "too_large" if "size" in str(exc) else "protocol_violation"
+
+
+def ws_url(node: NodeInfo) -> str:
+    """The signaling URL of a node; `node` lets a --workers parent, one URL for all, pick the worker."""
+    base = node.url.rstrip("/")
+    scheme, sep, rest = base.partition("://")
+    ws_scheme = "wss" if scheme == "https" else "ws"
+    return f"{ws_scheme}://{rest}/ws?node={node.id}" if sep else f"{base}/ws?node={node.id}"
 
 
 class TokenBucket:
@@ -135,7 +148,11 @@ class Session:
         try:
             async for msg in self.ws:
                 if msg.type == WSMsgType.TEXT:
-                    self._receive(msg.data)
+                    joining = self._receive(msg.data)
+                    if joining is not None:
+                        # Nothing else is read meanwhile: what the client sends after `join` is about the call
+                        # the join leads to.
+                        await joining
                 elif msg.type == WSMsgType.BINARY:
                     self._error("binary_not_supported", "send JSON in text frames")
                 elif msg.type == WSMsgType.ERROR:
@@ -154,7 +171,7 @@ class Session:
             with contextlib.suppress(asyncio.CancelledError, ConnectionError, RuntimeError):
                 await asyncio.wait_for(writer, timeout=2.0)
 
-    def _receive(self, text: str) -> None:
+    def _receive(self, text: str) -> Awaitable[None] | None:
         if not self._bucket.take():
             self._dropped += 1
             self._count_error("rate_limited")
@@ -170,22 +187,25 @@ class Session:
                 )
             if self._dropped > DROPS_BEFORE_CLOSE:
                 self.close(CLOSE_POLICY, "flooding")
-            return
+            return None
         try:
             message = m.decode(text)
         except m.ProtocolError as exc:
             self.ctx.metrics.messages.labels(type="invalid").inc()
             self._error(exc.code, exc.message, exc.request_id)
-            return
+            return None
         self.ctx.metrics.messages.labels(type=message.type).inc()
+        if isinstance(message, m.Join):
+            return self._on_join(message)
         handler = getattr(self, "_on_" + message.type)
         if self.participant is not None and self.participant.outbox is not self:
             # Replaced, resumed elsewhere or removed: this connection speaks for nobody any more.
             self.room = self.participant = None
-        if message.type not in ("join", "ping") and self.participant is None:
+        if message.type != "ping" and self.participant is None:
             self._error("not_joined", "send 'join' first", message.id)
-            return
+            return None
         handler(message)
+        return None
 
     def _join_timed_out(self) -> None:
         if self._closing:
@@ -212,44 +232,48 @@ class Session:
             reply["id"] = msg.id
         self.send(reply)
 
-    def _on_join(self, msg: m.Join) -> None:
+    async def _on_join(self, msg: m.Join) -> None:
         ctx = self.ctx
-        if self.participant is not None:
+        if self.participant is not None and self.participant.outbox is self:
             self._error("already_joined", "this socket has joined already; open another one", msg.id)
             return
         if not m.valid_room_name(msg.room):
             self._error("invalid_room", "room name must be 1-64 letters, digits, '-' or '_'", msg.id)
             return
+        # Who may join is checked here, at the door, before the call's node is looked up: a node sends on
+        # only those its peers would take.
         if msg.resume is not None:
             try:
-                room, participant = ctx.calls.resume(msg.room, msg.resume, self)
+                ctx.calls.check_resume(msg.room, msg.resume)
             except ResumeFailed as exc:
-                if exc.expired:
-                    text = "your join link has expired, so the call cannot be resumed; ask for a new link"
-                else:
-                    text = "that call connection is over; join afresh"
-                self._error("resume_failed", text, msg.id)
+                self._resume_failed(exc, msg.id)
                 return
-            self._welcome(room, participant, msg.id, resumed=True)
-            return
-        permissions, expires = OPEN_ROOM, None
-        if ctx.settings.secret:
-            if not msg.token:
-                self._refuse("unauthorized", "this server needs a join token; ask for a join link", msg.id)
-                return
-            try:
-                grant = verify(ctx.settings.secret, msg.token, msg.room)
-            except TokenError as exc:
-                self._refuse(exc.code, exc.message, msg.id)
-                return
-            identity, name, permissions = grant.identity, grant.name, grant.permissions
-            expires = grant.expires
         else:
-            name = m.clean_display_name(msg.name)
-            if name is None:
-                self._error("invalid_name", "a display name of 1-64 printable characters is needed", msg.id)
+            admitted = self._admit(msg)
+            if admitted is None:
                 return
-            identity = "guest-" + secrets.token_hex(4)
+        try:
+            owner = await ctx.cluster.owner(msg.room)
+        except ClusterUnavailable as exc:
+            self._count_error("cluster_unavailable")
+            self._error(
+                "try_again", f"the call cannot be placed right now ({exc}); try again shortly", msg.id
+            )
+            return
+        if self._closing:
+            return
+        if owner.id != ctx.cluster.self_id or not ctx.cluster.serving():
+            self._redirect(owner, msg.id)
+            return
+        if msg.resume is not None:
+            try:
+                room, participant, restored = ctx.calls.resume(msg.room, msg.resume, self, msg.mode)
+            except ResumeFailed as exc:
+                self._resume_failed(exc, msg.id)
+                return
+            self._welcome(room, participant, msg.id, resumed=True, restored=restored)
+            return
+        identity, name, permissions, expires = admitted
         try:
             room, participant = ctx.calls.join(
                 msg.room, identity=identity, name=name, permissions=permissions, outbox=self, expires=expires
@@ -257,9 +281,45 @@ class Session:
         except RoomFull:
             self._error("room_full", f"room '{msg.room}' is full ({ctx.calls.capacity} participants)", msg.id)
             return
-        self._welcome(room, participant, msg.id, resumed=False)
+        self._welcome(room, participant, msg.id, resumed=False, restored=False)
 
-    def _welcome(self, room: Room, participant: Participant, request_id: Any, *, resumed: bool) -> None:
+    def _admit(self, msg: m.Join) -> tuple[str, str, Permissions, float | None] | None:
+        """Identity, display name, permissions and expiry of a fresh join, or None (the error is sent)."""
+        settings = self.ctx.settings
+        if not settings.secret:
+            name = m.clean_display_name(msg.name)
+            if name is None:
+                self._error("invalid_name", "a display name of 1-64 printable characters is needed", msg.id)
+                return None
+            return "guest-" + secrets.token_hex(4), name, OPEN_ROOM, None
+        if not msg.token:
+            self._refuse("unauthorized", "this server needs a join token; ask for a join link", msg.id)
+            return None
+        try:
+            grant = verify(settings.secret, msg.token, msg.room)
+        except TokenError as exc:
+            self._refuse(exc.code, exc.message, msg.id)
+            return None
+        return grant.identity, grant.name, grant.permissions, grant.expires
+
+    def _resume_failed(self, exc: ResumeFailed, request_id: Any) -> None:
+        if exc.expired:
+            text = "your join link has expired, so the call cannot be resumed; ask for a new link"
+        else:
+            text = "that call connection is over; join afresh"
+        self._error("resume_failed", text, request_id)
+
+    def _redirect(self, owner: NodeInfo, request_id: Any) -> None:
+        """The call is served by another node: the client sends the same `join` there (docs/protocol.md)."""
+        self.ctx.metrics.errors.labels(kind="redirected").inc()
+        reply: dict[str, Any] = {"type": "redirect", "url": ws_url(owner), "node": owner.id}
+        if request_id is not None:
+            reply["id"] = request_id
+        self.send(reply)
+
+    def _welcome(
+        self, room: Room, participant: Participant, request_id: Any, *, resumed: bool, restored: bool
+    ) -> None:
         self.room, self.participant = room, participant
         if self._join_timer is not None:
             self._join_timer.cancel()
@@ -275,6 +335,8 @@ class Session:
             "resume_token": participant.resume_token,
             "reconnect_grace": self.ctx.calls.reconnect_grace,
             "resumed": resumed,
+            "restored": restored,
+            "doors": self._doors(),
             "active_speaker": room.router.speaker.active_speaker if room.router is not None else None,
             "recording": room.recording,
         }
@@ -282,6 +344,13 @@ class Session:
             reply["id"] = request_id
         # The router defers its offers to a later loop turn, so `joined` always goes out first.
         self.send(reply)
+
+    def _doors(self) -> list[str]:
+        """Where to reconnect, this node first: if it dies, another door leads to whoever serves the call."""
+        cluster = self.ctx.cluster
+        me = ws_url(cluster.me())
+        others = sorted({ws_url(node) for node in cluster.nodes() if node.id != cluster.self_id} - {me})
+        return [me, *others]
 
     def _refuse(self, code: str, message: str, request_id: Any) -> None:
         self._error(code, message, request_id)

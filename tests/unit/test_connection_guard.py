@@ -15,7 +15,7 @@ from aiohttp import web
 
 from huddle.logs import RateLimit
 from huddle.metrics import Metrics
-from huddle.signaling.connections import ConnectionGuard, GuardedSite
+from huddle.signaling.connections import ConnectionGuard, GuardedSite, bind_tcp
 
 TIMEOUT = 5.0  # an upper bound only
 REQUEST = b"GET /ok HTTP/1.1\r\nHost: test\r\n\r\n"
@@ -59,7 +59,7 @@ async def serve(**options: float) -> AsyncIterator[Served]:
     await runner.setup()
     metrics = Metrics()
     guard = ConnectionGuard(metrics, **options)  # type: ignore[arg-type]
-    site = GuardedSite(runner, "127.0.0.1", 0, guard)
+    site = GuardedSite(runner, bind_tcp("127.0.0.1", 0), guard)
     await site.start()
     try:
         yield Served(guard, metrics, site.sockets[0].getsockname()[1])

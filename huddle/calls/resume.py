@@ -1,0 +1,125 @@
+"""Resume tokens that any node of the cluster can verify: who a participant was, signed, kept by the client.
+
+A node that dies takes its memory with it; the token lets the node that takes over (or the same one restarted)
+seat the participant again with the same id, name and permissions. The format is ours, not a JWT: a join token
+is a credential from the operator's systems, this one a receipt from Huddle to its own nodes, and keeping them
+apart means neither can be replayed as the other.
+
+    base64url(JSON claims) "." base64url(HMAC-SHA256(key, claims part))
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import secrets
+from dataclasses import dataclass
+
+from huddle.permissions import PERMISSION_NAMES, Permissions
+
+# The longest token a node issues: claims are bounded (names 64 characters, ids 64), so a longer one is junk.
+MAX_TOKEN_CHARS = 2048
+# A token of an open room (no join token to expire with) stops seating anyone this long after it was issued:
+# every resume issues a fresh one, so only a participant gone for so long loses the right.
+OPEN_ROOM_TTL = 12 * 3600.0
+_CONTEXT = b"huddle resume token v1"
+
+
+class ResumeTokenError(Exception):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeClaims:
+    room: str
+    participant: str
+    identity: str
+    name: str
+    permissions: Permissions
+    # The join token's expiry (seconds since the epoch), or None in open rooms.
+    expires: float | None
+    issued: float
+
+
+class ResumeKey:
+    """Signs and verifies resume tokens. Every node of one deployment must hold the same key."""
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) < 16:
+            raise ValueError("a resume key needs at least 16 bytes")
+        self._key = key
+
+    @classmethod
+    def from_secret(cls, secret: str) -> ResumeKey:
+        # Never the join tokens' secret itself: a resume token must not verify as a JWT, nor the reverse.
+        return cls(hmac.new(secret.encode(), _CONTEXT, hashlib.sha256).digest())
+
+    def issue(self, claims: ResumeClaims) -> str:
+        body = {
+            "r": claims.room,
+            "p": claims.participant,
+            "i": claims.identity,
+            "n": claims.name,
+            "g": [name for name in PERMISSION_NAMES if getattr(claims.permissions, name)],
+            "x": claims.expires,
+            "t": round(claims.issued, 3),
+            # Two tokens issued in the same millisecond still differ, so "used once" is about one token.
+            "k": secrets.token_hex(6),
+        }
+        part = _b64(json.dumps(body, separators=(",", ":")).encode())
+        return part + "." + _b64(self._sign(part))
+
+    def verify(self, token: str, room: str, now: float) -> ResumeClaims:
+        """The claims of a token this deployment issued for `room`, or ResumeTokenError naming why not."""
+        if len(token) > MAX_TOKEN_CHARS or token.count(".") != 1:
+            raise ResumeTokenError("not a resume token")
+        part, _, signature = token.partition(".")
+        try:
+            given = _unb64(signature)
+        except ValueError:
+            raise ResumeTokenError("not a resume token") from None
+        if not hmac.compare_digest(given, self._sign(part)):
+            raise ResumeTokenError("resume token not signed by this deployment")
+        try:
+            body = json.loads(_unb64(part))
+            claims = ResumeClaims(
+                room=_text(body["r"]),
+                participant=_text(body["p"]),
+                identity=_text(body["i"]),
+                name=_text(body["n"]),
+                permissions=Permissions(**{name: name in body["g"] for name in PERMISSION_NAMES}),
+                expires=None if body["x"] is None else float(body["x"]),
+                issued=float(body["t"]),
+            )
+        except (ValueError, KeyError, TypeError):
+            # Signed by us yet unreadable: only a key shared with something else could do that.
+            raise ResumeTokenError("resume token unreadable") from None
+        if claims.room != room:
+            raise ResumeTokenError("resume token of another room")
+        deadline = claims.expires if claims.expires is not None else claims.issued + OPEN_ROOM_TTL
+        if now >= deadline:
+            raise ResumeTokenError("expired")
+        return claims
+
+    def _sign(self, part: str) -> bytes:
+        return hmac.new(self._key, part.encode(), hashlib.sha256).digest()
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError("not a string")
+    return value
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    try:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError):
+        raise ValueError("bad base64") from None
