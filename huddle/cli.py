@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import json
 import os
 import signal
@@ -79,8 +80,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"huddle serve: {exc}", file=sys.stderr)
         return 2
     logs.setup(settings.log_level)
+    from huddle.cluster.workers import WorkerFailed
+
     try:
         asyncio.run(_serve(settings))
+    except WorkerFailed as exc:
+        print(f"huddle serve: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
         print(
             f"huddle serve: cannot listen: {exc}. Is another server using the port? Pick others with "
@@ -92,22 +98,34 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def _serve(settings: config.Settings) -> None:
+    from huddle.cluster.workers import Workers
     from huddle.node import Node
 
-    node = Node(settings)
+    if settings.worker_ids:
+        _stop_with_parent()
+    node: Node | Workers = Workers(settings) if config.worker_count(settings) > 1 else Node(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    # Before start: a --workers parent stopped while it starts its workers still stops them.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     ports = await node.start()
     print(
         json.dumps({"event": "ready", "http": ports.http, "stun": ports.stun, "media": ports.media}),
         flush=True,
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     try:
         await stop.wait()
     finally:
         await node.stop()
+
+
+def _stop_with_parent() -> None:
+    """A worker of a --workers parent that died (kill -9) stops too, instead of holding its ports."""
+    if sys.platform != "linux":
+        return
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
 
 
 def _token(args: argparse.Namespace) -> int:
