@@ -51,6 +51,12 @@ const RECORDING_ERROR_WORDS = {
   unknown_type: 'This server cannot record calls.', // one older than this page
 };
 
+// Said for a moment in the status pill after a resume that found the call gone from the server's memory
+// (`resumed` with `restored`): the server restarted, or another one took the call over (`moved`).
+const RESTORED_WORDS = 'The server restarted; you are back in the call';
+const MOVED_WORDS = 'The call moved to another server; you are back in it';
+const STATUS_NOTICE_MS = 6000;
+
 // Notes on a tile about the other person's own connection to the server (participant.connection).
 const PARTICIPANT_CONNECTION_WORDS = {
   reconnecting: 'Reconnecting…',
@@ -556,7 +562,12 @@ new ResizeObserver(() => layout()).observe(ui.grid);
 
 // --- header, buttons and panels ---
 
+let statusNoticeTimer = null;
+
 function setStatus(state) {
+  clearTimeout(statusNoticeTimer);
+  statusNoticeTimer = null;
+  ui.status.removeAttribute('title');
   ui.status.dataset.state = state;
   ui.status.textContent = STATUS_WORDS[state] || state;
   document.body.dataset.state = state;
@@ -564,6 +575,21 @@ function setStatus(state) {
   ui.leaveButton.disabled = !inCall;
   updateCount();
   updateRecording();
+}
+
+/**
+ * What just happened, said in place of the status for a few seconds (it fades, then the status is back):
+ * in the header, so it covers neither the stage nor the controls, and read out like any status change.
+ */
+function showStatusNotice(text) {
+  setStatus(huddle.state);
+  const notice = document.createElement('span');
+  notice.className = 'status-notice';
+  notice.textContent = text;
+  notice.style.animationDuration = `${STATUS_NOTICE_MS}ms`;
+  ui.status.replaceChildren(notice);
+  ui.status.title = text; // the whole of it where the header is too narrow to show it
+  statusNoticeTimer = setTimeout(() => setStatus(huddle.state), STATUS_NOTICE_MS);
 }
 
 function updateCount() {
@@ -765,6 +791,11 @@ huddle.addEventListener('joined', (event) => {
   updateRecording(); // permissions.record
   // Measured now (not after the observers' turn), so that the SFU's first `video_sizes` names everyone.
   reportVideoSizes();
+});
+
+huddle.addEventListener('resumed', (event) => {
+  const { restored, moved } = event.detail;
+  if (restored) showStatusNotice(moved ? MOVED_WORDS : RESTORED_WORDS);
 });
 
 huddle.addEventListener('mode', () => {

@@ -23,9 +23,13 @@ const CLOSE_UNAUTHORIZED = 4001; // token refused: reconnecting cannot help
 const CLOSE_REPLACED = 4002; // the server's close code when the same identity joined again elsewhere
 const CLOSE_REMOVED = 4004; // the server removed this participant (e.g. its media timed out)
 const CLOSE_DROPPED = 4000; // our own code for a socket we gave up on (no word from the server)
-// Reconnection: waits before each attempt to open a new socket, the last one repeating until the grace
-// period (`reconnect_grace` from `joined`) is over. One attempt may take at most RESUME_ATTEMPT_MS.
+const CLOSE_SERVICE_RESTART = 1012; // the node stops serving its calls: resume at once, elsewhere if we can
+// Reconnection: waits before each round of attempts to open a new socket, the last one repeating until the
+// grace period (`reconnect_grace` from `joined`) is over. A round tries each door (`doors` from `joined`) in
+// turn, the next one as soon as the one before failed. One attempt may take at most RESUME_ATTEMPT_MS.
 const RECONNECT_DELAYS_MS = Object.freeze([500, 1000, 2000]);
+// `redirect` answers that one `join` may follow (docs/protocol.md, "redirect").
+const MAX_REDIRECTS = 3;
 const RESUME_ATTEMPT_MS = 5000;
 const RESUME_LAST_MARGIN_MS = 250;
 const DEFAULT_RECONNECT_GRACE_S = 20;
@@ -77,6 +81,17 @@ export function cleanDisplayName(name) {
 export function defaultSignalingUrl() {
   const scheme = location.protocol === 'https:' ? 'wss:' : 'ws:';
   return `${scheme}//${location.host}/ws`;
+}
+
+/** A WebSocket URL from the server (`redirect`, `doors`), normalised; null for anything else. */
+function cleanSignalingUrl(url) {
+  if (typeof url !== 'string') return null;
+  try {
+    const parsed = new URL(url);
+    return parsed.protocol === 'ws:' || parsed.protocol === 'wss:' ? parsed.href : null;
+  } catch {
+    return null;
+  }
 }
 
 function emit(target, type, detail) {
@@ -1094,12 +1109,18 @@ function withTimeout(promise, ms, what) {
  *                                          error. `reconnecting`: the signaling socket dropped; media and
  *                                          participants are kept while a new socket resumes the call.
  *   joined              {self, room, participants, mode, iceServers, permissions, recording}
- *   resumed             {self, room, participants, mode, iceServers, permissions, recording}  back after
- *                                          `reconnecting`
- *   mode                {mode, previous}   the call moved to the SFU (previous 'p2p')
+ *   resumed             {self, room, participants, mode, iceServers, permissions, recording, restored,
+ *                                          moved}  back after `reconnecting`. restored: the server had lost
+ *                                          the call (it restarted, or another node took it over) and rebuilt
+ *                                          our seat; the SFU connections started afresh. moved: a different
+ *                                          node serves the call now
+ *   mode                {mode, previous}   the call moved to the SFU (previous 'p2p'), or back to p2p after a
+ *                                          restored resume (a node that rebuilt the call without the SFU)
  *   participant-joined  {participant}
  *   participant-left    {participantId, participant, reason}
- *   participant-updated {participant, isSelf}  participant.connection: 'connected' | 'reconnecting'
+ *   participant-updated {participant, isSelf}  participant.connection: 'connected' | 'reconnecting'. After a
+ *                                          restored resume, people not back yet stay 'reconnecting' until
+ *                                          they are (or the grace period ends: participant-left, 'timeout')
  *   track               {participantId, stream, track}  stream: everything of that participant's to show
  *   track-removed       {participantId, stream, track}  the track left `stream` (SFU mode)
  *   peer-state          {participantId, connectionState, iceConnectionState, state}  in SFU mode also for
@@ -1156,7 +1177,10 @@ export class HuddleClient extends EventTarget {
     this._migrationTimer = null;
     this._checkingMigrations = false;
     this._resuming = null; // the SignalingChannel of a resume attempt
-    this._reconnect = null; // {deadline, attempt, timer}
+    this._reconnect = null; // {deadline, doors, next, tries, rounds, immediate, timer}
+    this._doors = []; // WebSocket URLs to resume on (`doors` from `joined`), the node we are on first
+    this._node = null; // the node serving our call, as it names itself (the first of `doors`)
+    this._absent = new Map(); // participant id -> timer: known, not back yet after a restored resume
     this._session = 0;
     this.activeSpeaker = null; // participant id (maybe our own) or null
     this.recording = null; // the call's running recording ({id, outputs, started_at, started_by, ...}) or null
@@ -1228,7 +1252,11 @@ export class HuddleClient extends EventTarget {
       const request = { type: 'join', v: PROTOCOL_VERSION, room };
       if (displayName) request.name = displayName;
       if (token) request.token = token;
-      await signaling.request(request);
+      await this._joinFollowingRedirects(signaling, request, (next) => {
+        if (session !== this._session) return false;
+        this._signaling = next;
+        return true;
+      });
     } catch (err) {
       const error = err instanceof HuddleError ? err
         : new HuddleError('connection_failed', String(err?.message || err), { cause: err });
@@ -1345,8 +1373,8 @@ export class HuddleClient extends EventTarget {
 
   // --- messages from the server ---
 
-  _newChannel() {
-    const channel = new SignalingChannel(this.url || defaultSignalingUrl(), this._signalingOptions);
+  _newChannel(url = this.url || defaultSignalingUrl()) {
+    const channel = new SignalingChannel(url, this._signalingOptions);
     // Events of a channel this client has let go of (left, torn down, replaced) are ignored.
     channel.addEventListener('message', (event) => {
       if (this._signaling === channel) {
@@ -1363,6 +1391,37 @@ export class HuddleClient extends EventTarget {
       if (this._signaling === channel) this._onSignalingClosed(event.detail);
     });
     return channel;
+  }
+
+  /**
+   * Sends `join` on the open `channel`, following `redirect` answers (the call is on another node): each time
+   * the same `join` goes out on a new socket to the given URL, at most MAX_REDIRECTS times. `adopt(next)`
+   * makes the new socket the one in use before the old one closes, or returns false when the join was
+   * abandoned meanwhile. `limit(promise, what)` bounds each step. Resolves with the socket that answered
+   * (its `joined` was handled as it came); rejects with a HuddleError.
+   */
+  async _joinFollowingRedirects(channel, request, adopt, limit = (promise) => promise) {
+    let current = channel;
+    for (let redirects = 0; ; redirects += 1) {
+      const reply = await limit(current.request(request), 'joining');
+      if (reply.type !== 'redirect') return current;
+      if (redirects >= MAX_REDIRECTS) {
+        throw new HuddleError('too_many_redirects',
+          `the server sent this call on to another node more than ${MAX_REDIRECTS} times`);
+      }
+      const url = cleanSignalingUrl(reply.url);
+      if (!url) {
+        throw new HuddleError('bad_redirect', 'the server sent this call to an address that is no WebSocket');
+      }
+      const next = this._newChannel(url);
+      if (!adopt(next)) {
+        next.close(1000, 'not joining');
+        throw new HuddleError('aborted', 'left before the call was joined');
+      }
+      current.close(1000, 'redirected');
+      current = next;
+      await limit(current.open(), 'opening the socket');
+    }
   }
 
   _onMessage(message) {
@@ -1437,6 +1496,8 @@ export class HuddleClient extends EventTarget {
       : DEFAULT_RECONNECT_GRACE_S;
     this.participants = new Map();
     for (const participant of message.participants || []) this.participants.set(participant.id, { ...participant });
+    this._clearAbsent();
+    this._setDoors(message);
 
     if (message.mode !== 'p2p' && message.mode !== 'sfu') {
       this._fail(new HuddleError('unsupported_mode', `this client cannot take part in a "${message.mode}" call`));
@@ -1466,6 +1527,12 @@ export class HuddleClient extends EventTarget {
 
   _onParticipantJoined(participant) {
     if (!participant || typeof participant.id !== 'string' || participant.id === this.self?.id) return;
+    if (this.participants.has(participant.id)) {
+      // Someone kept through a restored resume, back in the rebuilt call: the same tile and, in p2p mode, the
+      // same peer connection (ICE restarts as after any resume).
+      this._onParticipantUpdated({ connection: 'connected', ...participant });
+      return;
+    }
     this.participants.set(participant.id, { ...participant });
     emit(this, 'participant-joined', { participant: this.participants.get(participant.id) });
     // After the event, so that tracks the SFU delivered before we heard of them find a tile.
@@ -1481,6 +1548,7 @@ export class HuddleClient extends EventTarget {
     }
     const known = this.participants.get(participant.id);
     if (!known) return;
+    this._clearAbsent(participant.id); // the server knows about them again: its grace period applies
     const wasReconnecting = known.connection === 'reconnecting';
     Object.assign(known, participant);
     emit(this, 'participant-updated', { participant: known, isSelf: false });
@@ -1492,6 +1560,7 @@ export class HuddleClient extends EventTarget {
   }
 
   _onParticipantLeft(participantId, reason) {
+    this._clearAbsent(participantId);
     const participant = this.participants.get(participantId);
     this._transport?.remove(participantId);
     this._retiring?.remove(participantId);
@@ -1501,6 +1570,45 @@ export class HuddleClient extends EventTarget {
     emit(this, 'participant-left', { participantId, participant, reason: reason || 'left' });
     // Whoever left speaks no more (the server's next `active_speaker` says who does).
     if (this.activeSpeaker === participantId) this._setActiveSpeaker(null);
+  }
+
+  /**
+   * After a restored resume: someone the rebuilt call has not seen again yet keeps their tile, marked
+   * 'reconnecting', until they are back or the grace period is over (then they are gone, as if the server
+   * had timed them out).
+   */
+  _markAbsent(participantId) {
+    const known = this.participants.get(participantId);
+    if (!known) return;
+    clearTimeout(this._absent.get(participantId));
+    const graceMs = (this.reconnectGrace || DEFAULT_RECONNECT_GRACE_S) * 1000;
+    this._absent.set(participantId, setTimeout(() => {
+      this._absent.delete(participantId);
+      this._onParticipantLeft(participantId, 'timeout');
+    }, graceMs));
+    if (known.connection === 'reconnecting') return;
+    known.connection = 'reconnecting';
+    emit(this, 'participant-updated', { participant: known, isSelf: false });
+  }
+
+  /** Stops waiting for `participantId` (every participant when left out). */
+  _clearAbsent(participantId) {
+    const ids = participantId === undefined ? [...this._absent.keys()] : [participantId];
+    for (const id of ids) {
+      clearTimeout(this._absent.get(id));
+      this._absent.delete(id);
+    }
+  }
+
+  /**
+   * Where to resume (`doors` from `joined`): the URL this socket reached the node at first, then the other
+   * nodes. The first door is the node's own name for itself, kept to tell whether a later resume landed on
+   * another node; the URL that worked stands in for it, as a proxy in front may be the only way there.
+   */
+  _setDoors(message) {
+    const named = Array.isArray(message.doors) ? message.doors.map(cleanSignalingUrl).filter(Boolean) : [];
+    this._node = named[0] || null;
+    this._doors = [...new Set([this._signaling?.url, ...named.slice(1)].filter(Boolean))];
   }
 
   _setActiveSpeaker(id) {
@@ -1640,7 +1748,7 @@ export class HuddleClient extends EventTarget {
       // Keep the call (media, participants, tiles) and resume it on a new socket.
       this._signaling = null;
       this._rejectRecordingRequests(true);
-      this._startReconnecting();
+      this._startReconnecting({ serviceRestart: code === CLOSE_SERVICE_RESTART });
       return;
     }
     this._teardown('connection_lost');
@@ -1658,9 +1766,22 @@ export class HuddleClient extends EventTarget {
 
   // --- reconnection (docs/protocol.md, "Reconnection") ---
 
-  _startReconnecting() {
+  /**
+   * Resumes the call on a new socket, trying the doors in turn: the one the call was on first, unless that
+   * node said it stops serving (close code 1012), in which case another door goes first and at once.
+   */
+  _startReconnecting({ serviceRestart = false } = {}) {
     const graceMs = (this.reconnectGrace || DEFAULT_RECONNECT_GRACE_S) * 1000;
-    this._reconnect = { deadline: performance.now() + graceMs, attempt: 0, timer: null };
+    const doors = this._doors.length ? [...this._doors] : [this.url || defaultSignalingUrl()];
+    this._reconnect = {
+      deadline: performance.now() + graceMs,
+      doors,
+      next: serviceRestart && doors.length > 1 ? 1 : 0, // index of the door the next attempt uses
+      tries: 0,
+      rounds: 0, // rounds begun after a wait (the backoff step)
+      immediate: serviceRestart,
+      timer: null,
+    };
     this._setState('reconnecting');
     this._scheduleResume(this._session);
   }
@@ -1668,33 +1789,53 @@ export class HuddleClient extends EventTarget {
   _scheduleResume(session) {
     const reconnect = this._reconnect;
     if (!reconnect || session !== this._session) return;
-    const delays = this._reconnectDelays;
-    const left = reconnect.deadline - performance.now() - RESUME_LAST_MARGIN_MS;
+    const { doors } = reconnect;
+    let wait = 0; // the next door of a round is tried as soon as the one before failed
+    if (reconnect.tries % doors.length === 0) {
+      if (reconnect.immediate && reconnect.tries === 0) {
+        wait = 0;
+      } else {
+        const delays = this._reconnectDelays;
+        wait = delays[Math.min(reconnect.rounds, delays.length - 1)];
+        reconnect.rounds += 1;
+      }
+    }
     // The last attempt comes just before the grace period is over, however the backoff falls.
-    const delay = Math.min(delays[Math.min(reconnect.attempt, delays.length - 1)], left);
-    reconnect.attempt += 1;
+    const left = reconnect.deadline - performance.now() - RESUME_LAST_MARGIN_MS;
+    const delay = Math.min(wait, left);
+    const door = doors[reconnect.next % doors.length];
+    reconnect.next += 1;
+    reconnect.tries += 1;
     if (delay < 0) {
       this._giveUp(new HuddleError('resume_failed',
         `could not reconnect to the call within ${this.reconnectGrace} seconds`));
       return;
     }
-    reconnect.timer = setTimeout(() => this._attemptResume(session), delay);
+    reconnect.timer = setTimeout(() => this._attemptResume(session, door), delay);
   }
 
-  async _attemptResume(session) {
+  async _attemptResume(session, door) {
     const reconnect = this._reconnect;
     if (!reconnect || session !== this._session || this.state !== 'reconnecting') return;
     reconnect.timer = null;
-    const channel = this._newChannel();
+    let channel = this._newChannel(door);
     this._resuming = channel;
     const budget = Math.max(500, Math.min(RESUME_ATTEMPT_MS, reconnect.deadline - performance.now()));
+    const limit = (promise, what) => withTimeout(promise, budget, what);
     let failure = null;
     try {
-      await withTimeout(channel.open(), budget, 'opening the socket');
+      await limit(channel.open(), 'opening the socket');
       if (this._resuming !== channel) return;
       const request = { type: 'join', v: PROTOCOL_VERSION, room: this.room, resume: this.resumeToken };
       if (this._joinName) request.name = this._joinName;
-      await withTimeout(channel.request(request), budget, 'resuming');
+      // A node that rebuilds the call from our token starts it where we were (no p2p -> sfu flap).
+      if (this.mode === 'p2p' || this.mode === 'sfu') request.mode = this.mode;
+      channel = await this._joinFollowingRedirects(channel, request, (next) => {
+        if (this._resuming !== channel) return false;
+        this._resuming = next;
+        channel = next;
+        return true;
+      }, limit);
     } catch (err) {
       failure = err instanceof HuddleError ? err
         : new HuddleError('connection_failed', String(err?.message || err), { cause: err });
@@ -1703,6 +1844,7 @@ export class HuddleClient extends EventTarget {
     if (this._resuming === channel) this._resuming = null;
     channel.close(1000, 'resume attempt over');
     if (session !== this._session || this.state !== 'reconnecting') return;
+    // Anything else (a socket that would not open or closed, try_again, a timeout) is worth another try.
     if (failure && failure.source === 'server' && RESUME_FATAL.has(failure.code)) {
       const error = failure.code === 'resume_failed'
         ? new HuddleError('resume_failed', 'you were away from the call too long to rejoin it as you were',
@@ -1749,10 +1891,20 @@ export class HuddleClient extends EventTarget {
     this.permissions = message.permissions || this.permissions;
     if (typeof message.resume_token === 'string') this.resumeToken = message.resume_token;
     if (Number(message.reconnect_grace) > 0) this.reconnectGrace = Number(message.reconnect_grace);
+    // Restored: the node had no state for us (it restarted, or took the call over) and rebuilt our seat from
+    // the resume token. It knows only those who are back already.
+    const restored = message.restored === true;
+    const previousNode = this._node;
+    this._setDoors(message);
+    const moved = Boolean(previousNode && this._node && previousNode !== this._node);
 
     // What happened while we were away: who left, who came, who changed.
     const now = new Map((message.participants || []).map((p) => [p.id, p]));
-    for (const id of [...this.participants.keys()]) if (!now.has(id)) this._onParticipantLeft(id, 'left');
+    for (const id of [...this.participants.keys()]) {
+      if (now.has(id)) continue;
+      if (restored) this._markAbsent(id);
+      else this._onParticipantLeft(id, 'left');
+    }
     for (const [id, participant] of now) {
       // No ICE restart per participant here: the one restart below covers every connection.
       if (this.participants.has(id)) this._onParticipantUpdated(participant, { restartIce: false });
@@ -1762,6 +1914,9 @@ export class HuddleClient extends EventTarget {
     const switching = message.mode === 'sfu' && !(this._transport instanceof SfuTransport);
     if (switching) {
       this._switchToSfu(); // new connections: nothing to restart
+    } else if (restored && this._transport instanceof SfuTransport) {
+      if (message.mode === 'p2p') this._restartAsMesh([...now.keys()]);
+      else this._restartSfu();
     } else {
       // SFU: a publish offer with iceRestart (the server sends a new subscribe offer of its own).
       // P2P: every connection we initiated (we joined after them) offers with iceRestart.
@@ -1771,7 +1926,7 @@ export class HuddleClient extends EventTarget {
     const previousRecording = this.recording;
     if ('recording' in message) this.recording = cleanRecording(message.recording);
     this._setState('connected');
-    emit(this, 'resumed', this._joinedDetail());
+    emit(this, 'resumed', { ...this._joinedDetail(), restored, moved });
     this._applyLocalMedia(true);
     if ('active_speaker' in message) this._setActiveSpeaker(message.active_speaker);
     if (this.recording?.id !== previousRecording?.id) {
@@ -1857,6 +2012,35 @@ export class HuddleClient extends EventTarget {
     this._videoSizesDue = true;
     emit(this, 'mode', { mode: 'sfu', previous });
     this._sendVideoSizes(); // once right after the SFU transport started (the page had its say in `mode`)
+  }
+
+  /**
+   * The node lost our SFU state (a restored resume): close both SFU connections and start afresh, as on
+   * entering sfu mode (a new publish offer; the server's subscribe offers follow). The tiles wait for the new
+   * connection's media ("Connecting…").
+   */
+  _restartSfu() {
+    this._transport.close();
+    this._transport = this._createTransport('sfu');
+    this._transport.start();
+    const states = this._transport.subscribeState();
+    for (const participantId of this.participants.keys()) {
+      if (!this._migrations.has(participantId)) emit(this, 'peer-state', { participantId, ...states });
+    }
+    this._videoSizesDue = true;
+  }
+
+  /**
+   * The node rebuilt the call peer to peer although we were on the SFU (it did not take our `mode`): connect
+   * as a newcomer would, offering to those back already (those who come back later offer to us), until the
+   * call moves to the SFU again.
+   */
+  _restartAsMesh(present) {
+    this._closeTransports();
+    this.mode = 'p2p';
+    this._transport = this._createTransport('p2p');
+    for (const participantId of present) this._transport.connectTo(participantId);
+    emit(this, 'mode', { mode: 'p2p', previous: 'sfu' });
   }
 
   async _checkMigrations() {
@@ -2004,6 +2188,7 @@ export class HuddleClient extends EventTarget {
     // Said on purpose (leave): nothing to report about requests that no longer matter.
     this._rejectRecordingRequests(reason !== 'self_left');
     this._stopReconnecting();
+    this._clearAbsent();
     this._stopVideoSizes();
     this._closeTransports();
     if (this._signaling) {
@@ -2020,6 +2205,8 @@ export class HuddleClient extends EventTarget {
     this.participants = new Map();
     this.self = null;
     this.resumeToken = null;
+    this._doors = [];
+    this._node = null;
     this.lastVideoSizes = null;
     if (this.activeSpeaker !== null) this._setActiveSpeaker(null);
     if (this.recording !== null) this._setRecording(null, 'left');
