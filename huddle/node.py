@@ -66,6 +66,7 @@ class Node:
         self._lag: LoopLagMonitor | None = None
         self.cluster: Membership | None = None
         self._reporter: asyncio.Task[None] | None = None
+        self._releases: set[asyncio.Task[None]] = set()
         accept_errors = self.metrics.errors.labels(kind="accept_error")
         self._accept_errors = RateLimit(ACCEPT_ERROR, on_match=accept_errors.inc)
 
@@ -97,6 +98,10 @@ class Node:
             )
             self.cluster = self._membership(me)
             await self.cluster.start()
+            if not s.secret:
+                shared = await self.cluster.shared_secret()
+                if shared is not None:
+                    self.calls.resume_key = ResumeKey(shared)
         except BaseException:
             http_socket.close()
             raise
@@ -116,6 +121,7 @@ class Node:
         guard = ConnectionGuard(self.metrics, per_address=s.max_connections_per_address)
         await GuardedSite(self._runner, http_socket, guard).start()
         self._reporter = asyncio.get_running_loop().create_task(self._report())
+        self.calls.room_closed.append(self._release)
         if s.secret and weak_secret(s.secret):
             event(
                 log,
@@ -159,6 +165,19 @@ class Node:
         membership.on_fenced = self._fenced
         membership.on_serving = self._serving
         return membership
+
+    def _release(self, room) -> None:
+        """An emptied call's placement is forgotten, so that its next start is placed afresh (a fenced node
+        releases nothing: its membership knows it serves no slot)."""
+        assert self.cluster is not None
+        task = asyncio.get_running_loop().create_task(self.cluster.release(room.name))
+        self._releases.add(task)
+        task.add_done_callback(self._released)
+
+    def _released(self, task: asyncio.Task[None]) -> None:
+        self._releases.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            event(log, logging.WARNING, "cannot forget a call's placement", error=repr(task.exception()))
 
     def _count_error(self, kind: str) -> None:
         self.metrics.errors.labels(kind=kind).inc()

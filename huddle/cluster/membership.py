@@ -92,6 +92,10 @@ class Membership(Protocol):
         """This node's rooms and participant counts changed (published with a short debounce)."""
         ...
 
+    async def shared_secret(self) -> bytes | None:
+        """Key material all nodes share (signs resume tokens without --secret); None: none to share."""
+        ...
+
 
 class SingleNode:
     """No cluster: this node serves every call, always."""
@@ -126,6 +130,9 @@ class SingleNode:
 
     def report(self, rooms: dict[str, int]) -> None:
         self._me = replace(self._me, rooms=dict(rooms))
+
+    async def shared_secret(self) -> bytes | None:
+        return None
 
 
 def _ignore(_: str) -> None:

@@ -61,6 +61,10 @@ class Workers:
     def report(self, rooms: dict[str, int]) -> None:
         self._me = replace(self._me, rooms=dict(rooms))
 
+    async def shared_secret(self) -> bytes | None:
+        # Workers share the recordings folder, where the node keeps its key.
+        return None
+
 
 def _ignore(_: str) -> None:
     return None

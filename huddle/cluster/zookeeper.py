@@ -5,6 +5,7 @@ Znodes under the chroot (default /huddle):
   /slots/<slot>        persistent, JSON {"epoch": N, "node": ID}: fencing epoch, bumped by each new server
   /slots/<slot>/owner  ephemeral, data = the id of the node that serves the slot
   /rooms/<room>        persistent, JSON {"slot": S, "epoch": N}: where a call was placed, while it lives
+  /resume-key          persistent, 32 random bytes: signs resume tokens when the nodes have no --secret
 
 Threads: kazoo runs its own threads and calls watches and listeners there. Everything here that touches this
 object's state runs on the asyncio loop: kazoo's callbacks only hop over with call_soon_threadsafe, and
@@ -14,9 +15,11 @@ requests use kazoo's *_async calls, whose results hop back the same way, so no r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
+import secrets
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from functools import partial
@@ -93,6 +96,7 @@ class ZooKeeperMembership:
         self._nodes_path = f"{root}/nodes"
         self._slots_path = f"{root}/slots"
         self._rooms_path = f"{root}/rooms"
+        self._key_path = f"{root}/resume-key"
         self._url = me.url
         self._media = me.media
         self._rooms = dict(me.rooms)
@@ -176,6 +180,16 @@ class ZooKeeperMembership:
         event(
             log, logging.INFO, "cluster joined", node=self.self_id, serving=self._serving, slot=self._target
         )
+
+    async def shared_secret(self) -> bytes:
+        """Key material every node of this cluster reads alike: the first node to ask makes it."""
+        client = self._require_client()
+        with contextlib.suppress(NodeExistsError):
+            await self._call(client.create_async, self._key_path, secrets.token_bytes(32))
+        data, _ = await self._call(client.get_async, self._key_path)
+        if len(data) < 16:
+            raise ClusterError(f"ZooKeeper's {self._key_path} holds no key; delete it and a new one is made")
+        return data
 
     async def stop(self) -> None:
         if self._closed:
