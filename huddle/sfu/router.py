@@ -13,7 +13,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from huddle.logs import event
 from huddle.rtc import rtcp, rtp, sdp
@@ -23,11 +23,9 @@ from huddle.rtc.transport import WebRtcTransport
 from huddle.sfu import offer
 from huddle.sfu.allocation import CONGESTION_LOSS, Budget, Request, allocate, rungs
 from huddle.sfu.consumer import Consumer
+from huddle.sfu.members import Call, Member
 from huddle.sfu.producer import UNUSED_EXTENSION_ID, Producer, order_rids
 from huddle.sfu.speaker import SpeakerDetector
-
-if TYPE_CHECKING:
-    from huddle.calls.room import Participant, Room
 
 log = logging.getLogger("huddle.sfu")
 
@@ -87,7 +85,7 @@ class Sfu:
         self.retired = dict.fromkeys(COUNTS, 0)
         self._task: asyncio.Task[None] | None = None
 
-    def router(self, room: Room, on_timeout: Callable[[str, str], None]) -> Router:
+    def router(self, room: Call, on_timeout: Callable[[str, str], None]) -> Router:
         router = Router(self, room, on_timeout)
         self.routers.add(router)
         if self._task is None:
@@ -149,7 +147,7 @@ class LocalTransport(Protocol):
 class Peer:
     """One participant's side of the SFU (or, with a `sink`, an in-process subscriber)."""
 
-    def __init__(self, router: Router, participant: Participant, sink: Sink | None = None) -> None:
+    def __init__(self, router: Router, participant: Member, sink: Sink | None = None) -> None:
         self.router = router
         self.participant = participant
         self.sink = sink
@@ -374,7 +372,7 @@ class Peer:
 class Router:
     """One call on this node: who publishes what, and who receives it."""
 
-    def __init__(self, sfu: Sfu, room: Room, on_timeout: Callable[[str, str], None]) -> None:
+    def __init__(self, sfu: Sfu, room: Call, on_timeout: Callable[[str, str], None]) -> None:
         self.sfu = sfu
         self.room = room
         self.on_timeout = on_timeout
@@ -388,7 +386,7 @@ class Router:
 
     # -- Membership (called by calls.registry) --------------------------------------------------------------
 
-    def add_peer(self, participant: Participant, sink: Sink | None = None) -> None:
+    def add_peer(self, participant: Member, sink: Sink | None = None) -> None:
         if participant.id in self.peers:
             return
         peer = self.peers[participant.id] = Peer(self, participant, sink)
@@ -397,7 +395,7 @@ class Router:
                 for producer in other.producers.values():
                     self._consume(producer, peer)
 
-    def remove_peer(self, participant: Participant) -> None:
+    def remove_peer(self, participant: Member) -> None:
         peer = self.peers.pop(participant.id, None)
         if peer is None:
             return
@@ -412,7 +410,7 @@ class Router:
         self._allocations.discard(participant.id)
         self.speaker.remove(participant.id)
 
-    def restart_ice(self, participant: Participant) -> None:
+    def restart_ice(self, participant: Member) -> None:
         """The participant came back after losing its network: its next subscribe offer restarts ICE."""
         peer = self.peers.get(participant.id)
         if peer is None:
@@ -425,7 +423,7 @@ class Router:
 
     # -- What each subscriber gets -------------------------------------------------------------------------
 
-    def set_video_sizes(self, participant: Participant, sizes: dict[str, list[int]]) -> None:
+    def set_video_sizes(self, participant: Member, sizes: dict[str, list[int]]) -> None:
         peer = self.peers.get(participant.id)
         if peer is None:
             return
@@ -523,7 +521,7 @@ class Router:
 
     # -- Negotiation (called by signaling) ------------------------------------------------------------------
 
-    def on_publish_offer(self, participant: Participant, text: str) -> str:
+    def on_publish_offer(self, participant: Member, text: str) -> str:
         peer = self.peers.get(participant.id)
         if peer is None:  # an offer that crossed its sender's departure
             raise sdp.SdpError("you are no longer in this call")
@@ -721,7 +719,7 @@ class Router:
             {"type": "sfu_offer", "pc": "subscribe", "sdp": text, "revision": peer.revision}
         )
 
-    def on_subscribe_answer(self, participant: Participant, text: str, revision: int) -> None:
+    def on_subscribe_answer(self, participant: Member, text: str, revision: int) -> None:
         peer = self.peers.get(participant.id)
         if peer is None:  # an answer that crossed its sender's departure
             raise sdp.SdpError("you are no longer in this call")
