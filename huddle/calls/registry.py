@@ -9,7 +9,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from huddle.calls.resume import ResumeClaims, ResumeKey, ResumeTokenError
+from huddle import outgoing
+from huddle.calls.resume import RecordingClaim, ResumeClaims, ResumeKey, ResumeTokenError
 from huddle.calls.room import P2P, SFU, Outbox, Participant, Room, RoomFull
 from huddle.logs import event
 from huddle.permissions import Permissions
@@ -54,6 +55,9 @@ class Calls:
         self._departed: OrderedDict[str, None] = OrderedDict()
         # Called with a room as its last participant leaves, before its Router closes (recordings stop).
         self.room_closed: list[Callable[[Room], None]] = []
+        # Called when a call is rebuilt here from a token that says this recording was running in it, and
+        # nothing records the call here: the recording goes on (it sets `room.recording` if it does).
+        self.recording_restored: list[Callable[[Room, RecordingClaim], None]] = []
 
     def __len__(self) -> int:
         return len(self._rooms)
@@ -88,9 +92,7 @@ class Calls:
             identity=identity, name=name, outbox=outbox, permissions=permissions, expires=expires
         )
         self._seat(room, participant)
-        room.broadcast(
-            {"type": "participant_joined", "participant": participant.describe()}, exclude=participant
-        )
+        room.broadcast(outgoing.participant_joined(participant.describe()), exclude=participant)
         if room.mode == P2P and (len(room) > 2 or self.sfu_always):
             self._switch_to_sfu(room, newcomer=participant)
         elif room.router is not None:
@@ -116,6 +118,15 @@ class Calls:
 
     def _issue_resume_token(self, room: Room, participant: Participant) -> None:
         self._resumable.pop(participant.resume_token, None)
+        running = room.recording
+        recording = None
+        if running is not None and running.get("state") == "recording":
+            recording = RecordingClaim(
+                id=running["id"],
+                outputs=tuple(running["outputs"]),
+                started_at=running["started_at"],
+                started_by=running["started_by"],
+            )
         participant.resume_token = self.resume_key.issue(
             ResumeClaims(
                 room=room.name,
@@ -125,9 +136,17 @@ class Calls:
                 permissions=participant.permissions,
                 expires=participant.expires,
                 issued=time.time(),
+                recording=recording,
             )
         )
         self._resumable[participant.resume_token] = (room, participant)
+
+    def reissue_resume_tokens(self, room: Room) -> None:
+        """Give everyone in the call a token that says what is recorded now (a recording started, stopped or
+        went on here), so that whichever node rebuilds the call from their tokens knows it too."""
+        for participant in room:
+            self._issue_resume_token(room, participant)
+            participant.outbox.send({"type": "resume_token", "token": participant.resume_token})
 
     def check_resume(self, room_name: str, token: str) -> None:
         """Raise ResumeFailed unless some node of this deployment could take this token (a door checks it
@@ -167,9 +186,7 @@ class Calls:
             old.close(4003, "resumed on another connection")
         if participant.connection != "connected":
             participant.connection = "connected"
-            room.broadcast(
-                {"type": "participant_updated", "participant": participant.describe()}, exclude=participant
-            )
+            room.broadcast(outgoing.participant_updated(participant.describe()), exclude=participant)
         if room.router is not None:
             room.router.restart_ice(participant)
         event(log, logging.INFO, "participant resumed", room=room.name, participant=participant.id)
@@ -199,13 +216,21 @@ class Calls:
             expires=claims.expires,
             id=claims.participant,
         )
+        if claims.recording is not None and room.recording is None and len(room) < room.capacity:
+            # Before seating the newcomer, so that its token (in `joined`) carries the recording as it goes on
+            # here; those restored before it without one get a new token.
+            for listener in self.recording_restored:
+                try:
+                    listener(room, claims.recording)
+                except Exception:  # the participant comes back whatever becomes of the recording
+                    log.exception("recording_restored listener failed", extra={"fields": {"room": room.name}})
+            if room.recording is not None:
+                self.reissue_resume_tokens(room)
         try:
             self._seat(room, participant)
         except RoomFull:
             raise ResumeFailed(room_name) from None
-        room.broadcast(
-            {"type": "participant_joined", "participant": participant.describe()}, exclude=participant
-        )
+        room.broadcast(outgoing.participant_joined(participant.describe()), exclude=participant)
         if room.mode == P2P and (len(room) > 2 or self.sfu_always or mode == SFU):
             self._switch_to_sfu(room, newcomer=participant)
         elif room.router is not None:
@@ -242,7 +267,7 @@ class Calls:
             return
         room.mode = SFU
         room.router = self._router_factory(room)
-        room.broadcast({"type": "mode", "mode": SFU}, exclude=newcomer)
+        room.broadcast(outgoing.mode(SFU), exclude=newcomer)
         for p in room:
             room.router.add_peer(p)
         event(log, logging.INFO, "room moved to the SFU", room=room.name, size=len(room))
@@ -260,9 +285,7 @@ class Calls:
             self._remove(room, participant, "disconnected")
             return
         participant.connection = "reconnecting"
-        room.broadcast(
-            {"type": "participant_updated", "participant": participant.describe()}, exclude=participant
-        )
+        room.broadcast(outgoing.participant_updated(participant.describe()), exclude=participant)
         loop = asyncio.get_running_loop()
         participant.grace_timer = loop.call_later(
             self.reconnect_grace, self._remove, room, participant, "timeout"
@@ -280,7 +303,7 @@ class Calls:
             self._departed.popitem(last=False)
         if room.router is not None:
             room.router.remove_peer(participant)
-        room.broadcast({"type": "participant_left", "id": participant.id, "reason": reason})
+        room.broadcast(outgoing.participant_left(participant.id, reason))
         event(
             log,
             logging.INFO,

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 from huddle.permissions import PERMISSION_NAMES, Permissions
 
-# The longest token a node issues: claims are bounded (names 64 characters, ids 64), so a longer one is junk.
+# The longest token a node issues: claims are bounded (names 64 characters, ids 64, a recording's id and
+# outputs), so a longer one is junk.
 MAX_TOKEN_CHARS = 2048
 # A token of an open room (no join token to expire with) stops seating anyone this long after it was issued:
 # every resume issues a fresh one, so only a participant gone for so long loses the right.
@@ -33,6 +34,17 @@ class ResumeTokenError(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class RecordingClaim:
+    """The recording running in the call when the token was issued: a node that rebuilds the call from its
+    clients' tokens goes on with it (same id), since the node that made it may be gone."""
+
+    id: str
+    outputs: tuple[str, ...]
+    started_at: float  # Unix time
+    started_by: str
+
+
+@dataclass(frozen=True, slots=True)
 class ResumeClaims:
     room: str
     participant: str
@@ -42,6 +54,7 @@ class ResumeClaims:
     # The join token's expiry (seconds since the epoch), or None in open rooms.
     expires: float | None
     issued: float
+    recording: RecordingClaim | None = None
 
 
 class ResumeKey:
@@ -69,6 +82,9 @@ class ResumeKey:
             # Two tokens issued in the same millisecond still differ, so "used once" is about one token.
             "k": secrets.token_hex(6),
         }
+        if claims.recording is not None:
+            rec = claims.recording
+            body["rec"] = {"id": rec.id, "o": list(rec.outputs), "t": rec.started_at, "b": rec.started_by}
         part = _b64(json.dumps(body, separators=(",", ":")).encode())
         return part + "." + _b64(self._sign(part))
 
@@ -93,6 +109,7 @@ class ResumeKey:
                 permissions=Permissions(**{name: name in body["g"] for name in PERMISSION_NAMES}),
                 expires=None if body["x"] is None else float(body["x"]),
                 issued=float(body["t"]),
+                recording=_recording(body.get("rec")),
             )
         except (ValueError, KeyError, TypeError):
             # Signed by us yet unreadable: only a key shared with something else could do that.
@@ -106,6 +123,19 @@ class ResumeKey:
 
     def _sign(self, part: str) -> bytes:
         return hmac.new(self._key, part.encode(), hashlib.sha256).digest()
+
+
+def _recording(value: object) -> RecordingClaim | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not isinstance(value["o"], list):
+        raise ValueError("not a recording")
+    return RecordingClaim(
+        id=_text(value["id"]),
+        outputs=tuple(_text(output) for output in value["o"]),
+        started_at=float(value["t"]),
+        started_by=_text(value["b"]),
+    )
 
 
 def _text(value: object) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -21,7 +21,7 @@ SFU = "sfu"
 class Outbox(Protocol):
     """Where messages for one participant go (its signaling connection)."""
 
-    def send(self, message: dict[str, Any]) -> None: ...
+    def send(self, message: Mapping[str, Any]) -> None: ...
 
     def close(self, code: int, reason: str) -> None: ...
 

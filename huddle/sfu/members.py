@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 from huddle.permissions import Permissions
@@ -10,7 +11,7 @@ from huddle.permissions import Permissions
 class Outbox(Protocol):
     """Where messages for one member go (its signaling connection, as the layer above decides)."""
 
-    def send(self, message: dict[str, Any]) -> None: ...
+    def send(self, message: Mapping[str, Any]) -> None: ...
 
 
 class Member(Protocol):

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from huddle import outgoing
 from huddle.logs import event
 from huddle.rtc import rtcp, rtp, sdp
 from huddle.rtc.certificate import Certificate
@@ -497,7 +498,7 @@ class Router:
                 if paused != producer.paused:
                     producer.paused = paused
                     active = [rid for rid in producer.rids if rid not in paused]
-                    peer.participant.outbox.send({"type": "publisher_layers", "active": active})
+                    peer.participant.outbox.send(outgoing.publisher_layers(active))
                     event(log, logging.DEBUG, "dynacast", participant=peer.participant.id, active=active)
 
     def _select_audio(self) -> None:
@@ -715,9 +716,7 @@ class Router:
             session_id=peer.session_id,
             version=peer.revision,
         )
-        peer.participant.outbox.send(
-            {"type": "sfu_offer", "pc": "subscribe", "sdp": text, "revision": peer.revision}
-        )
+        peer.participant.outbox.send(outgoing.sfu_offer(text, peer.revision))
 
     def on_subscribe_answer(self, participant: Member, text: str, revision: int) -> None:
         peer = self.peers.get(participant.id)
@@ -760,7 +759,7 @@ class Router:
 
     def tick(self, now: float, full: bool) -> None:
         if self.speaker.tick(now):
-            self.room.broadcast({"type": "active_speaker", "id": self.speaker.active_speaker})
+            self.room.broadcast(outgoing.active_speaker(self.speaker.active_speaker))
             for peer in self.peers.values():
                 if peer.sink is not None:
                     peer.sink.active_speaker(self.speaker.active_speaker)

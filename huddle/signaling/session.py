@@ -14,6 +14,7 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from huddle import outgoing
 from huddle.calls.registry import Calls, ResumeFailed
 from huddle.calls.room import P2P, SFU, Participant, Room, RoomFull
 from huddle.cluster.membership import ClusterUnavailable, Membership, NodeInfo
@@ -178,13 +179,8 @@ class Session:
             now = time.monotonic()
             if now - self._last_rate_error >= 1.0:
                 self._last_rate_error = now
-                self.send(
-                    {
-                        "type": "error",
-                        "code": "rate_limited",
-                        "message": f"over {RATE_PER_SECOND:.0f} messages per second; messages are dropped",
-                    }
-                )
+                text = f"over {RATE_PER_SECOND:.0f} messages per second; messages are dropped"
+                self.send(outgoing.error("rate_limited", text))
             if self._dropped > DROPS_BEFORE_CLOSE:
                 self.close(CLOSE_POLICY, "flooding")
             return None
@@ -219,18 +215,12 @@ class Session:
     def _error(self, code: str, message: str, request_id: Any = None) -> None:
         self._count_error(code)
         event(log, logging.DEBUG, "signaling error", code=code, detail=message, peer=self.request.remote)
-        reply: dict[str, Any] = {"type": "error", "code": code, "message": message}
-        if request_id is not None:
-            reply["id"] = request_id
-        self.send(reply)
+        self.send(outgoing.error(code, message, request_id))
 
     # -- Handlers ---------------------------------------------------------------------------------------
 
     def _on_ping(self, msg: m.Ping) -> None:
-        reply: dict[str, Any] = {"type": "pong", "time": time.time()}
-        if msg.id is not None:
-            reply["id"] = msg.id
-        self.send(reply)
+        self.send(outgoing.pong(time.time(), msg.id))
 
     async def _on_join(self, msg: m.Join) -> None:
         ctx = self.ctx
@@ -312,10 +302,7 @@ class Session:
     def _redirect(self, owner: NodeInfo, request_id: Any) -> None:
         """The call is served by another node: the client sends the same `join` there (docs/protocol.md)."""
         self.ctx.metrics.errors.labels(kind="redirected").inc()
-        reply: dict[str, Any] = {"type": "redirect", "url": ws_url(owner), "node": owner.id}
-        if request_id is not None:
-            reply["id"] = request_id
-        self.send(reply)
+        self.send(outgoing.redirect(ws_url(owner), owner.id, request_id))
 
     def _welcome(
         self, room: Room, participant: Participant, request_id: Any, *, resumed: bool, restored: bool
@@ -323,25 +310,23 @@ class Session:
         self.room, self.participant = room, participant
         if self._join_timer is not None:
             self._join_timer.cancel()
-        reply: dict[str, Any] = {
-            "type": "joined",
-            "v": m.PROTOCOL_VERSION,
-            "self": participant.describe(),
-            "room": room.name,
-            "participants": [p.describe() for p in room if p is not participant],
-            "mode": room.mode,
-            "ice_servers": self._ice_servers(),
-            "permissions": participant.permissions.as_dict(),
-            "resume_token": participant.resume_token,
-            "reconnect_grace": self.ctx.calls.reconnect_grace,
-            "resumed": resumed,
-            "restored": restored,
-            "doors": self._doors(),
-            "active_speaker": room.router.speaker.active_speaker if room.router is not None else None,
-            "recording": room.recording,
-        }
-        if request_id is not None:
-            reply["id"] = request_id
+        reply = outgoing.joined(
+            request_id,
+            v=m.PROTOCOL_VERSION,
+            me=participant.describe(),
+            room=room.name,
+            participants=[p.describe() for p in room if p is not participant],
+            mode=room.mode,
+            ice_servers=self._ice_servers(),
+            permissions=participant.permissions.as_dict(),
+            resume_token=participant.resume_token,
+            reconnect_grace=self.ctx.calls.reconnect_grace,
+            resumed=resumed,
+            restored=restored,
+            doors=self._doors(),
+            active_speaker=room.router.speaker.active_speaker if room.router is not None else None,
+            recording=room.recording,
+        )
         # The router defers its offers to a later loop turn, so `joined` always goes out first.
         self.send(reply)
 
@@ -377,7 +362,7 @@ class Session:
         if target is None or target is self.participant:
             self._error("unknown_participant", f"no participant {msg.to!r} in this room", msg.id)
             return
-        target.outbox.send({"type": msg.type, "from": self.participant.id, **payload})
+        target.outbox.send(outgoing.relayed(msg.type, self.participant.id, payload))
 
     def _on_offer(self, msg: m.Offer) -> None:
         self._relay(msg, {"sdp": msg.sdp})
@@ -395,7 +380,7 @@ class Session:
             self.participant.audio = msg.audio
         if msg.video is not None:
             self.participant.video = msg.video
-        self.room.broadcast({"type": "participant_updated", "participant": self.participant.describe()})
+        self.room.broadcast(outgoing.participant_updated(self.participant.describe()))
 
     def _on_sfu_offer(self, msg: m.SfuOffer) -> None:
         router = self._router(msg)
@@ -407,7 +392,7 @@ class Session:
         except ValueError as exc:
             self._error("bad_sdp", f"publish offer not accepted: {exc}", msg.id)
             return
-        self.send({"type": "sfu_answer", "pc": "publish", "sdp": answer})
+        self.send(outgoing.sfu_answer(answer))
 
     def _on_sfu_answer(self, msg: m.SfuAnswer) -> None:
         router = self._router(msg)
