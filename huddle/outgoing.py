@@ -102,6 +102,15 @@ def relayed(kind: Literal["offer", "answer", "candidate"], sender: str, payload:
     return {"type": kind, "from": sender, **payload}  # type: ignore[typeddict-item]
 
 
+class ResumeToken(Message):
+    token: str
+
+
+def resume_token(token: str) -> ResumeToken:
+    """A newer resume token (what it says about the call changed, e.g. a recording started)."""
+    return {"type": "resume_token", "token": token}
+
+
 class Error(Message):
     code: str
     message: str

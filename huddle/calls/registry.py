@@ -145,8 +145,12 @@ class Calls:
         """Give everyone in the call a token that says what is recorded now (a recording started, stopped or
         went on here), so that whichever node rebuilds the call from their tokens knows it too."""
         for participant in room:
+            if participant.connection != "connected":
+                # Its socket is down, the message would be lost and its token with it; the `joined` that
+                # answers its resume carries the new state.
+                continue
             self._issue_resume_token(room, participant)
-            participant.outbox.send({"type": "resume_token", "token": participant.resume_token})
+            participant.outbox.send(outgoing.resume_token(participant.resume_token))
 
     def check_resume(self, room_name: str, token: str) -> None:
         """Raise ResumeFailed unless some node of this deployment could take this token (a door checks it

@@ -6,19 +6,29 @@ the outputs chosen for it: `composite`, a CompositeWorker process writing the sp
 manifest. When it stops, the files go to the store through the durable Uploader, under
 `<room>/<recording id>/`. Files are written under `<recordings dir>/.partial` meanwhile, so a local store
 lists only finished recordings.
+
+A recording outlives the node that makes it: its clients' resume tokens name it, and the node that rebuilds
+the call from them (the same one restarted, or a standby that took over) goes on with it as a new segment of
+the same recording, stored under `<room>/<recording id>/segment-<n>/`; that segment's manifest says how long
+the gap before it was. A node that stops (shutdown, fencing) finishes its segment's files without telling
+the participants that the recording stopped, since it has not: it goes on where the call goes on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
+import re
 import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from huddle import outgoing
 from huddle.logs import event
 from huddle.recording.log import InProcessLog, RecordingLog
 from huddle.recording.recorder import STOP_GRACE, Recorder
@@ -27,14 +37,20 @@ from huddle.recording.worker import CompositeWorker
 
 if TYPE_CHECKING:
     from huddle.calls.registry import Calls
+    from huddle.calls.resume import RecordingClaim
     from huddle.calls.room import Room
     from huddle.config import Settings
     from huddle.recording.tracks import TrackConsumer, TrackWriter
+    from huddle.sfu.router import Router
 
 log = logging.getLogger("huddle.recording")
 
 OUTPUTS = ("composite", "tracks")
 COMPOSITE_FILE = "speaker-view.mp4"
+MANIFEST_FILE = "manifest.json"
+MAX_MANIFEST_BYTES = 4 << 20  # a previous segment's manifest read back to measure the gap
+_RECORDING_ID = re.compile(r"[0-9]{8}T[0-9]{6}Z-[0-9a-f]{6}")
+_SEGMENT = re.compile(r"segment-([0-9]{1,6})/")
 FINISH_TIMEOUT = 60.0  # seconds a stopped recording's outputs get to finish their files
 SHUTDOWN_UPLOAD_WAIT = 10.0  # on shutdown, how long to wait for uploads (the spool keeps the rest)
 
@@ -77,6 +93,11 @@ class _Running:
     info: RecordingInfo
     recorder: Recorder
     composite: CompositeWorker | None
+    # What this node's outputs know the segment by (its files, the log's records): the recording's id for
+    # the first segment; a continuation has one of its own, as the first one's files may still be here.
+    key: str
+    since: float  # Unix time this segment started: 0 of its recorder's clock
+    continued: bool  # a later segment: another node (or this one before a restart) recorded the first
 
 
 class Recordings:
@@ -107,6 +128,7 @@ class Recordings:
         self._tasks: set[asyncio.Task[None]] = set()  # finishing files
         self._uploads: set[asyncio.Task[None]] = set()  # waiting for the store to have them
         calls.room_closed.append(self._room_closed)
+        calls.recording_restored.append(self._go_on)
 
     @classmethod
     def from_settings(cls, calls: Calls, settings: Settings) -> Recordings:
@@ -167,47 +189,88 @@ class Recordings:
         started = time.time()
         rid = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(started)) + "-" + secrets.token_hex(3)
         info = RecordingInfo(rid, room_name, tuple(o for o in OUTPUTS if o in outputs), started, by)
-        if "tracks" in info.outputs:
-            self._track_consumer()
-        composite = None
-        if "composite" in info.outputs:
-            composite = CompositeWorker(self.work / "composite" / f"{rid}.mp4")
-            try:
-                composite.start()
-            except OSError as exc:  # out of processes or memory: say so, and keep the call as it is
-                raise RecordingError("unavailable", f"cannot start the composite worker: {exc}", 503) from exc
-        emit = _emitter(self.log, room_name, composite, "tracks" in info.outputs)
-        recorder = Recorder(
-            rid,
-            router,
-            emit,
-            started_at=started,
-            outputs=info.outputs,
-            names=lambda pid: _name(room, pid),
-        )
-        self._running[room_name] = _Running(info, recorder, composite)
-        room.recording = info.describe()
-        room.broadcast({"type": "recording", "recording": room.recording})
+        self._launch(room, router, info, key=rid, since=started, continued=False)
+        self.calls.reissue_resume_tokens(room)
         event(
             log, logging.INFO, "recording started", room=room_name, recording=rid, by=by, outputs=info.outputs
         )
         return info
 
+    def _go_on(self, room: Room, claim: RecordingClaim) -> None:
+        """A call is rebuilt here from a token saying `claim` was being recorded: record on, as a new segment
+        of the same recording (Calls.recording_restored)."""
+        if room.name in self._running or claim.id in self._finishing:
+            return  # recorded here already, or stopped here and the token is older than the stop
+        outputs = tuple(o for o in OUTPUTS if o in claim.outputs)
+        if not _RECORDING_ID.fullmatch(claim.id) or not outputs:
+            event(log, logging.WARNING, "recording in a resume token unusable", room=room.name, id=claim.id)
+            return
+        busy = len(self._running) + len(self._tasks)
+        if busy >= self.max_recordings:
+            event(
+                log,
+                logging.WARNING,
+                "recording cannot go on here: --max-recordings reached",
+                room=room.name,
+                recording=claim.id,
+                limit=self.max_recordings,
+            )
+            return
+        router = self.calls.move_to_sfu(room)
+        if router is None:
+            return
+        info = RecordingInfo(claim.id, room.name, outputs, claim.started_at, claim.started_by)
+        key = f"{claim.id}.{secrets.token_hex(3)}"
+        try:
+            self._launch(room, router, info, key=key, since=time.time(), continued=True)
+        except RecordingError as exc:
+            event(log, logging.ERROR, "recording cannot go on here", recording=claim.id, error=exc.message)
+            return
+        event(log, logging.WARNING, "recording goes on after a restart", room=room.name, recording=claim.id)
+
+    def _launch(
+        self, room: Room, router: Router, info: RecordingInfo, *, key: str, since: float, continued: bool
+    ) -> None:
+        if "tracks" in info.outputs:
+            self._track_consumer()
+        composite = None
+        if "composite" in info.outputs:
+            composite = CompositeWorker(self.work / "composite" / f"{key}.mp4")
+            try:
+                composite.start()
+            except OSError as exc:  # out of processes or memory: say so, and keep the call as it is
+                raise RecordingError("unavailable", f"cannot start the composite worker: {exc}", 503) from exc
+        emit = _emitter(self.log, room.name, composite, "tracks" in info.outputs)
+        recorder = Recorder(
+            key,
+            router,
+            emit,
+            started_at=since,
+            outputs=info.outputs,
+            names=lambda pid: _name(room, pid),
+        )
+        self._running[room.name] = _Running(info, recorder, composite, key, since, continued)
+        room.recording = info.describe()
+        room.broadcast(outgoing.recording(room.recording))
+
     def end(
-        self, room_name: str, recording_id: str | None = None, *, reason: str = "stopped"
+        self, room_name: str, recording_id: str | None = None, *, reason: str = "stopped", tell: bool = True
     ) -> RecordingInfo:
+        """Stop a recording and finish its files. With `tell` false (this node stops serving the call, which
+        goes on elsewhere) the participants are not told, and their tokens still name the recording."""
         running = self._running.get(room_name)
         if running is None or (recording_id is not None and running.info.id != recording_id):
             raise RecordingError("not_recording", "no such recording is running in this call", 404)
         del self._running[room_name]
         info = running.info
-        info.stopped_at = info.started_at + running.recorder.stop()
+        info.stopped_at = running.since + running.recorder.stop()
         info.state = "processing"
         self._finishing[info.id] = info
         room = self.calls.get(room_name)
-        if room is not None:
+        if room is not None and tell:
             room.recording = None
-            room.broadcast({"type": "recording", "recording": info.describe()})
+            room.broadcast(outgoing.recording(info.describe()))
+            self.calls.reissue_resume_tokens(room)
         event(
             log,
             logging.INFO,
@@ -230,26 +293,33 @@ class Recordings:
         """Wait for the outputs to close their files, then hand them to the uploader (manifest last)."""
         info = running.info
         prefix = f"{info.room}/{info.id}/"
+        folder = ""  # of this segment's files, within the recording
         try:
             await asyncio.sleep(STOP_GRACE)
             running.recorder.finish()
+            number, previous = 1, None
+            if running.continued:
+                number, previous = await self._segment_after(prefix, running.key)
+                folder = f"segment-{number}/"
             if running.composite is not None:
                 await running.composite.stop(timeout=FINISH_TIMEOUT)
                 path = running.composite.path
                 if path.exists():
-                    await self.uploader.submit(prefix + COMPOSITE_FILE, path)
-                    info.files.append(COMPOSITE_FILE)
+                    await self.uploader.submit(prefix + folder + COMPOSITE_FILE, path)
+                    info.files.append(folder + COMPOSITE_FILE)
             if "tracks" in info.outputs:
                 assert self.tracks is not None and self.writer is not None
                 try:
-                    paths = await self.tracks.wait_finished(info.id, FINISH_TIMEOUT)
+                    paths = await self.tracks.wait_finished(running.key, FINISH_TIMEOUT)
                 except TimeoutError:
                     # Its stop record was lost (a full log drops): finish with what was written.
-                    await self.tracks.finish(info.id)
-                    paths = await self.tracks.wait_finished(info.id, FINISH_TIMEOUT)
-                base = self.writer.root / info.id
+                    await self.tracks.finish(running.key)
+                    paths = await self.tracks.wait_finished(running.key, FINISH_TIMEOUT)
+                base = self.writer.root / running.key
+                if previous is not None:
+                    await self._note_gap(base / MANIFEST_FILE, info, number, previous)
                 for path in paths:
-                    name = path.relative_to(base).as_posix()
+                    name = folder + path.relative_to(base).as_posix()
                     await self.uploader.submit(prefix + name, path)
                     info.files.append(name)
         except Exception as exc:  # one recording's failure must not stop the others from finishing
@@ -262,6 +332,67 @@ class Recordings:
         task = asyncio.get_running_loop().create_task(self._until_stored(info, prefix + info.files[-1]))
         self._uploads.add(task)
         task.add_done_callback(self._uploads.discard)
+
+    async def _segment_after(self, prefix: str, key: str) -> tuple[int, tuple[int, str | None]]:
+        """This segment's number, after those in the store, and the last of those: (number, manifest key
+        or None). The first segment's files lie in the recording's own folder, later ones in segment-<n>/."""
+        try:
+            stored = await self.store.list(prefix)
+        except StoreError as exc:
+            # Unknown neighbours: a folder of its own, so that nothing stored is overwritten.
+            event(log, logging.WARNING, "cannot see earlier segments", recording=key, error=str(exc))
+            return 1000 + secrets.randbelow(9000), (0, None)
+        manifests: dict[int, str] = {}
+        numbers = {1}  # the first segment was made, even when none of its files reached the store
+        for obj in stored:
+            name = obj.key[len(prefix) :]
+            found = _SEGMENT.match(name)
+            number = int(found.group(1)) if found is not None else 1
+            numbers.add(number)
+            if name.rsplit("/", 1)[-1] == MANIFEST_FILE:
+                manifests[number] = obj.key
+        last = max(numbers)
+        return last + 1, (last, manifests.get(last))
+
+    async def _note_gap(
+        self, path: Path, info: RecordingInfo, segment: int, previous: tuple[int, str | None]
+    ) -> None:
+        """Say in this segment's manifest which recording it continues and how long nothing was recorded:
+        from the end of the previous segment's last frame to this one's first frame."""
+        manifest = json.loads(await asyncio.to_thread(path.read_bytes))
+        tracks = manifest.get("tracks") or []
+        first = manifest["started_at"] + min((t["start_offset"] for t in tracks), default=0.0)
+        number, key = previous
+        gap: dict[str, Any] = {"after_segment": number, "from": None, "to": first, "duration": None}
+        before = await self._read_json(key) if key is not None else None
+        if before is not None:
+            ends = [t["start_offset"] + t["duration"] for t in before.get("tracks") or []]
+            last = before["started_at"] + max(ends, default=before["duration"])
+            gap.update({"from": last, "duration": round(first - last, 3)})
+        else:
+            gap["missing"] = "the previous segment's manifest is not in the store"
+        manifest.update(
+            recording_id=info.id,
+            segment=segment,
+            recording_started_at=info.started_at,
+            gap=gap,
+        )
+        await asyncio.to_thread(_replace_file, path, json.dumps(manifest, indent=2).encode())
+        event(log, logging.INFO, "recording segment after a gap", recording=info.id, gap=gap["duration"])
+
+    async def _read_json(self, key: str) -> Any:
+        try:
+            stream = await self.store.read(key)
+            async with stream:
+                data = b""
+                async for chunk in stream:
+                    data += chunk
+                    if len(data) > MAX_MANIFEST_BYTES:
+                        return None
+            return json.loads(data)
+        except (StoreError, OSError, ValueError) as exc:
+            event(log, logging.WARNING, "cannot read an earlier segment's manifest", key=key, error=str(exc))
+            return None
 
     async def _until_stored(self, info: RecordingInfo, last_key: str) -> None:
         """The uploader keeps submission order, so the last file stored means all of them are."""
@@ -295,7 +426,9 @@ class Recordings:
             entry = found.setdefault(info.id, {"id": info.id, "room": room_name, "files": []})
             entry.update(info.describe())
         for entry in found.values():
-            entry["files"].sort(key=lambda f: (f["name"] != COMPOSITE_FILE, f["name"]))
+            # Segment by segment (the first in the recording's folder), each with its composite first.
+            entry["files"].sort(key=_file_order)
+            entry["segments"] = len({_file_order(f)[0] for f in entry["files"]})
         return sorted(found.values(), key=lambda e: e["id"], reverse=True)
 
     async def open(self, room_name: str, recording_id: str, name: str) -> ObjectStream:
@@ -314,7 +447,7 @@ class Recordings:
     async def close(self) -> None:
         """Stop every recording and finish its files (SIGTERM lands here): they stay playable."""
         for room_name in list(self._running):
-            self.end(room_name, reason="shutdown")
+            self.end(room_name, reason="shutdown", tell=False)
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.tracks is not None:
@@ -349,6 +482,19 @@ def _emitter(recording_log: RecordingLog, key: str, composite: CompositeWorker |
 def _name(room: Room, participant_id: str) -> str:
     participant = room.participants.get(participant_id)
     return participant.name if participant is not None else participant_id
+
+
+def _file_order(file: dict[str, Any]) -> tuple[int, bool, str]:
+    found = _SEGMENT.match(file["name"])
+    segment = int(found.group(1)) if found is not None else 1
+    return segment, file["name"].rsplit("/", 1)[-1] != COMPOSITE_FILE, file["name"]
+
+
+def _replace_file(path: Path, data: bytes) -> None:
+    # A new file, not a rewrite in place: a local store may hold a hard link to what it replaces.
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_bytes(data)
+    os.replace(temporary, path)
 
 
 def _file_url(room: str, recording_id: str, name: str) -> str:
