@@ -31,6 +31,15 @@ const RECONNECT_DELAYS_MS = Object.freeze([500, 1000, 2000]);
 // `redirect` answers that one `join` may follow (docs/protocol.md, "redirect").
 const MAX_REDIRECTS = 3;
 const RESUME_ATTEMPT_MS = 5000;
+// A door that sends our resume on to a node we cannot reach is most likely sending it to the node we lost,
+// whose standby takes the call over as soon as ZooKeeper ends the dead node's session (a second or two).
+// That door learns of the takeover at once, so it is asked again after this short wait (plus up to
+// REDIRECT_RETRY_JITTER_MS, so that a whole call does not come back in step) rather than after the growing
+// backoff, which would add seconds to every failover. At most REDIRECT_RETRIES_MAX such quick tries per
+// reconnection (about 10 s, past the default 6 s session timeout); then the backoff as usual.
+const REDIRECT_RETRY_MS = 200;
+const REDIRECT_RETRY_JITTER_MS = 100;
+const REDIRECT_RETRIES_MAX = 40;
 const RESUME_LAST_MARGIN_MS = 250;
 const DEFAULT_RECONNECT_GRACE_S = 20;
 // Moving a call p2p -> sfu: a participant's P2P connection is kept until their media flows through the SFU,
@@ -1466,6 +1475,10 @@ export class HuddleClient extends EventTarget {
       case 'recording':
         this._onRecording(message.recording);
         break;
+      case 'resume_token':
+        // What the call's state is now (a recording started or stopped), for whichever node resumes us.
+        if (typeof message.token === 'string') this.resumeToken = message.token;
+        break;
       case 'error':
         if (typeof message.id === 'string' && message.id.startsWith(VIDEO_SIZES_ID_PREFIX)) {
           // A server that does not know `video_sizes` yet (unknown_type): it sends every video anyway.
@@ -1780,18 +1793,23 @@ export class HuddleClient extends EventTarget {
       tries: 0,
       rounds: 0, // rounds begun after a wait (the backoff step)
       immediate: serviceRestart,
+      quickRetries: 0, // doors asked again soon after they sent us on to a node we could not reach
       timer: null,
     };
     this._setState('reconnecting');
     this._scheduleResume(this._session);
   }
 
-  _scheduleResume(session) {
+  /** `again`: ask this door again soon (it sent us on to a node we could not reach), outside the rounds. */
+  _scheduleResume(session, again = null) {
     const reconnect = this._reconnect;
     if (!reconnect || session !== this._session) return;
     const { doors } = reconnect;
     let wait = 0; // the next door of a round is tried as soon as the one before failed
-    if (reconnect.tries % doors.length === 0) {
+    if (again !== null) {
+      wait = REDIRECT_RETRY_MS + Math.random() * REDIRECT_RETRY_JITTER_MS;
+      reconnect.quickRetries += 1;
+    } else if (reconnect.tries % doors.length === 0) {
       if (reconnect.immediate && reconnect.tries === 0) {
         wait = 0;
       } else {
@@ -1803,9 +1821,12 @@ export class HuddleClient extends EventTarget {
     // The last attempt comes just before the grace period is over, however the backoff falls.
     const left = reconnect.deadline - performance.now() - RESUME_LAST_MARGIN_MS;
     const delay = Math.min(wait, left);
-    const door = doors[reconnect.next % doors.length];
-    reconnect.next += 1;
-    reconnect.tries += 1;
+    let door = again;
+    if (door === null) {
+      door = doors[reconnect.next % doors.length];
+      reconnect.next += 1;
+      reconnect.tries += 1;
+    }
     if (delay < 0) {
       this._giveUp(new HuddleError('resume_failed',
         `could not reconnect to the call within ${this.reconnectGrace} seconds`));
@@ -1819,6 +1840,7 @@ export class HuddleClient extends EventTarget {
     if (!reconnect || session !== this._session || this.state !== 'reconnecting') return;
     reconnect.timer = null;
     let channel = this._newChannel(door);
+    let redirected = false;
     this._resuming = channel;
     const budget = Math.max(500, Math.min(RESUME_ATTEMPT_MS, reconnect.deadline - performance.now()));
     const limit = (promise, what) => withTimeout(promise, budget, what);
@@ -1834,6 +1856,7 @@ export class HuddleClient extends EventTarget {
         if (this._resuming !== channel) return false;
         this._resuming = next;
         channel = next;
+        redirected = true;
         return true;
       }, limit);
     } catch (err) {
@@ -1853,7 +1876,8 @@ export class HuddleClient extends EventTarget {
       this._giveUp(error);
       return;
     }
-    this._scheduleResume(session);
+    const quick = failure && redirected && reconnect.quickRetries < REDIRECT_RETRIES_MAX;
+    this._scheduleResume(session, quick ? door : null);
   }
 
   _stopReconnecting() {
