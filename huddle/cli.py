@@ -80,11 +80,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"huddle serve: {exc}", file=sys.stderr)
         return 2
     logs.setup(settings.log_level)
+    from huddle.cluster.membership import ClusterError
     from huddle.cluster.workers import WorkerFailed
 
     try:
         asyncio.run(_serve(settings))
-    except WorkerFailed as exc:
+    except (ClusterError, WorkerFailed) as exc:
         print(f"huddle serve: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:

@@ -186,6 +186,8 @@ class Node:
         """Another node may serve our calls from now on: forward nothing more, and send every client on."""
         event(log, logging.WARNING, "no longer serving calls", reason=why, rooms=len(self.calls))
         self.calls.drop_all(CLOSE_SERVICE_RESTART, "this node stopped serving the call; reconnecting")
+        if self.cluster is not None:
+            self.cluster.report(self.calls.rooms())
 
     def _serving(self, slot: str) -> None:
         event(log, logging.WARNING if slot != self.settings.node_id else logging.INFO, "serving", slot=slot)

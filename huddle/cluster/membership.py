@@ -96,6 +96,11 @@ class Membership(Protocol):
         """Key material all nodes share (signs resume tokens without --secret); None: none to share."""
         ...
 
+    def urls(self) -> set[str]:
+        """The public URLs of every node seen in the cluster since this one started, dead ones included:
+        pages they served reconnect here when they die."""
+        ...
+
 
 class SingleNode:
     """No cluster: this node serves every call, always."""
@@ -133,6 +138,9 @@ class SingleNode:
 
     async def shared_secret(self) -> bytes | None:
         return None
+
+    def urls(self) -> set[str]:
+        return {self._me.url}
 
 
 def _ignore(_: str) -> None:

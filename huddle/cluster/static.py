@@ -61,6 +61,9 @@ class Workers:
     def report(self, rooms: dict[str, int]) -> None:
         self._me = replace(self._me, rooms=dict(rooms))
 
+    def urls(self) -> set[str]:
+        return {self._me.url}
+
     async def shared_secret(self) -> bytes | None:
         # Workers share the recordings folder, where the node keeps its key.
         return None

@@ -20,6 +20,7 @@ import json
 import logging
 import re
 import secrets
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from functools import partial
@@ -55,10 +56,14 @@ DEFAULT_CHROOT = "/huddle"
 REPORT_DELAY = 0.5
 # How often a start waits out a node znode left by this id's previous, dead process (kill -9 and restart).
 REGISTER_POLL = 0.1
-# Kazoo suspends after 2/3 of the session timeout without an answer, and ZooKeeper may end the session (and
-# let a standby serve) as soon as 1/3 later: a suspended node stops serving that much later, less this margin
-# for a busy loop's late timer.
+# ZooKeeper may end a session (and let a standby serve) one session timeout after it last heard from the
+# client, never sooner: a node cut off stops serving at that point, less this margin for a busy loop's late
+# timer. Counting from when kazoo reports the cut instead would drop every call on a ZooKeeper restart, whose
+# reset connections are reported at once, although the session lives on.
 FENCE_MARGIN = 0.05
+# An idle node asks ZooKeeper something this often (in session timeouts), so that it knows how recently the
+# server heard from it when the connection goes.
+HEARTBEAT = 1 / 6
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
@@ -96,6 +101,8 @@ class ZooKeeperMembership:
         self._nodes_path = f"{root}/nodes"
         self._slots_path = f"{root}/slots"
         self._rooms_path = f"{root}/rooms"
+        # Pages loaded from a node that died resume here: its origin stays a cluster origin.
+        self._seen_urls: set[str] = {me.url}
         self._key_path = f"{root}/resume-key"
         self._url = me.url
         self._media = me.media
@@ -121,6 +128,9 @@ class ZooKeeperMembership:
         self._serving = False
         self._claim_lock = asyncio.Lock()
         self._fence_timer: asyncio.TimerHandle | None = None
+        # time.monotonic() at which the last request that ZooKeeper answered was sent: the server heard from
+        # this session after it, so the session lasts at least a session timeout beyond.
+        self._heard = 0.0
         self._report_timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         # Live nodes as their znodes say (other than this one), kept by watches.
@@ -170,6 +180,7 @@ class ZooKeeperMembership:
             await self._register()
             await asyncio.to_thread(self._watch)
             self._started = True
+            self._spawn(self._heartbeat())
             await self._claim()
         except BaseException as error:
             self._closed = True
@@ -180,6 +191,9 @@ class ZooKeeperMembership:
         event(
             log, logging.INFO, "cluster joined", node=self.self_id, serving=self._serving, slot=self._target
         )
+
+    def urls(self) -> set[str]:
+        return set(self._seen_urls)
 
     async def shared_secret(self) -> bytes:
         """Key material every node of this cluster reads alike: the first node to ask makes it."""
@@ -453,7 +467,7 @@ class ZooKeeperMembership:
             if self._serving and self._fence_timer is None:
                 assert self._loop is not None
                 self._fence_timer = self._loop.call_later(
-                    max(0.0, self._timeout / 3 - FENCE_MARGIN),
+                    max(0.0, self._heard + self._timeout - FENCE_MARGIN - time.monotonic()),
                     self._fence,
                     "lost ZooKeeper connection for too long",
                 )
@@ -538,6 +552,7 @@ class ZooKeeperMembership:
             self._nodes.pop(name, None)
         else:
             self._nodes[name] = info
+            self._seen_urls.add(info.url)
 
     def _target_owner_changed(self, stat: ZnodeStat | None) -> None:
         if self._closed or not self._started or not self._connected:
@@ -743,8 +758,11 @@ class ZooKeeperMembership:
         """Run a kazoo *_async request without blocking the loop, bounded by the session timeout."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
+        sent = time.monotonic()
 
         def settle(result: Any) -> None:
+            if result.successful() or isinstance(result.exception, _ANSWERS):
+                self._heard = max(self._heard, sent)
             if future.done():
                 return
             if result.successful():
@@ -763,6 +781,15 @@ class ZooKeeperMembership:
             return await asyncio.wait_for(future, self._timeout)
         except TimeoutError:
             raise OperationTimeoutError(f"no answer from ZooKeeper within {self._timeout:g} s") from None
+
+    async def _heartbeat(self) -> None:
+        """Keep `_heard` fresh while nothing else talks to ZooKeeper (kazoo's own pings say nothing)."""
+        client = self._require_client()
+        while not self._closed:
+            if self._connected:
+                with contextlib.suppress(KazooException):
+                    await self._call(client.exists_async, self._nodes_path)
+            await asyncio.sleep(self._timeout * HEARTBEAT)
 
     def _hop(self, callback: Callable[..., None], *args: Any) -> None:
         loop = self._loop
@@ -786,6 +813,10 @@ class ZooKeeperMembership:
         error = task.exception()
         if error is not None:
             event(log, logging.WARNING, "cluster step failed", node=self.self_id, error=repr(error))
+
+
+# Errors that are ZooKeeper's answer to a request it received.
+_ANSWERS = (NoNodeError, NodeExistsError, BadVersionError)
 
 
 async def _wait(changed: asyncio.Event, timeout: float) -> None:

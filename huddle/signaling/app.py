@@ -87,7 +87,7 @@ async def _security_headers(request: web.Request, response: web.StreamResponse) 
     # Older browsers do not count ws: to this host as 'self'. The cluster's other nodes are where a join is
     # redirected to, and where the page reconnects when this node dies.
     hosts = [host] if _PLAIN_HOST.fullmatch(host) else []
-    hosts += sorted({_host_of(node.url) for node in request.app[CONTEXT].cluster.nodes()} - {host, ""})
+    hosts += sorted({_host_of(url) for url in request.app[CONTEXT].cluster.urls()} - {host, ""})
     websocket = "".join(f" ws://{h} wss://{h}" for h in hosts)
     response.headers.setdefault("Content-Security-Policy", _CSP.format(websocket=websocket))
     for name, value in _SECURITY_HEADERS.items():
@@ -103,8 +103,8 @@ def _origin_allowed(request: web.Request) -> bool:
     origin = origin.strip().rstrip("/").lower()
     if origin in request.app[ORIGINS]:
         return True
-    # A page served by another node of the cluster, whose join was redirected here.
-    if any(origin == node.url.rstrip("/").lower() for node in request.app[CONTEXT].cluster.nodes()):
+    # A page served by another node of the cluster: its join was redirected here, or it died.
+    if any(origin == url.rstrip("/").lower() for url in request.app[CONTEXT].cluster.urls()):
         return True
     # Either scheme: behind a TLS proxy the page is https while the request reaching us is http.
     scheme, sep, host = origin.partition("://")
