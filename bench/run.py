@@ -2,6 +2,7 @@
 
     scripts/in-netns .venv/bin/python -m bench.run            # the full set (calls of 10, 50, 100; webinar)
     scripts/in-netns .venv/bin/python -m bench.run --quick    # 10 people for 10 s: a smoke run
+    scripts/in-netns .venv/bin/python -m bench.run --only cluster --no-janus   # bench.cluster alone
 
 For each scenario a fresh server (`python -m huddle serve ... --sfu-always`) is started as a subprocess, the
 synthetic participants of huddle.loadtest join it over the real protocol, and during the loadtest's measured
@@ -677,6 +678,12 @@ async def main_async(args: argparse.Namespace) -> int:
         say("recording: composite speed and per-track writer throughput")
         recording = await asyncio.to_thread(measure_recording, 10 if args.quick else 20)
         table = "\n\n".join(part for part in (table, format_recording(recording)) if part)
+    cluster = None
+    if not args.no_cluster and (not args.only or "cluster" in args.only):
+        from bench.cluster import format_cluster, measure_cluster
+
+        cluster = await measure_cluster(say, runs=2 if args.quick else 5)
+        table = "\n\n".join(part for part in (table, format_cluster(cluster)) if part)
     print(table, flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(started))
@@ -690,11 +697,13 @@ async def main_async(args: argparse.Namespace) -> int:
         "janus": [asdict(r) for r in janus_rows.values()] if janus_rows else None,
         "janus_note": janus_note,
         "recording": recording,
+        "cluster": cluster,
         "table": table,
     }
     path.write_text(json.dumps(document, indent=2) + "\n")
     print(f"\nwritten to {path.relative_to(ROOT)}", flush=True)
-    return 0 if all(r.complete for r in rows) else 1
+    clustered = cluster is None or all(part["complete"] for part in cluster.values())
+    return 0 if all(r.complete for r in rows) and clustered else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -704,6 +713,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, help="seconds measured per scenario (default 20)")
     parser.add_argument("--no-janus", action="store_true", help="our SFU only")
     parser.add_argument("--no-recording", action="store_true", help="skip the recording figures")
+    parser.add_argument("--no-cluster", action="store_true", help="skip the cluster figures (bench.cluster)")
     args = parser.parse_args(argv)
     if args.duration is not None and not 1 <= args.duration <= 120:
         parser.error("--duration must be 1..120 s")

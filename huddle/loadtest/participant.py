@@ -8,6 +8,14 @@ arrives is counted by a `huddle.loadtest.stats.Receiver`.
 
 Many participants share one process: one `Shared` holds the HTTP session, the DTLS certificate, the encoded
 media and the pacing loop; the process-wide ticker calls `tick()` on every participant.
+
+Like the web client, a participant gets back into its call by itself when its signaling socket drops (the
+node died, restarted, or stops serving with close code 1012): it resumes with its resume token through the
+doors of its last `joined` (the node it was on first; after a 1012, another one first), in rounds 0.5, 1 and
+2 s apart until the reconnection grace is over, following `redirect` answers as on its first join (a door
+that sent it on to a node it could not reach is asked again after 0.2-0.3 s: the standby is about to take
+over). When the node rebuilt it from the token (`restored`), its SFU connections start afresh; either way
+each drop is kept as a `Reconnection`, with the time until media arrived again.
 """
 
 from __future__ import annotations
@@ -35,12 +43,12 @@ from huddle.loadtest.negotiation import (
     subscribe_answer,
 )
 from huddle.loadtest.pacer import Pacer
-from huddle.loadtest.sender import AudioSender, TransportSeq, VideoSender
-from huddle.loadtest.stats import Receiver, SubscriberResult
+from huddle.loadtest.sender import AudioSender, TransportSeq, VideoSender, now_us
+from huddle.loadtest.stats import Receiver, Reconnection, SubscriberResult
 from huddle.rtc import rtcp
 from huddle.rtc.certificate import Certificate
 
-__all__ = ["LOUDEST", "Shared", "SyntheticParticipant"]
+__all__ = ["LOUDEST", "JoinRefused", "Shared", "SyntheticParticipant"]
 
 log = logging.getLogger("huddle.loadtest")
 
@@ -50,6 +58,43 @@ SIZES_INTERVAL = 0.25  # video_sizes at most this often (docs/protocol.md)
 _PSFB = 206
 _PLI = 1
 _FIR = 4
+# Reconnection, as the web client does it (docs/protocol.md, "Reconnection"): waits before each round of
+# attempts over the doors, the last one repeating until the grace period is over.
+RECONNECT_DELAYS = (0.5, 1.0, 2.0)
+RESUME_ATTEMPT = 5.0  # seconds one attempt (open, join, redirects) may take
+# A door that sends our resume on to a node we cannot reach most likely sends it to the node we lost, whose
+# standby takes over as soon as ZooKeeper ends that node's session: ask that door again after this short wait
+# (plus up to the jitter, so that a whole call does not come back in step), at most this many times per drop;
+# then the rounds as usual.
+REDIRECT_RETRY = 0.2
+REDIRECT_RETRY_JITTER = 0.1
+REDIRECT_RETRIES_MAX = 40
+RESUME_LAST_MARGIN = 0.25  # the last attempt starts this long before the grace period is over
+DEFAULT_RECONNECT_GRACE = 20.0
+MAX_REDIRECTS = 3
+CLOSE_SERVICE_RESTART = 1012  # the node stops serving: resume at once, at another door first
+# Closes after which resuming cannot help (docs/protocol.md, close codes).
+FINAL_CLOSE_CODES = frozenset({1008, 1009, 4001, 4002, 4003, 4004})
+# Answers to a resume that end the call for this participant; anything else (try_again) is retried.
+RESUME_FATAL = frozenset(
+    {
+        "resume_failed",
+        "unauthorized",
+        "token_expired",
+        "wrong_room",
+        "invalid_room",
+        "invalid_name",
+        "room_full",
+    }
+)
+
+
+class JoinRefused(ConnectionError):
+    """The server answered `join` with an error."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"join refused: {code}: {message}")
+        self.code = code
 
 
 @dataclass
@@ -117,6 +162,13 @@ class SyntheticParticipant:
         self.offers = 0
         self.offer_bytes = 0  # size of the last subscribe offer
         self.closed = False
+        # From the last `joined`: what resuming needs.
+        self.resume_token: str | None = None
+        self.doors: list[str] = []
+        self.reconnect_grace = DEFAULT_RECONNECT_GRACE
+        self.reconnections: list[Reconnection] = []
+        self.reconnecting = False
+        self._sent_before = (0, 0)  # RTP packets and bytes of publish connections closed by a restart
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._reader: asyncio.Task[None] | None = None
         self._sent_sizes: dict[str, tuple[int, int]] | None = None
@@ -124,6 +176,7 @@ class SyntheticParticipant:
         self._sizes_handle: asyncio.TimerHandle | None = None
         self._next_report = 0.0
         self._rtcp_ssrc = random.getrandbits(32) or 1
+        self._media_lost: Reconnection | None = None  # the drop whose media has not come back yet
 
     # -- state ----------------------------------------------------------------------------------------------
 
@@ -144,6 +197,14 @@ class SyntheticParticipant:
                 return f"{connection.label}: {connection.failed}"
         return None
 
+    def sent(self) -> tuple[int, int]:
+        """RTP packets and bytes published so far, over every publish connection we had."""
+        packets, sent_bytes = self._sent_before
+        if self.publish is not None:
+            packets += self.publish.sent
+            sent_bytes += self.publish.sent_bytes
+        return packets, sent_bytes
+
     def _audio_publishers(self) -> int:
         return len({t.publisher for t in self.tracks.values() if t.kind == "audio"})
 
@@ -151,6 +212,7 @@ class SyntheticParticipant:
         result = self.receiver.results(
             self.id or self.name, self.index, min(LOUDEST, self._audio_publishers())
         )
+        result.reconnections = list(self.reconnections)
         if self.video is not None:
             result.layers_sent = [
                 rid for rid, on in zip(self.video.rids, self.video.active, strict=True) if on
@@ -162,27 +224,66 @@ class SyntheticParticipant:
     # -- signaling ------------------------------------------------------------------------------------------
 
     async def join(self, timeout: float = 10.0) -> None:
-        self._ws = await self.shared.http.ws_connect(self.shared.ws_url, heartbeat=None, max_msg_size=1 << 20)
-        await self._send({"type": "join", "id": 1, "room": self.shared.room, "name": self.name})
-        while True:
-            msg = await self._ws.receive(timeout=timeout)
-            if msg.type != aiohttp.WSMsgType.TEXT:
-                raise ConnectionError(f"{self.name}: signaling closed before joined ({msg.type.name})")
-            message = json.loads(msg.data)
-            if message.get("type") == "joined":
-                break
-            if message.get("type") == "error":
-                raise ConnectionError(
-                    f"{self.name}: join refused: {message.get('code')}: {message.get('message')}"
-                )
+        request = {"type": "join", "id": 1, "room": self.shared.room, "name": self.name}
+        async with asyncio.timeout(timeout):
+            self._ws, message, url = await self._join_following_redirects(self.shared.ws_url, request)
         self.id = message["self"]["id"]
         self.shared.index_of[self.id] = self.index
         self.order = [p["id"] for p in message.get("participants", [])]
-        self.active_speaker = message.get("active_speaker")
-        self.mode = message.get("mode")
+        self._joined(message, url)
         self._reader = asyncio.get_running_loop().create_task(self._read())
         if self.mode == "sfu" and self.publishes:
             await self._start_publishing()
+
+    async def _join_following_redirects(
+        self, url: str, request: dict[str, Any], hops: list[str] | None = None
+    ) -> tuple[aiohttp.ClientWebSocketResponse, dict[str, Any], str]:
+        """Send `join` at `url`, and again wherever a `redirect` sends it (at most MAX_REDIRECTS times, each
+        URL appended to `hops`): the socket that answered `joined`, that message and the socket's URL.
+        Raises JoinRefused, ConnectionError, OSError."""
+        for _ in range(MAX_REDIRECTS + 1):
+            ws = await self.shared.http.ws_connect(url, heartbeat=None, max_msg_size=1 << 20)
+            try:
+                await ws.send_str(json.dumps(request))
+                reply = await self._join_reply(ws)
+            except BaseException:
+                await ws.close()
+                raise
+            if reply["type"] == "joined":
+                return ws, reply, url
+            await ws.close(code=1000, message=b"redirected")
+            url = reply.get("url")
+            if not isinstance(url, str) or not url.startswith(("ws://", "wss://")):
+                raise ConnectionError(f"{self.name}: redirected to no WebSocket: {url!r}")
+            if hops is not None:
+                hops.append(url)
+        raise ConnectionError(f"{self.name}: more than {MAX_REDIRECTS} redirects")
+
+    async def _join_reply(self, ws: aiohttp.ClientWebSocketResponse) -> dict[str, Any]:
+        while True:
+            msg = await ws.receive()
+            if msg.type != aiohttp.WSMsgType.TEXT:
+                raise ConnectionError(f"{self.name}: signaling closed before joined ({msg.type.name})")
+            message = json.loads(msg.data)
+            kind = message.get("type")
+            if kind in ("joined", "redirect"):
+                return message
+            if kind == "error":
+                raise JoinRefused(str(message.get("code")), str(message.get("message")))
+
+    def _joined(self, message: dict[str, Any], url: str) -> None:
+        """What every `joined` (first or resumed) tells us: the mode, and what resuming needs next time."""
+        self.active_speaker = message.get("active_speaker")
+        self.mode = message.get("mode")
+        self.resume_token = message.get("resume_token") or self.resume_token
+        grace = message.get("reconnect_grace")
+        if isinstance(grace, int | float) and grace > 0:
+            self.reconnect_grace = float(grace)
+        doors = message.get("doors")
+        if isinstance(doors, list):
+            named = [d for d in doors if isinstance(d, str) and d.startswith(("ws://", "wss://"))]
+            # The URL we reached this node at goes first: it may be the only way there (a proxy in front).
+            self.doors = list(dict.fromkeys([url, *named[1:]]))
 
     async def _send(self, message: dict[str, Any]) -> None:
         if self._ws is None or self._ws.closed:
@@ -190,21 +291,145 @@ class SyntheticParticipant:
         await self._ws.send_str(json.dumps(message))
 
     async def _read(self) -> None:
-        assert self._ws is not None
+        """Handle the server's messages until we leave; a socket that drops is resumed on a new one."""
+        while True:
+            ws = self._ws
+            assert ws is not None
+            try:
+                async for msg in ws:
+                    if msg.type != aiohttp.WSMsgType.TEXT:
+                        break
+                    try:
+                        await self._handle(json.loads(msg.data))
+                    except Exception as exc:  # one bad message must not end the participant's run
+                        self.errors.append(f"handling a message: {exc!r}")
+                        log.exception("synthetic participant failed on a message")
+            except (aiohttp.ClientError, ConnectionError):
+                pass
+            if self.closed:
+                return
+            code = ws.close_code  # the server's (1006 when the connection just broke)
+            code = None if code is None else int(code)
+            await ws.close()
+            if code in FINAL_CLOSE_CODES or self.resume_token is None:
+                self.errors.append(f"signaling closed ({code})")
+                return
+            if not await self._resume(code):
+                return
+
+    async def _resume(self, close_code: int | None) -> bool:
+        """Get back into the call on a new socket, trying the doors in rounds until the grace period is
+        over. False when it cannot be done (the error says why)."""
+        drop = Reconnection(dropped_us=now_us(), close_code=close_code)
+        self.reconnections.append(drop)
+        self.reconnecting = True
+        self._await_media(drop)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.reconnect_grace
+        doors = self.doors or [self.shared.ws_url]
+        immediate = close_code == CLOSE_SERVICE_RESTART
+        first = 1 if immediate and len(doors) > 1 else 0
+        tries = rounds = quick = 0  # door turns taken, rounds begun after a wait, quick tries
+        again: str | None = None  # the door to ask again soon
         try:
-            async for msg in self._ws:
-                if msg.type != aiohttp.WSMsgType.TEXT:
-                    break
+            while True:
+                wait = 0.0  # the next door of a round is tried as soon as the one before failed
+                if again is not None:
+                    door, again = again, None
+                    wait = REDIRECT_RETRY + random.uniform(0, REDIRECT_RETRY_JITTER)
+                    quick += 1
+                else:
+                    if tries % len(doors) == 0 and not (immediate and tries == 0):
+                        wait = RECONNECT_DELAYS[min(rounds, len(RECONNECT_DELAYS) - 1)]
+                        rounds += 1
+                    door = doors[(first + tries) % len(doors)]
+                    tries += 1
+                # The last attempt comes just before the grace period is over, however the backoff falls.
+                left = deadline - loop.time() - RESUME_LAST_MARGIN
+                if left < 0:
+                    self.errors.append(f"could not resume within {self.reconnect_grace:g} s")
+                    return False
+                await asyncio.sleep(min(wait, left))
+                drop.attempts += 1
+                request = {"type": "join", "id": drop.attempts + 1, "room": self.shared.room}
+                # The mode we were in: a node that rebuilds the call starts it on the SFU, with no p2p flap.
+                request |= {"resume": self.resume_token, "mode": self.mode or "sfu"}
+                budget = max(0.5, min(RESUME_ATTEMPT, deadline - loop.time()))
+                hops: list[str] = []
                 try:
-                    await self._handle(json.loads(msg.data))
-                except Exception as exc:  # one bad message must not end the participant's run
-                    self.errors.append(f"handling a message: {exc!r}")
-                    log.exception("synthetic participant failed on a message")
-        except (aiohttp.ClientError, ConnectionError) as exc:
-            if not self.closed:
-                self.errors.append(f"signaling: {exc!r}")
-        if not self.closed:
-            self.errors.append(f"signaling closed ({self._ws.close_code})")
+                    async with asyncio.timeout(budget):
+                        ws, message, url = await self._join_following_redirects(door, request, hops)
+                except JoinRefused as exc:
+                    if exc.code in RESUME_FATAL:
+                        self.errors.append(f"resume refused: {exc.code}")
+                        return False
+                    # try_again: the cluster cannot place the call yet
+                except (OSError, ConnectionError, aiohttp.ClientError, TimeoutError, ValueError):
+                    pass  # a door that is down, or a redirect to a node that is
+                else:
+                    break
+                if hops and quick < REDIRECT_RETRIES_MAX:
+                    again = door
+            if self.closed:
+                await ws.close()
+                return False
+            self._ws = ws
+            if message.get("resumed") is not True or message.get("self", {}).get("id") != self.id:
+                self.errors.append("resumed as somebody else")
+                return False
+            drop.resumed_seconds = round((now_us() - drop.dropped_us) / 1e6, 3)
+            drop.restored = message.get("restored") is True
+            await self._on_resumed(message, url, restored=drop.restored)
+            return True
+        finally:
+            self.reconnecting = False
+
+    async def _on_resumed(self, message: dict[str, Any], url: str, *, restored: bool) -> None:
+        self._joined(message, url)
+        present = [p["id"] for p in message.get("participants", [])]
+        # Those not back yet keep their place in our order (as tiles 'reconnecting' on a page).
+        self.order += [pid for pid in present if pid not in self.order]
+        self._sent_sizes = None  # the node may know no sizes of ours (restored), or old ones: say them again
+        if restored:
+            # The node has no SFU state for us: both connections start afresh, as on entering sfu mode.
+            self._restart_sfu()
+            if self.mode == "sfu" and self.publishes:
+                await self._start_publishing()
+        else:
+            self._layout_changed()
+
+    def _restart_sfu(self) -> None:
+        for sender in (self.video, self.audio):
+            if sender is not None:
+                sender.closed = True  # the pacer drops it
+        self.video = self.audio = None
+        self._sent_before = self.sent()
+        for connection in (self.publish, self.subscribe):
+            if connection is not None:
+                connection.close(notify=False)
+        self.publish = self.subscribe = None
+        self.tracks = {}
+        # New connections carry new streams: the old ones keep their figures, retired.
+        self.receiver.srtp = None
+        self.receiver.retire(())
+        self.audio_ssrc = random.getrandbits(32) or 1
+
+    def _await_media(self, drop: Reconnection) -> None:
+        """Time the first media packet after `drop` on whichever subscribe connection brings it (the one we
+        have, or a new one after a restored resume); no cost per packet once it came."""
+        self._media_lost = drop
+        if self.subscribe is not None:
+            self.subscribe.on_rtp = self._on_rtp_after_drop
+
+    def _on_rtp_after_drop(self, data: bytes, arrival_us: int) -> None:
+        self.receiver.on_rtp(data, arrival_us)
+        drop = self._media_lost
+        if drop is None or arrival_us < drop.dropped_us:  # read after the drop, but arrived before it
+            return
+        self._media_lost = None
+        drop.media_seconds = round((arrival_us - drop.dropped_us) / 1e6, 3)
+        if self.subscribe is not None:
+            self.subscribe.on_rtp = self.receiver.on_rtp
 
     async def _handle(self, message: dict[str, Any]) -> None:
         kind = message.get("type")
@@ -229,6 +454,10 @@ class SyntheticParticipant:
             self.mode = message.get("mode")
             if self.mode == "sfu" and self.publishes and self.publish is None:
                 await self._start_publishing()
+        elif kind == "resume_token":
+            # The call's state changed (a recording): the node that resumes us must know it.
+            if isinstance(message.get("token"), str):
+                self.resume_token = message["token"]
         elif kind == "error":
             self.errors.append(f"{message.get('code')}: {message.get('message')}")
 
@@ -325,7 +554,7 @@ class SyntheticParticipant:
             self.subscribe = MediaConnection(
                 self.shared.certificate,
                 label=f"{self.name}/subscribe",
-                on_rtp=self.receiver.on_rtp,
+                on_rtp=self.receiver.on_rtp if self._media_lost is None else self._on_rtp_after_drop,
                 on_connected=self._on_subscribe_connected,
                 poller=self.shared.poller,
             )

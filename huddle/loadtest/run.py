@@ -23,6 +23,7 @@ import contextlib
 import logging
 import random
 import resource
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -131,6 +132,13 @@ class LoadtestResult:
     vanished: int = 0
     join_failures: int = 0  # newcomers not connected within connect_timeout
     offer_bytes_max: int = 0  # the largest subscribe offer a participant received last
+    # Signaling drops (the node died, restarted, stopped serving) and the way back: resumed, and with media
+    # again; drop to the first media packet received again, over those whose media came back.
+    reconnects: int = 0
+    reconnects_resumed: int = 0
+    reconnects_with_media: int = 0
+    reconnect_median_s: float | None = None
+    reconnect_max_s: float | None = None
     cpu_seconds: float = 0.0  # the generator's own (user + system), inside the window
     cpu_percent_per_participant: float = 0.0  # of one core
     pacer: dict[str, float] = field(default_factory=dict)
@@ -417,7 +425,7 @@ async def _measure(
 
 def _sent(people: list[SyntheticParticipant]) -> dict[int, tuple[int, int]]:
     """RTP packets and bytes each publisher has sent so far, by participant index."""
-    return {p.index: (p.publish.sent, p.publish.sent_bytes) for p in people if p.publish is not None}
+    return {p.index: p.sent() for p in people if p.publishes}
 
 
 def _collect(result: LoadtestResult, people: list[SyntheticParticipant]) -> None:
@@ -441,6 +449,14 @@ def _collect(result: LoadtestResult, people: list[SyntheticParticipant]) -> None
         result.videos_unexpected += sub.videos_unexpected
         result.audio_expected += sub.audio_expected
         result.audio_received += sub.audio_received
+    drops = [r for sub in result.subscribers for r in sub.reconnections]
+    back = sorted(r.media_seconds for r in drops if r.media_seconds is not None)
+    result.reconnects = len(drops)
+    result.reconnects_resumed = sum(1 for r in drops if r.resumed_seconds is not None)
+    result.reconnects_with_media = len(back)
+    if back:
+        result.reconnect_median_s = statistics.median(back)
+        result.reconnect_max_s = back[-1]
     expected = result.packets_received + result.lost
     result.loss_percent = round(100 * result.lost / expected, 4) if expected else 0.0
     result.delay_p50_ms = histogram.percentile_ms(0.5)
@@ -449,7 +465,7 @@ def _collect(result: LoadtestResult, people: list[SyntheticParticipant]) -> None
     del result.errors[50:]  # the first ones say what went wrong; a hundred copies say no more
 
 
-def _ms(value: float | None) -> str:
+def _f2(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
@@ -469,8 +485,8 @@ def format_summary(result: LoadtestResult, *, rows: int = 20) -> str:
         f"{result.bytes_received * 8 / window / 1e6:8.2f} Mbit/s",
         f"  loss      {result.lost:,} packets ({result.loss_percent:.3f} %), freezes (video gaps > 0.5 s) "
         f"{result.freezes}",
-        f"  delay     p50 {_ms(result.delay_p50_ms)} ms, p99 {_ms(result.delay_p99_ms)} ms, "
-        f"max {_ms(result.delay_max_ms)} ms (send to receive, one clock)",
+        f"  delay     p50 {_f2(result.delay_p50_ms)} ms, p99 {_f2(result.delay_p99_ms)} ms, "
+        f"max {_f2(result.delay_max_ms)} ms (send to receive, one clock)",
         f"  videos    {result.videos_received}/{result.videos_expected} shown videos arrive, "
         f"{result.videos_at_layer}/{result.videos_expected} at the expected layer, "
         f"{result.videos_unexpected} not shown but sent; audio streams "
@@ -484,6 +500,15 @@ def format_summary(result: LoadtestResult, *, rows: int = 20) -> str:
             if config.get("churn")
             else []
         ),
+        *(
+            [
+                f"  reconnect {result.reconnects} signaling drops, {result.reconnects_resumed} resumed, "
+                f"{result.reconnects_with_media} with media again: drop to first media packet median "
+                f"{_f2(result.reconnect_median_s)} s, max {_f2(result.reconnect_max_s)} s"
+            ]
+            if result.reconnects
+            else []
+        ),
         f"  generator {result.cpu_seconds:.2f} CPU s in the window: "
         f"{result.cpu_percent_per_participant:.2f} % of a core per participant, "
         f"{100 * result.cpu_seconds / window:.0f} % in all; keyframe requests {result.keyframe_requests}, "
@@ -494,6 +519,7 @@ def format_summary(result: LoadtestResult, *, rows: int = 20) -> str:
         lines.append(
             f"  {'#':>3}  {'participant':<12} {'packets':>9} {'lost':>6} {'freezes':>7} "
             f"{'videos':>7} {'layers (expected)':<24} {'audio':>5} {'p50 ms':>7} {'p99 ms':>7}"
+            + (f" {'media back s':>12}" if result.reconnects else "")
         )
         for sub in result.subscribers[:rows]:
             shown = [s for s in sub.streams if s.kind == "video" and s.expected_layer is not None]
@@ -503,8 +529,13 @@ def format_summary(result: LoadtestResult, *, rows: int = 20) -> str:
             lines.append(
                 f"  {sub.index:>3}  {sub.participant:<12} {sub.packets:>9,} {sub.lost:>6} {sub.freezes:>7} "
                 f"{sub.videos_received:>3}/{sub.videos_expected:<3} {layers:<24} "
-                f"{sub.audio_received:>2}/{sub.audio_expected:<2} {_ms(sub.delay_p50_ms):>7} "
-                f"{_ms(sub.delay_p99_ms):>7}"
+                f"{sub.audio_received:>2}/{sub.audio_expected:<2} {_f2(sub.delay_p50_ms):>7} "
+                f"{_f2(sub.delay_p99_ms):>7}"
+                + (
+                    f" {' '.join(_f2(r.media_seconds) for r in sub.reconnections) or '-':>12}"
+                    if result.reconnects
+                    else ""
+                )
             )
         if len(result.subscribers) > rows:
             lines.append(f"  ... {len(result.subscribers) - rows} more (--json has them all)")

@@ -27,6 +27,7 @@ __all__ = [
     "DelayHistogram",
     "ReceiveStream",
     "Receiver",
+    "Reconnection",
     "Retired",
     "StreamResult",
     "SubscriberResult",
@@ -214,6 +215,18 @@ class StreamResult:
 
 
 @dataclass
+class Reconnection:
+    """One drop of a participant's signaling socket and its way back into the call."""
+
+    dropped_us: int  # when the socket dropped (µs on the send and receive clock, `sender.now_us`)
+    close_code: int | None = None  # the socket's close code (1006: it broke without one, e.g. the node died)
+    attempts: int = 0  # joins sent (one per door tried; redirects followed within one)
+    resumed_seconds: float | None = None  # drop to `joined` on a new socket (None: not resumed)
+    restored: bool = False  # the node rebuilt us from the resume token: new SFU connections
+    media_seconds: float | None = None  # drop to the first media packet received again (None: none yet)
+
+
+@dataclass
 class SubscriberResult:
     participant: str
     index: int
@@ -231,6 +244,7 @@ class SubscriberResult:
     delay_p99_ms: float | None = None
     delay_max_ms: float | None = None
     layers_sent: list[str] = field(default_factory=list)  # as a publisher, at the end: rids and "audio"
+    reconnections: list[Reconnection] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
