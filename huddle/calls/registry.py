@@ -92,21 +92,18 @@ class Calls:
             identity=identity, name=name, outbox=outbox, permissions=permissions, expires=expires
         )
         self._seat(room, participant)
+        self._arrived(room, participant, "participant joined", sfu=False)
+        return room, participant
+
+    def _arrived(self, room: Room, participant: Participant, what: str, *, sfu: bool) -> None:
+        """Tell the others and connect the newcomer's media; `sfu`: its client was on the SFU already."""
         room.broadcast(outgoing.participant_joined(participant.describe()), exclude=participant)
-        if room.mode == P2P and (len(room) > 2 or self.sfu_always):
+        if room.mode == P2P and (len(room) > 2 or self.sfu_always or sfu):
             self._switch_to_sfu(room, newcomer=participant)
         elif room.router is not None:
             room.router.add_peer(participant)
-        event(
-            log,
-            logging.INFO,
-            "participant joined",
-            room=room.name,
-            participant=participant.id,
-            size=len(room),
-            mode=room.mode,
-        )
-        return room, participant
+        size, mode = len(room), room.mode
+        event(log, logging.INFO, what, room=room.name, participant=participant.id, size=size, mode=mode)
 
     def _seat(self, room: Room, participant: Participant) -> None:
         try:
@@ -234,20 +231,7 @@ class Calls:
             self._seat(room, participant)
         except RoomFull:
             raise ResumeFailed(room_name) from None
-        room.broadcast(outgoing.participant_joined(participant.describe()), exclude=participant)
-        if room.mode == P2P and (len(room) > 2 or self.sfu_always or mode == SFU):
-            self._switch_to_sfu(room, newcomer=participant)
-        elif room.router is not None:
-            room.router.add_peer(participant)
-        event(
-            log,
-            logging.INFO,
-            "participant restored",
-            room=room.name,
-            participant=participant.id,
-            size=len(room),
-            mode=room.mode,
-        )
+        self._arrived(room, participant, "participant restored", sfu=mode == SFU)
         return room, participant, True
 
     def leave_by_token(self, room_name: str, token: str) -> bool:
