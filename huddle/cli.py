@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logs.setup(settings.log_level)
     from huddle.cluster.membership import ClusterError
-    from huddle.cluster.workers import WorkerFailed
+    from huddle.workers import WorkerFailed
 
     try:
         asyncio.run(_serve(settings))
@@ -99,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def _serve(settings: config.Settings) -> None:
-    from huddle.cluster.workers import Workers
     from huddle.node import Node
+    from huddle.workers import Workers
 
     if settings.worker_ids:
         _stop_with_parent()
