@@ -315,14 +315,18 @@ class Calls:
     def _discard_if_empty(self, room: Room) -> None:
         if not room.participants and self._rooms.get(room.name) is room:
             del self._rooms[room.name]
-            for listener in self.room_closed:
-                try:
-                    listener(room)
-                except Exception:  # the room must close whatever a listener does
-                    log.exception("room_closed listener failed", extra={"fields": {"room": room.name}})
-            if room.router is not None:
-                room.router.close()
-                room.router = None
+            self._close(room)
+
+    def _close(self, room: Room) -> None:
+        """A room gone from this node: its listeners hear of it (recordings stop), then its Router ends."""
+        for listener in self.room_closed:
+            try:
+                listener(room)
+            except Exception:  # the room must close whatever a listener does
+                log.exception("room_closed listener failed", extra={"fields": {"room": room.name}})
+        if room.router is not None:
+            room.router.close()
+            room.router = None
 
     def drop_all(self, code: int, reason: str) -> None:
         """Stop serving every call here without telling anyone that anyone left: the clients are closed with
@@ -337,14 +341,7 @@ class Calls:
                     participant.grace_timer = None
                 room.remove(participant)
                 participant.outbox.close(code, reason)
-            for listener in self.room_closed:
-                try:
-                    listener(room)
-                except Exception:  # the room must close whatever a listener does
-                    log.exception("room_closed listener failed", extra={"fields": {"room": room.name}})
-            if room.router is not None:
-                room.router.close()
-                room.router = None
+            self._close(room)
         if rooms:
             event(log, logging.INFO, "calls dropped", rooms=len(rooms), reason=reason)
 
