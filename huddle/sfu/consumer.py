@@ -79,6 +79,17 @@ class Consumer:
     def cname(self) -> str:
         return self.producer.peer.participant.id
 
+    @property
+    def destination(self) -> Peer:
+        return self.subscriber
+
+    def needed_layers(self) -> tuple[int | None, ...]:
+        """The layers its viewer wants, gets meanwhile and gets until the switch (dynacast keeps them on)."""
+        return (self.wanted, self.target, self.current)
+
+    def wants_layer(self, layer: int) -> bool:
+        return self.ready and self.target == layer
+
     def set_target(self, layer: int | None) -> None:
         """Aim at another layer (None: stop sending). The switch happens at that layer's next keyframe."""
         if layer == self.target:
@@ -155,6 +166,12 @@ class Consumer:
                 sent += 1
         self.retransmits += sent
         return sent
+
+    def send_sender_report(self, layer: int, ntp: int, rtp_ts: int) -> None:
+        if self.ready and self.transport is not None:
+            report = self.sender_report(layer, ntp, rtp_ts)
+            if report is not None:
+                self.transport.send_rtcp(report.serialize())
 
     def sender_report(self, layer: int, ntp: int, rtp_ts: int) -> SenderReport | None:
         """The publisher's SR for `layer`, in this Consumer's SSRC and timestamps, so that lip sync

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from huddle.rtc import rtp
 from huddle.rtc.rtcp import ReportBlock
@@ -21,6 +21,7 @@ from huddle.sfu.offer import ABS_SEND_TIME_ID
 
 if TYPE_CHECKING:
     from huddle.sfu.consumer import Consumer
+    from huddle.sfu.pipe import PipeConsumer
     from huddle.sfu.router import Peer
 
 # An extension id no subscriber negotiates: elements that only mean something between the publisher and
@@ -31,6 +32,18 @@ KEYFRAME_REQUEST_INTERVAL = 0.5  # seconds between PLIs to one layer of one trac
 RID_ORDER = {"q": 0, "h": 1, "f": 2}
 BITRATE_SMOOTHING = 0.3  # weight of the newest one-second sample in a layer's bitrate
 LAYER_IDLE = 1.0  # seconds without a packet after which a layer counts as stopped
+
+
+class Source(Protocol):
+    """Where a Producer's packets come from: its participant's publish transport (a Peer of this node) or a
+    pipe from the node that participant is on (sfu/pipe.py). Both hear keyframe requests and which layers
+    someone here needs (dynacast), and both learn when the Producer is gone."""
+
+    def send_pli(self, ssrc: int) -> bool: ...
+
+    def set_layers(self, producer: Producer, layers: frozenset[int]) -> None: ...
+
+    def forget(self, producer: Producer) -> None: ...
 
 
 def order_rids(rids: list[str]) -> list[str]:
@@ -124,10 +137,11 @@ class Producer:
         "layer_bytes",
         "layer_of",
         "mid",
-        "paused",
+        "needed",
         "peer",
         "pt_map",
         "rids",
+        "source",
         "ssrcs",
         "stats",
         "widths",
@@ -141,8 +155,10 @@ class Producer:
         pt_map: dict[int, int],
         ext_table: bytes,
         rids: list[str] | None = None,
+        source: Source | None = None,
     ) -> None:
         self.peer = peer
+        self.source: Source = source if source is not None else peer
         self.kind = kind
         self.mid = mid
         self.id = f"{peer.participant.id}:{mid}"
@@ -159,11 +175,11 @@ class Producer:
         self.bitrates = [0.0] * layers
         self.last_seen = [0.0] * layers
         self.widths = list(NOMINAL_WIDTHS[-layers:]) if layers <= len(NOMINAL_WIDTHS) else [0] * layers
-        self.consumers: list[Consumer] = []
+        self.consumers: list[Consumer | PipeConsumer] = []
         self.last_keyframe_request = [0.0] * layers
         self.deferred_requests: list[asyncio.TimerHandle | None] = [None] * layers
-        # Video: the layers the publisher was told to pause (dynacast); None until it was told anything.
-        self.paused: frozenset[str] | None = None
+        # Video: the layers the source was last told someone here needs (dynacast); None until told anything.
+        self.needed: frozenset[int] | None = None
 
     @property
     def layers(self) -> int:
@@ -258,10 +274,19 @@ class Producer:
                 loop = asyncio.get_running_loop()
                 self.deferred_requests[layer] = loop.call_later(wait, self._deferred_keyframe_request, layer)
             return False
-        if not self.peer.send_pli(ssrc):
+        if not self.source.send_pli(ssrc):
             return False  # not connected yet: the publish transport asks once it is
         self.last_keyframe_request[layer] = now
         return True
+
+    def on_sender_report(self, layer: int, ntp: int, rtp_ts: int, now: float) -> None:
+        """The source's sender report for `layer`: kept for our receiver reports, and passed on to every
+        Consumer in its own numbers, so that lip sync survives the trip."""
+        stats = self.stats[layer]
+        stats.sr_ntp = ntp
+        stats.sr_at = now
+        for consumer in self.consumers:
+            consumer.send_sender_report(layer, ntp, rtp_ts)
 
     def _deferred_keyframe_request(self, layer: int) -> None:
         self.deferred_requests[layer] = None

@@ -25,8 +25,9 @@ from huddle.sfu import offer
 from huddle.sfu.allocation import CONGESTION_LOSS, Budget, Request, allocate, rungs
 from huddle.sfu.consumer import Consumer
 from huddle.sfu.members import Call, Member
+from huddle.sfu.pipe import Pipe, PipeIO
 from huddle.sfu.producer import UNUSED_EXTENSION_ID, Producer, order_rids
-from huddle.sfu.speaker import SpeakerDetector
+from huddle.sfu.speaker import SpeakerDetector, SpeakerFollower
 
 log = logging.getLogger("huddle.sfu")
 
@@ -34,7 +35,17 @@ THUMBNAIL_WIDTH = 360  # device pixels: a video shown this small gets half the f
 LOUDEST = 3  # audio streams each subscriber gets, besides anyone who just began to speak
 TICK = 0.1  # transport-wide feedback cadence (Chromium's own receive side sends it about this often)
 REPORT_EVERY = 10  # ticks between receiver reports and consent checks
-COUNTS = ("rtp_in", "rtp_out", "bytes_in", "bytes_out", "nacks_in", "retransmits", "plis_out")
+COUNTS = (
+    "rtp_in",
+    "rtp_out",
+    "bytes_in",
+    "bytes_out",
+    "nacks_in",
+    "retransmits",
+    "plis_out",
+    "pipe_in",
+    "pipe_out",
+)
 PUBLISH_EXTENSIONS = (sdp.URI_MID, sdp.URI_ABS_SEND_TIME, sdp.URI_AUDIO_LEVEL, sdp.URI_TRANSPORT_CC)
 # Seconds of batched work (offers, allocations) one loop turn may take before the rest waits for the next
 # turn: one publisher's new tracks in a large room mean an offer for every subscriber, and every other call
@@ -101,6 +112,13 @@ class Sfu:
         totals["producers"] = sum(len(p.producers) for r in self.routers for p in r.peers.values())
         totals["consumers"] = sum(len(p.consumers) for r in self.routers for p in r.peers.values())
         totals["transports"] = self.port.counts()["transports"]
+        totals["pipe_layers"] = sum(
+            len(c.layers)
+            for r in self.routers
+            for p in r.pipes.values()
+            for c in p.out.values()
+            if c.kind == "video"
+        )
         return totals
 
     async def _tick(self) -> None:
@@ -146,12 +164,17 @@ class LocalTransport(Protocol):
 
 
 class Peer:
-    """One participant's side of the SFU (or, with a `sink`, an in-process subscriber)."""
+    """One participant's side of the SFU (or, with a `sink`, an in-process subscriber). A participant on
+    another node of the call has a Peer too, with the `pipe` from there as the source of its tracks: it
+    subscribes on its own node, so it has no consumers here."""
 
-    def __init__(self, router: Router, participant: Member, sink: Sink | None = None) -> None:
+    def __init__(
+        self, router: Router, participant: Member, sink: Sink | None = None, pipe: Pipe | None = None
+    ) -> None:
         self.router = router
         self.participant = participant
         self.sink = sink
+        self.pipe = pipe
         self.publish: WebRtcTransport | None = None
         self.subscribe: WebRtcTransport | None = None
         self.producers: dict[str, Producer] = {}  # by mid
@@ -207,9 +230,7 @@ class Peer:
                 self.router.speaker.update(
                     self.participant.id, level[0] & 0x7F, bool(level[0] & 0x80), time.monotonic()
                 )
-        sent = producer.receive(data, producer.layer_of[ssrc])
-        counts["rtp_out"] += sent
-        counts["bytes_out"] += sent * len(data)
+        self.router.forward(producer, data, producer.layer_of[ssrc])
 
     def _learn_ssrc(self, data: bytes, ssrc: int) -> Producer | None:
         """Browsers that put no SSRC in their SDP (simulcast by rid) name the m-section and the layer in the
@@ -237,7 +258,7 @@ class Peer:
             return None
         producer.add_ssrc(ssrc, layer)
         self.by_ssrc[ssrc] = producer
-        if any(c.target == layer for c in producer.consumers):
+        if any(c.wants_layer(layer) for c in producer.consumers):
             producer.request_keyframe(layer)
         return producer
 
@@ -250,22 +271,45 @@ class Peer:
         for packet in packets:
             if isinstance(packet, rtcp.SenderReport):
                 producer = self.by_ssrc.get(packet.ssrc)
-                if producer is None:
-                    continue
-                layer = producer.layer_of[packet.ssrc]
-                producer.stats[layer].sr_ntp = packet.ntp_timestamp
-                producer.stats[layer].sr_at = time.monotonic()
-                for consumer in producer.consumers:
-                    if consumer.ready and consumer.transport is not None:
-                        report = consumer.sender_report(layer, packet.ntp_timestamp, packet.rtp_timestamp)
-                        if report is not None:
-                            consumer.transport.send_rtcp(report.serialize())
+                if producer is not None:
+                    producer.on_sender_report(
+                        producer.layer_of[packet.ssrc],
+                        packet.ntp_timestamp,
+                        packet.rtp_timestamp,
+                        time.monotonic(),
+                    )
+
+    # -- As the source of its Producers (see producer.Source) -----------------------------------------------
 
     def send_pli(self, media_ssrc: int) -> bool:
         if self.publish is None or not self.publish.connected:
             return False
         self.router.counts["plis_out"] += 1
         return self.publish.send_rtcp(rtcp.Pli(self.rtcp_ssrc, media_ssrc).serialize())
+
+    def set_layers(self, producer: Producer, layers: frozenset[int]) -> None:
+        """Dynacast: the publisher pauses the simulcast layers nobody needs (without simulcast it sends its
+        one layer regardless)."""
+        if len(producer.rids) < 2:
+            return
+        active = [rid for i, rid in enumerate(producer.rids) if i in layers]
+        self.participant.outbox.send(outgoing.publisher_layers(active))
+        event(log, logging.DEBUG, "dynacast", participant=self.participant.id, active=active)
+
+    def forget(self, producer: Producer) -> None:
+        for ssrc in producer.ssrcs:
+            if ssrc is not None and self.by_ssrc.get(ssrc) is producer:
+                del self.by_ssrc[ssrc]
+
+    # -- As a destination of Consumers ---------------------------------------------------------------------
+
+    def consumer_removed(self, consumer: Consumer) -> None:
+        """The track `consumer` carried here ended."""
+        self.consumers.pop(consumer.producer.id, None)
+        if self.sink is not None:
+            self.sink.consumer_removed(consumer)
+        else:
+            self.router._renegotiate(self)
 
     # -- Subscribing ----------------------------------------------------------------------------------------
 
@@ -312,8 +356,9 @@ class Peer:
     def _on_publish_connected(self, transport: WebRtcTransport) -> None:
         # Subscribers that became ready before this transport was up asked for keyframes in vain.
         for producer in self.producers.values():
-            for layer in {c.target for c in producer.consumers if c.ready and c.target is not None}:
-                producer.request_keyframe(layer)
+            for layer in range(producer.layers):
+                if any(c.wants_layer(layer) for c in producer.consumers):
+                    producer.request_keyframe(layer)
 
     def _on_subscribe_connected(self, transport: WebRtcTransport) -> None:
         for consumer in self.consumers.values():
@@ -383,14 +428,22 @@ class Router:
         self._audio_key: object = None  # what the audio selection was last computed from
         self._allocations = _Batch(self._apply_allocation, self._dynacast)
         self._offers = _Batch(self._send_offer)
+        # Pipes to the other nodes of this call, by node id (sfu/pipe.py); with them, whether this node
+        # decides the speaker (the hub, or a call on one node) or follows the hub's decision.
+        self.pipes: dict[str, Pipe] = {}
+        self._speaker_pipe: Pipe | None = None
+        self._speaker_sent: object = None
+        self._dynacast_scheduled = False
         self.closed = False
 
     # -- Membership (called by calls.registry) --------------------------------------------------------------
 
-    def add_peer(self, participant: Member, sink: Sink | None = None) -> None:
+    def add_peer(self, participant: Member, sink: Sink | None = None, pipe: Pipe | None = None) -> None:
+        """A participant of this node (or the recorder, a `sink`), or one of the node at the other end of
+        `pipe`, whose tracks come from there."""
         if participant.id in self.peers:
             return
-        peer = self.peers[participant.id] = Peer(self, participant, sink)
+        peer = self.peers[participant.id] = Peer(self, participant, sink, pipe)
         for other in self.peers.values():
             if other is not peer:
                 for producer in other.producers.values():
@@ -401,7 +454,7 @@ class Router:
         if peer is None:
             return
         for producer in list(peer.producers.values()):
-            self._drop_producer(producer)
+            self.drop_producer(producer)
         for consumer in list(peer.consumers.values()):
             consumer.producer.consumers.remove(consumer)
             if peer.sink is not None:
@@ -483,23 +536,34 @@ class Router:
     def layer_started(self, producer: Producer) -> None:
         """Choose again, at once, for everyone who watches `producer`: a layer they may want just began."""
         for subscriber in {c.subscriber for c in producer.consumers}:
-            self._allocate(subscriber)
+            if subscriber is not None:  # a pipe: the other node's own Producer sees the layer start
+                self._allocate(subscriber)
 
     def _dynacast(self) -> None:
-        """Tell each publisher which of its layers someone needs, when that changes."""
+        """Tell the source of each video (its publisher, or the pipe it comes through) which of its layers
+        someone here needs, when that changes: viewers of this node and the nodes this one pipes it to."""
+        self._dynacast_scheduled = False
         for peer in self.peers.values():
             for producer in peer.producers.values():
-                if producer.kind != "video" or len(producer.rids) < 2:
+                if producer.kind != "video":
                     continue
                 # What viewers want (even a layer the publisher has stopped sending for lack of bandwidth: it
                 # comes back when it can), what they get meanwhile, and what they get until the switch.
-                needed = {layer for c in producer.consumers for layer in (c.wanted, c.target, c.current)}
-                paused = frozenset(rid for i, rid in enumerate(producer.rids) if i not in needed)
-                if paused != producer.paused:
-                    producer.paused = paused
-                    active = [rid for rid in producer.rids if rid not in paused]
-                    peer.participant.outbox.send(outgoing.publisher_layers(active))
-                    event(log, logging.DEBUG, "dynacast", participant=peer.participant.id, active=active)
+                needed = frozenset(
+                    layer
+                    for c in producer.consumers
+                    for layer in c.needed_layers()
+                    if layer is not None and layer < producer.layers
+                )
+                if needed != producer.needed:
+                    producer.needed = needed
+                    producer.source.set_layers(producer, needed)
+
+    def dynacast_soon(self) -> None:
+        """What another node needs changed: tell the sources at the end of this loop turn."""
+        if not self._dynacast_scheduled:
+            self._dynacast_scheduled = True
+            asyncio.get_running_loop().call_soon(self._dynacast)
 
     def _select_audio(self) -> None:
         """Each subscriber hears the LOUDEST others by score (filled up with quiet ones, so small calls
@@ -593,18 +657,14 @@ class Router:
             rids = order_rids([r.id for r in media.rids if r.direction == "recv"])
             if producer is None or producer.kind != media.kind or producer.rids != rids:
                 if producer is not None:
-                    self._drop_producer(producer)
-                producer = peer.producers[media.mid] = Producer(
-                    peer, media.kind, media.mid, pt_map, bytes(table), rids
-                )
+                    self.drop_producer(producer)
+                producer = Producer(peer, media.kind, media.mid, pt_map, bytes(table), rids)
                 self._learn_ssrcs(producer, offer_desc.media_by_mid(media.mid))
-                for other in self.peers.values():
-                    if other is not peer:
-                        self._consume(producer, other)
+                self.add_producer(peer, producer)
             else:
                 producer.pt_map, producer.ext_table = pt_map, bytes(table)
         for mid in [m for m in peer.producers if m not in sending]:
-            self._drop_producer(peer.producers[mid])
+            self.drop_producer(peer.producers[mid])
 
     @staticmethod
     def _may_publish(peer: Peer) -> bool:
@@ -620,23 +680,39 @@ class Router:
         if fid:
             producer.peer.rtx_ssrcs.add(fid[1])
 
-    def _drop_producer(self, producer: Producer) -> None:
+    def add_producer(self, peer: Peer, producer: Producer) -> None:
+        """A new track of `peer`'s: everyone here who may see it consumes it, and it goes down every pipe
+        but the one it came through."""
+        peer.producers[producer.mid] = producer
+        for other in self.peers.values():
+            if other is not peer:
+                self._consume(producer, other)
+        for pipe in self.pipes.values():
+            pipe.consume(producer)
+
+    def drop_producer(self, producer: Producer) -> None:
         producer.close()
         peer = producer.peer
-        peer.producers.pop(producer.mid, None)
-        if producer.ssrc is not None and peer.by_ssrc.get(producer.ssrc) is producer:
-            del peer.by_ssrc[producer.ssrc]
+        if peer.producers.get(producer.mid) is producer:
+            del peer.producers[producer.mid]
+        producer.source.forget(producer)
         for consumer in list(producer.consumers):
-            consumer.subscriber.consumers.pop(producer.id, None)
-            if consumer.subscriber.sink is not None:
-                consumer.subscriber.sink.consumer_removed(consumer)
-            else:
-                self._renegotiate(consumer.subscriber)
+            consumer.destination.consumer_removed(consumer)  # type: ignore[arg-type]
             consumer.close()
         producer.consumers.clear()
 
+    def forward(self, producer: Producer, data: bytes, layer: int) -> None:
+        """One packet of `producer`'s, from whichever source, to its consumers."""
+        sent = producer.receive(data, layer)
+        self.counts["rtp_out"] += sent
+        self.counts["bytes_out"] += sent * len(data)
+
     def _consume(self, producer: Producer, subscriber: Peer) -> None:
-        if producer.id in subscriber.consumers or not subscriber.participant.permissions.subscribe:
+        if (
+            producer.id in subscriber.consumers
+            or subscriber.pipe is not None  # it subscribes on its own node
+            or not subscriber.participant.permissions.subscribe
+        ):
             return
         consumer = Consumer(producer, subscriber)
         subscriber.consumers[producer.id] = consumer
@@ -755,6 +831,58 @@ class Router:
             peer.dirty = False
             self._renegotiate(peer)
 
+    # -- Pipes to the other nodes of the call (the calls layer opens and closes them) ---------------------
+
+    def add_pipe(self, node: str, io: PipeIO) -> Pipe:
+        """A pipe to node `node`: every track of this Router but those from there goes down it, at the layers
+        the other node asks for."""
+        pipe = self.pipes.get(node)
+        if pipe is not None:
+            return pipe
+        pipe = self.pipes[node] = Pipe(self, node, io)
+        for peer in list(self.peers.values()):
+            for producer in list(peer.producers.values()):
+                pipe.consume(producer)
+        self._speaker_sent = None  # the new node hears the speaker at the next tick
+        return pipe
+
+    def remove_pipe(self, node: str) -> None:
+        pipe = self.pipes.pop(node, None)
+        if pipe is None:
+            return
+        pipe.close()
+        if self._speaker_pipe is pipe:
+            # The hub is gone: this node decides for its own participants until a hub leads again.
+            self._speaker_pipe = None
+            self.speaker = SpeakerDetector(loudest=LOUDEST)
+            self._audio_key = None
+
+    def follow_speaker(self, pipe: Pipe, message: dict[str, Any]) -> None:
+        """The hub's speaker and loudest voices (a `speaker` message down `pipe`)."""
+        active = message.get("active")
+        ranked = [str(p) for p in message["ranked"]]
+        audible = [str(p) for p in message["audible"]]
+        if (active is not None and not isinstance(active, str)) or len(ranked) > 64 or len(audible) > 64:
+            raise ValueError("bad speaker message")
+        if not isinstance(self.speaker, SpeakerFollower) or self._speaker_pipe is not pipe:
+            self.speaker = SpeakerFollower()
+            self._speaker_pipe = pipe
+        self.speaker.set(active, ranked, audible)
+        self._audio_key = None
+
+    def _lead_speaker(self) -> None:
+        """As the hub, tell every other node of the call who speaks and who is heard, when that changes."""
+        if not self.pipes or self._speaker_pipe is not None or not isinstance(self._audio_key, tuple):
+            return
+        top, audible = self._audio_key
+        key = (self.speaker.active_speaker, top, audible)
+        if key == self._speaker_sent:
+            return
+        self._speaker_sent = key
+        message = {"t": "speaker", "active": key[0], "ranked": list(top), "audible": sorted(audible)}
+        for pipe in self.pipes.values():
+            pipe.io.send(message)
+
     # -- Time -----------------------------------------------------------------------------------------------
 
     def tick(self, now: float, full: bool) -> None:
@@ -764,6 +892,7 @@ class Router:
                 if peer.sink is not None:
                     peer.sink.active_speaker(self.speaker.active_speaker)
         self._select_audio()
+        self._lead_speaker()
         if full:
             for peer in self.peers.values():
                 for producer in peer.producers.values():
@@ -785,6 +914,7 @@ class Router:
 
     def stats(self) -> dict[str, Any]:
         return {
+            "pipes": [pipe.describe() for pipe in self.pipes.values()],
             "peers": len(self.peers),
             "producers": sum(len(p.producers) for p in self.peers.values()),
             "consumers": sum(len(p.consumers) for p in self.peers.values()),
@@ -793,6 +923,8 @@ class Router:
 
     def close(self) -> None:
         self.closed = True
+        for node in list(self.pipes):
+            self.remove_pipe(node)
         for peer in list(self.peers.values()):
             self.remove_peer(peer.participant)
         if self in self.sfu.routers:

@@ -400,3 +400,41 @@ class SpeakerDetector:
 
 def _score_of(p: _Participant) -> float:
     return p.score
+
+
+class SpeakerFollower:
+    """Another node's decision (the hub of a call spread over several nodes), for a node of that call: every
+    node must show the same speaker and forward the same loudest voices, so only the hub, which hears every
+    microphone's levels, decides. Same face as SpeakerDetector for the Router."""
+
+    def __init__(self) -> None:
+        self.active_speaker: str | None = None
+        self.audible: frozenset[str] = frozenset()
+        self.changed_at = 0.0
+        self._rank: dict[str, int] = {}
+        self._reported: str | None = None
+
+    def set(self, active: str | None, ranked: list[str], audible: list[str]) -> None:
+        """The hub's speaker, its loudest first (as many as it ranks), and who just began to speak."""
+        self.active_speaker = active
+        self._rank = {pid: len(ranked) - i for i, pid in enumerate(ranked)}
+        audible_now = frozenset(audible)
+        if audible_now != self.audible:
+            self.audible = audible_now
+
+    def update(self, participant_id: str, level: int, voice: bool | None, now: float) -> None:
+        return None  # levels are the hub's to weigh
+
+    def remove(self, participant_id: str) -> None:
+        self._rank.pop(participant_id, None)
+
+    def score(self, participant_id: str) -> float:
+        """The hub's order as a score: the loudest ranks highest, the unranked score 0."""
+        return float(self._rank.get(participant_id, 0))
+
+    def tick(self, now: float) -> bool:
+        if self.active_speaker == self._reported:
+            return False
+        self._reported = self.active_speaker
+        self.changed_at = now
+        return True
