@@ -25,6 +25,7 @@ class Settings:
     max_connections_per_address: int = 200
     log_level: str = "info"
     max_participants: int = 100
+    max_participants_per_node: int = 50
     sfu_always: bool = False
     announce_ip: str | None = None
     reconnect_grace: float = 20.0
@@ -64,6 +65,8 @@ _HELP = {
     "(HTTP/WebSocket, STUN over TCP, ICE-TCP)",
     "log_level": "log level for the structured logs on stderr",
     "max_participants": "most participants one room admits",
+    "max_participants_per_node": "participants of one call a node seats before the call's next joiners go to "
+    "the next node in the chat id's hashing order (a cluster or --workers)",
     "sfu_always": "send every call through the SFU, even 1:1 calls (default: 1:1 calls are peer to peer)",
     "announce_ip": "address put in the SFU's ICE candidates, when clients reach the node at another address "
     "than --host (behind NAT, or --host 0.0.0.0)",
@@ -136,6 +139,8 @@ def from_namespace(ns: argparse.Namespace) -> Settings:
         raise ValueError("--reconnect-grace must be 0 or more seconds")
     if settings.max_participants < 1:
         raise ValueError("--max-participants must be at least 1")
+    if settings.max_participants_per_node < 1:
+        raise ValueError("--max-participants-per-node must be at least 1")
     if settings.max_recordings < 0:
         raise ValueError("--max-recordings must be 0 or more")
     if settings.max_connections_per_address < 1:

@@ -126,6 +126,15 @@ class _SfuCollector(Collector):
             ("plis_out", "keyframe requests sent to publishers"),
         ):
             yield CounterMetricFamily(f"huddle_sfu_{name}", text, value=totals[name])
+        pipes = CounterMetricFamily(
+            "huddle_pipe_packets", "RTP packets through pipes to and from other nodes", labels=["direction"]
+        )
+        pipes.add_metric(["in"], totals["pipe_in"])
+        pipes.add_metric(["out"], totals["pipe_out"])
+        yield pipes
+        yield GaugeMetricFamily(
+            "huddle_pipe_layers", "Video layers piped to other nodes now", value=totals["pipe_layers"]
+        )
 
 
 class LoopLagMonitor:

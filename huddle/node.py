@@ -15,18 +15,20 @@ from aiohttp import web
 
 from huddle.calls.registry import Calls
 from huddle.calls.resume import ResumeKey
+from huddle.calls.span import KEY_LABEL, Spans
 from huddle.cluster.membership import Membership, NodeInfo, SingleNode
 from huddle.config import Settings
 from huddle.logs import RateLimit, event
 from huddle.metrics import LoopLagMonitor, Metrics
 from huddle.recording.manager import Recordings
 from huddle.rtc.certificate import Certificate
+from huddle.rtc.pipe_port import PipePort
 from huddle.rtc.port import MediaPort
 from huddle.rtc.sdp import Candidate
 from huddle.sfu.router import Sfu
 from huddle.signaling.app import build_app
 from huddle.signaling.connections import ConnectionGuard, GuardedSite, HttpErrorLog, bind_tcp
-from huddle.signaling.session import CLOSE_SERVICE_RESTART, Context
+from huddle.signaling.session import CLOSE_SERVICE_RESTART, Context, ws_url
 from huddle.signaling.tokens import weak_secret
 from huddle.stun import StunServer
 
@@ -61,6 +63,9 @@ class Node:
         self.metrics.rooms.set_function(lambda: len(self.calls))
         self.metrics.participants.set_function(self.calls.participant_count)
         self.stun = StunServer(self.metrics, max_connections_per_address=settings.max_connections_per_address)
+        # Pipes to the other nodes of calls bigger than one node (calls/span.py).
+        self.pipe_port = PipePort(self._count_error)
+        self.spans: Spans | None = None
         self.recordings = Recordings.from_settings(self.calls, settings)
         self._runner: web.AppRunner | None = None
         self._lag: LoopLagMonitor | None = None
@@ -77,6 +82,7 @@ class Node:
         self._lag = self.metrics.watch_event_loop(asyncio.get_running_loop())
         stun_port = await self.stun.start(s.host, s.stun_port)
         media_port = await self.media.start(s.host, s.media_port)
+        await self.pipe_port.start(s.host, 0)
         announce = s.announce_ip or (s.host if s.host not in ("0.0.0.0", "::", "") else "127.0.0.1")
         candidates = [Candidate.host(announce, media_port)]
         if self.media.tcp_enabled:
@@ -105,6 +111,15 @@ class Node:
         except BaseException:
             http_socket.close()
             raise
+        self.spans = Spans(
+            self.calls,
+            node_id=s.node_id,
+            key=self.calls.resume_key.derive(KEY_LABEL),
+            port=self.pipe_port,
+            announce=announce,
+            locate=self._locate,
+            count_error=self._count_error,
+        )
         await self.recordings.start()
         ctx = Context(
             settings=s,
@@ -113,6 +128,7 @@ class Node:
             stun_port=stun_port,
             recordings=self.recordings,
             cluster=self.cluster,
+            spans=self.spans,
         )
         self._runner = web.AppRunner(
             build_app(ctx), access_log=None, handle_signals=False, logger=HttpErrorLog(self.metrics)
@@ -166,10 +182,19 @@ class Node:
         membership.on_serving = self._serving
         return membership
 
+    async def _locate(self, room: str) -> tuple[str, str]:
+        """The node id of a call's home (its hub), and the URL of its /pipe for this call."""
+        assert self.cluster is not None
+        owner = await self.cluster.owner(room)
+        return owner.id, f"{ws_url(owner, '/pipe')}&room={room}"
+
     def _release(self, room) -> None:
         """An emptied call's placement is forgotten, so that its next start is placed afresh (a fenced node
-        releases nothing: its membership knows it serves no slot)."""
+        releases nothing: its membership knows it serves no slot; a node the call spilled over to holds no
+        placement: the home does)."""
         assert self.cluster is not None
+        if room.spilled:
+            return
         task = asyncio.get_running_loop().create_task(self.cluster.release(room.name))
         self._releases.add(task)
         task.add_done_callback(self._released)
@@ -215,6 +240,9 @@ class Node:
         if self.cluster is not None:
             await self.cluster.stop()
         self.calls.drop_all(CLOSE_SERVICE_RESTART, "the server is restarting; reconnecting")
+        if self.spans is not None:
+            await self.spans.close()
+        self.pipe_port.close()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

@@ -131,10 +131,14 @@ def pong(now: float, request_id: Any = None) -> Pong:
 class Redirect(Message):
     url: str
     node: str
+    ticket: NotRequired[str]
 
 
-def redirect(url: str, node: str, request_id: Any = None) -> Redirect:
-    return _answering({"type": "redirect", "url": url, "node": node}, request_id)
+def redirect(url: str, node: str, request_id: Any = None, ticket: str | None = None) -> Redirect:
+    message: dict[str, Any] = {"type": "redirect", "url": url, "node": node}
+    if ticket is not None:
+        message["ticket"] = ticket
+    return _answering(message, request_id)
 
 
 class Joined(Message):

@@ -282,6 +282,8 @@ class Workers:
     def _app(self) -> web.Application:
         app = web.Application(client_max_size=1024 * 1024)
         app.router.add_route("*", "/ws", self._websocket)
+        # Links of calls spread over several workers (their control: media goes from worker to worker).
+        app.router.add_route("*", "/pipe", self._websocket)
         app.router.add_get("/api/cluster", self._cluster)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_route("*", "/api/rooms/{room}", self._room)

@@ -7,11 +7,11 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from huddle import outgoing
 from huddle.calls.resume import RecordingClaim, ResumeClaims, ResumeKey, ResumeTokenError
-from huddle.calls.room import P2P, SFU, Outbox, Participant, Room, RoomFull
+from huddle.calls.room import ELSEWHERE, P2P, SFU, Outbox, Participant, Room, RoomFull
 from huddle.logs import event
 from huddle.permissions import Permissions
 
@@ -58,6 +58,11 @@ class Calls:
         # Called when a call is rebuilt here from a token that says this recording was running in it, and
         # nothing records the call here: the recording goes on (it sets `room.recording` if it does).
         self.recording_restored: list[Callable[[Room, RecordingClaim], None]] = []
+        # A call over several nodes: told of every change to the call's roster (a `participant` or `left`
+        # message, see calls/span.py) with the node it came from (None: this one), to tell the others.
+        self.roster_changed: list[Callable[[Room, dict[str, Any], str | None], None]] = []
+        # Called when this node opens a room for participants its home node sent here (spill-over).
+        self.room_spilled: list[Callable[[Room], None]] = []
 
     def __len__(self) -> int:
         return len(self._rooms)
@@ -79,10 +84,10 @@ class Calls:
         permissions: Permissions,
         outbox: Outbox,
         expires: float | None = None,
+        spilled: bool = False,
     ) -> tuple[Room, Participant]:
-        room = self._rooms.get(room_name)
-        if room is None:
-            room = self._rooms[room_name] = Room(room_name, self.capacity)
+        """Seat a newcomer (`spilled`: sent here by the call's home node, which holds the rest of it)."""
+        room = self._room(room_name, spilled)
         previous = room.by_identity(identity)
         if previous is not None:
             # The same person joining again (a second device, a reloaded tab): the newest wins.
@@ -95,15 +100,44 @@ class Calls:
         self._arrived(room, participant, "participant joined", sfu=False)
         return room, participant
 
+    def _room(self, name: str, spilled: bool) -> Room:
+        room = self._rooms.get(name)
+        if room is None:
+            room = self._rooms[name] = Room(name, self.capacity, spilled=spilled)
+            if spilled:
+                for listener in self.room_spilled:
+                    listener(room)
+        return room
+
+    def hub_room(self, name: str) -> Room:
+        """The room of a call whose other nodes link to this one, its home (opened for them if need be): on
+        the SFU, since its media crosses nodes."""
+        room = self._room(name, spilled=False)
+        self.move_to_sfu(room)
+        return room
+
     def _arrived(self, room: Room, participant: Participant, what: str, *, sfu: bool) -> None:
         """Tell the others and connect the newcomer's media; `sfu`: its client was on the SFU already."""
         room.broadcast(outgoing.participant_joined(participant.describe()), exclude=participant)
-        if room.mode == P2P and (len(room) > 2 or self.sfu_always or sfu):
+        if room.mode == P2P and (room.size() > 2 or self.sfu_always or sfu or room.spilled or room.remote):
             self._switch_to_sfu(room, newcomer=participant)
         elif room.router is not None:
             room.router.add_peer(participant)
+        self._tell_nodes(room, participant)
         size, mode = len(room), room.mode
         event(log, logging.INFO, what, room=room.name, participant=participant.id, size=size, mode=mode)
+
+    def _tell_nodes(self, room: Room, participant: Participant, origin: str | None = None) -> None:
+        message = {"t": "participant", "p": {**participant.describe(), "joined_at": participant.joined_at}}
+        self._roster(room, message, origin)
+
+    def _roster(self, room: Room, message: dict[str, Any], origin: str | None) -> None:
+        for listener in self.roster_changed:
+            listener(room, message, origin)
+
+    def holds(self, token: str) -> bool:
+        """This node seats the participant of this resume token now (it resumes here, wherever the call)."""
+        return token in self._resumable
 
     def _seat(self, room: Room, participant: Participant) -> None:
         try:
@@ -160,7 +194,7 @@ class Calls:
             raise ResumeFailed(room_name, expired=str(exc) == "expired") from None
 
     def resume(
-        self, room_name: str, token: str, outbox: Outbox, mode: str | None = None
+        self, room_name: str, token: str, outbox: Outbox, mode: str | None = None, spilled: bool = False
     ) -> tuple[Room, Participant, bool]:
         """Give a participant whose signaling dropped a new connection, keeping everything else. The token is
         used up: the participant gets a new one (sent in `joined`), so a copy of the old one is worthless.
@@ -171,7 +205,7 @@ class Calls:
         SFU starts there again rather than flapping through p2p while its people come back one by one."""
         found = self._resumable.get(token)
         if found is None:
-            return self._restore(room_name, token, outbox, mode)
+            return self._restore(room_name, token, outbox, mode, spilled)
         room, participant = found
         if room.name != room_name:
             raise ResumeFailed(room_name)
@@ -188,13 +222,14 @@ class Calls:
         if participant.connection != "connected":
             participant.connection = "connected"
             room.broadcast(outgoing.participant_updated(participant.describe()), exclude=participant)
+            self._tell_nodes(room, participant)
         if room.router is not None:
             room.router.restart_ice(participant)
         event(log, logging.INFO, "participant resumed", room=room.name, participant=participant.id)
         return room, participant, False
 
     def _restore(
-        self, room_name: str, token: str, outbox: Outbox, mode: str | None
+        self, room_name: str, token: str, outbox: Outbox, mode: str | None, spilled: bool
     ) -> tuple[Room, Participant, bool]:
         try:
             claims = self.resume_key.verify(token, room_name, time.time())
@@ -207,8 +242,11 @@ class Calls:
         ):
             # Left here, already back with a newer token, or the same person joined afresh since.
             raise ResumeFailed(room_name)
-        if room is None:
-            room = self._rooms[room_name] = Room(room_name, self.capacity)
+        room = self._room(room_name, spilled)
+        away = room.remote.pop(claims.participant, None)
+        if away is not None:
+            # Known here as on another node of the call, which it lost: from now on it is on this one.
+            self._forget_remote(room, away)
         participant = Participant(
             identity=claims.identity,
             name=claims.name,
@@ -274,6 +312,7 @@ class Calls:
             return
         participant.connection = "reconnecting"
         room.broadcast(outgoing.participant_updated(participant.describe()), exclude=participant)
+        self._tell_nodes(room, participant)
         loop = asyncio.get_running_loop()
         participant.grace_timer = loop.call_later(
             self.reconnect_grace, self._remove, room, participant, "timeout"
@@ -292,6 +331,7 @@ class Calls:
         if room.router is not None:
             room.router.remove_peer(participant)
         room.broadcast(outgoing.participant_left(participant.id, reason))
+        self._roster(room, {"t": "left", "id": participant.id, "reason": reason}, None)
         event(
             log,
             logging.INFO,
@@ -312,13 +352,124 @@ class Calls:
                 participant.outbox.close(4004, reason)
                 return
 
+    def update_media(
+        self, room: Room, participant: Participant, audio: bool | None, video: bool | None
+    ) -> None:
+        """A participant muted or unmuted its microphone or camera."""
+        if audio is not None:
+            participant.audio = audio
+        if video is not None:
+            participant.video = video
+        room.broadcast(outgoing.participant_updated(participant.describe()))
+        self._tell_nodes(room, participant)
+
+    def announce_recording(self, room: Room, state: dict[str, Any]) -> None:
+        """A recording of the call started or stopped here (`state` as `recording` shows it): everyone hears
+        it, on every node, and holds a resume token that says so."""
+        room.broadcast(outgoing.recording(state))
+        if room.recording is None:
+            self.reissue_resume_tokens(room)
+        self._roster(room, {"t": "recording", "state": state}, None)
+
+    # -- The call's other nodes (calls/span.py tells of them) ----------------------------------------------
+
+    def remote_recording(self, room: Room, state: dict[str, Any], origin: str) -> None:
+        """Another node of the call records it, or stopped."""
+        if not isinstance(state, dict) or not isinstance(state.get("state"), str):
+            raise ValueError("bad recording state")
+        room.recording = state if state["state"] == "recording" else None
+        room.broadcast(outgoing.recording(state))
+        self.reissue_resume_tokens(room)
+        self._roster(room, {"t": "recording", "state": state}, origin)
+
+    def remote_participant(self, room: Room, info: dict[str, Any], node: str) -> None:
+        """A participant on node `node` (or reached through it) joined the call or changed."""
+        pid = str(info["id"])
+        if pid in room.participants:
+            return  # it is here now: whatever the other node says of it is older
+        fields = {
+            "audio": bool(info.get("audio", True)),
+            "video": bool(info.get("video", True)),
+            "connection": "reconnecting" if info.get("connection") == "reconnecting" else "connected",
+        }
+        known = room.remote.get(pid)
+        if known is None:
+            if room.size() >= room.capacity:
+                raise ValueError(f"room {room.name} is full")
+            known = Participant(
+                identity=str(info["identity"])[:128],
+                name=str(info["name"])[:64],
+                outbox=ELSEWHERE,
+                id=pid,
+                joined_at=float(info.get("joined_at") or time.time()),
+                **fields,
+            )
+            room.remote[pid] = known
+            room.node_of[pid] = node
+            room.broadcast(outgoing.participant_joined(known.describe()))
+        else:
+            if known.grace_timer is not None:
+                known.grace_timer.cancel()
+                known.grace_timer = None
+            for name, value in fields.items():
+                setattr(known, name, value)
+            if room.node_of.get(pid) != node and room.router is not None:
+                room.router.remove_peer(known)  # back on another node: its tracks come through that one
+            room.node_of[pid] = node
+            room.broadcast(outgoing.participant_updated(known.describe()))
+        if room.router is not None and node in room.router.pipes:
+            room.router.add_peer(known, pipe=room.router.pipes[node])
+        self._tell_nodes(room, known, origin=node)
+
+    def remote_left(self, room: Room, participant_id: str, reason: str, origin: str | None) -> None:
+        known = room.remote.pop(participant_id, None)
+        if known is None:
+            return
+        self._forget_remote(room, known)
+        room.broadcast(outgoing.participant_left(participant_id, reason))
+        self._roster(room, {"t": "left", "id": participant_id, "reason": reason}, origin)
+        self._discard_if_empty(room)
+
+    def node_lost(self, room: Room, node: str) -> None:
+        """The link to node `node` broke: the participants on it (or reached through it) are reconnecting,
+        their tracks gone until they are back, on that node or another; gone for good after the grace."""
+        loop = asyncio.get_running_loop()
+        for pid, known in list(room.remote.items()):
+            if room.node_of.get(pid) != node:
+                continue
+            if room.router is not None:
+                room.router.remove_peer(known)
+            if known.connection != "reconnecting":
+                known.connection = "reconnecting"
+                room.broadcast(outgoing.participant_updated(known.describe()))
+                self._tell_nodes(room, known, origin=node)
+            if known.grace_timer is None:
+                known.grace_timer = loop.call_later(
+                    self.reconnect_grace, self.remote_left, room, pid, "timeout", None
+                )
+        self._discard_if_empty(room)  # a home whose last other node left for good
+
+    def _forget_remote(self, room: Room, known: Participant) -> None:
+        if known.grace_timer is not None:
+            known.grace_timer.cancel()
+            known.grace_timer = None
+        room.node_of.pop(known.id, None)
+        if room.router is not None:
+            room.router.remove_peer(known)
+
     def _discard_if_empty(self, room: Room) -> None:
-        if not room.participants and self._rooms.get(room.name) is room:
+        # A call's home stays open while other nodes hold some of it: it links them.
+        if room.participants or (room.remote and not room.spilled):
+            return
+        if self._rooms.get(room.name) is room:
             del self._rooms[room.name]
             self._close(room)
 
     def _close(self, room: Room) -> None:
         """A room gone from this node: its listeners hear of it (recordings stop), then its Router ends."""
+        for known in list(room.remote.values()):
+            self._forget_remote(room, known)
+        room.remote.clear()
         for listener in self.room_closed:
             try:
                 listener(room)

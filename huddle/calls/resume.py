@@ -27,6 +27,10 @@ MAX_TOKEN_CHARS = 2048
 # every resume issues a fresh one, so only a participant gone for so long loses the right.
 OPEN_ROOM_TTL = 12 * 3600.0
 _CONTEXT = b"huddle resume token v1"
+# A placement ticket (a call's home node sends a joiner on to another node of the call) is good this long: the
+# client uses it at once, so a stolen one is worth little.
+TICKET_TTL = 30.0
+_TICKET_CONTEXT = b"huddle placement ticket v1"
 
 
 class ResumeTokenError(Exception):
@@ -121,8 +125,33 @@ class ResumeKey:
             raise ResumeTokenError("expired")
         return claims
 
-    def _sign(self, part: str) -> bytes:
-        return hmac.new(self._key, part.encode(), hashlib.sha256).digest()
+    def _sign(self, part: str, key: bytes | None = None) -> bytes:
+        return hmac.new(key or self._key, part.encode(), hashlib.sha256).digest()
+
+    def derive(self, label: bytes) -> bytes:
+        """Key material for another purpose (a ticket, the pipes between nodes), never the key itself."""
+        return hmac.new(self._key, label, hashlib.sha256).digest()
+
+    def ticket(self, room: str, node: str, now: float) -> str:
+        """What lets `node` seat a joiner of `room` although the call's home is another node."""
+        part = _b64(json.dumps({"r": room, "n": node, "x": round(now + TICKET_TTL, 3)}).encode())
+        return part + "." + _b64(self._sign(part, self.derive(_TICKET_CONTEXT)))
+
+    def check_ticket(self, ticket: str, room: str, node: str, now: float) -> None:
+        """Raise ResumeTokenError unless `ticket` sends a joiner of `room` to `node` and is still good."""
+        part, dot, signature = ticket.partition(".")
+        try:
+            given = _unb64(signature)
+            if not dot or not hmac.compare_digest(given, self._sign(part, self.derive(_TICKET_CONTEXT))):
+                raise ValueError("unsigned")
+            body = json.loads(_unb64(part))
+            room_given, node_given, deadline = body["r"], body["n"], float(body["x"])
+        except (ValueError, KeyError, TypeError):
+            raise ResumeTokenError("not a placement ticket of this deployment") from None
+        if room_given != room or node_given != node:
+            raise ResumeTokenError("placement ticket for another call or node")
+        if now >= deadline:
+            raise ResumeTokenError("placement ticket expired")
 
 
 def _recording(value: object) -> RecordingClaim | None:

@@ -59,22 +59,49 @@ class RoomFull(Exception):
     pass
 
 
+class Elsewhere:
+    """The outbox of a participant on another node of the call: its own node talks to it, never this one."""
+
+    def send(self, message: Mapping[str, Any]) -> None:
+        return None
+
+    def close(self, code: int, reason: str) -> None:
+        return None
+
+
+ELSEWHERE = Elsewhere()
+
+
 @dataclass(eq=False, slots=True)
 class Room:
     name: str
     capacity: int
-    # Insertion order is join order, which decides who offers to whom in p2p mode.
+    # This node's participants. Insertion order is join order, which decides who offers to whom in p2p mode.
     participants: dict[str, Participant] = field(default_factory=dict)
     mode: str = P2P
     router: Router | None = None
     # The recording running in this call, as participants are told about it (None: not recorded).
     recording: dict[str, Any] | None = None
+    # A call bigger than one node: the participants of its other nodes, and which node each is on.
+    remote: dict[str, Participant] = field(default_factory=dict)
+    node_of: dict[str, str] = field(default_factory=dict)
+    # This node took some of the call's participants from its home node (the hub), which holds the rest.
+    spilled: bool = False
 
     def __len__(self) -> int:
+        """Participants on this node (its share of the call: what its media costs here)."""
         return len(self.participants)
 
     def __iter__(self) -> Iterator[Participant]:
+        """This node's participants: whom it sends messages to."""
         return iter(tuple(self.participants.values()))
+
+    def everyone(self) -> list[Participant]:
+        """Every participant of the call, on whichever node."""
+        return [*self.participants.values(), *self.remote.values()]
+
+    def size(self) -> int:
+        return len(self.participants) + len(self.remote)
 
     def by_identity(self, identity: str) -> Participant | None:
         for p in self.participants.values():
@@ -83,7 +110,7 @@ class Room:
         return None
 
     def add(self, participant: Participant) -> None:
-        if len(self.participants) >= self.capacity:
+        if self.size() >= self.capacity:
             raise RoomFull(self.name)
         self.participants[participant.id] = participant
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from hashlib import blake2b
 
-__all__ = ["choose", "ranking", "score"]
+__all__ = ["choose", "ranking", "score", "spill"]
 
 
 def score(key: str, slot: str) -> int:
@@ -34,3 +34,15 @@ def choose(key: str, slots: Iterable[str]) -> str | None:
         if s > best_score or (s == best_score and best is not None and slot < best):
             best, best_score = slot, s
     return best
+
+
+def spill(key: str, slots: Iterable[str], counts: dict[str, int], limit: int) -> str | None:
+    """Where the next participant of call `key` goes when each slot may seat `limit` of its participants
+    (`counts`: how many each holds now): the first slot in the key's ranking below the limit; when all are
+    full, the one holding fewest (a call over every node's limit still takes people: the room's own
+    capacity is the limit that refuses). None when there is no slot."""
+    order = ranking(key, slots)
+    for slot in order:
+        if counts.get(slot, 0) < limit:
+            return slot
+    return min(order, key=lambda slot: counts.get(slot, 0), default=None)

@@ -257,6 +257,10 @@ class SyntheticParticipant:
                 raise ConnectionError(f"{self.name}: redirected to no WebSocket: {url!r}")
             if hops is not None:
                 hops.append(url)
+            # A call's home sends joiners on to the node the call spills over to, with a ticket for it.
+            request = {k: v for k, v in request.items() if k != "ticket"}
+            if isinstance(reply.get("ticket"), str):
+                request["ticket"] = reply["ticket"]
         raise ConnectionError(f"{self.name}: more than {MAX_REDIRECTS} redirects")
 
     async def _join_reply(self, ws: aiohttp.ClientWebSocketResponse) -> dict[str, Any]:

@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from huddle import outgoing
 from huddle.logs import event
 from huddle.recording.log import InProcessLog, RecordingLog
 from huddle.recording.recorder import STOP_GRACE, Recorder
@@ -166,9 +165,11 @@ class Recordings:
 
     def begin(self, room_name: str, *, by: str, outputs: tuple[str, ...] = OUTPUTS) -> RecordingInfo:
         room = self.calls.get(room_name)
-        if room is None or not len(room):
+        if room is None or not room.size():
             raise RecordingError("not_found", f"nobody is in room {room_name!r}: nothing to record", 404)
-        if room_name in self._running:
+        # A call over several nodes is recorded once, by the node that started it (its Router has every
+        # node's tracks); the others know of it from `recording`.
+        if room_name in self._running or room.recording is not None:
             raise RecordingError("already_recording", "this call is being recorded already", 409)
         unknown = [o for o in outputs if o not in OUTPUTS]
         if unknown or not outputs:
@@ -251,7 +252,7 @@ class Recordings:
         )
         self._running[room.name] = _Running(info, recorder, composite, key, since, continued)
         room.recording = info.describe()
-        room.broadcast(outgoing.recording(room.recording))
+        self.calls.announce_recording(room, room.recording)
 
     def end(
         self, room_name: str, recording_id: str | None = None, *, reason: str = "stopped", tell: bool = True
@@ -269,8 +270,7 @@ class Recordings:
         room = self.calls.get(room_name)
         if room is not None and tell:
             room.recording = None
-            room.broadcast(outgoing.recording(info.describe()))
-            self.calls.reissue_resume_tokens(room)
+            self.calls.announce_recording(room, info.describe())
         event(
             log,
             logging.INFO,
@@ -480,7 +480,7 @@ def _emitter(recording_log: RecordingLog, key: str, composite: CompositeWorker |
 
 
 def _name(room: Room, participant_id: str) -> str:
-    participant = room.participants.get(participant_id)
+    participant = room.participants.get(participant_id) or room.remote.get(participant_id)
     return participant.name if participant is not None else participant_id
 
 

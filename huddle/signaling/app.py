@@ -65,6 +65,7 @@ def build_app(ctx: Context) -> web.Application:
     app.router.add_get("/", _page("index.html"))
     app.router.add_get("/r/{room}", _page("call.html"))
     app.router.add_get("/ws", _websocket)
+    app.router.add_get("/pipe", _pipe)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/api/cluster", _cluster)
@@ -188,7 +189,13 @@ async def _cluster(request: web.Request) -> web.Response:
 
 async def _node(request: web.Request) -> web.Response:
     _figures_allowed(request, "/api/node")
-    return web.json_response(request.app[CONTEXT].cluster.me().describe())
+    ctx = request.app[CONTEXT]
+    return web.json_response({**ctx.cluster.me().describe(), "pipes": ctx.spans.describe()})
+
+
+async def _pipe(request: web.Request) -> web.StreamResponse:
+    """Another node of a call links to this one (calls/span.py); only a node with the cluster key can."""
+    return await request.app[CONTEXT].spans.accept(request)
 
 
 def _by_id(node) -> str:

@@ -51,6 +51,8 @@ class Join(_Message):
     resume: Annotated[str, StringConstraints(min_length=1, max_length=2048)] | None = None
     # With `resume`: the mode the client was in (a node rebuilding the call starts it there).
     mode: Literal["p2p", "sfu"] | None = None
+    # From a `redirect` of the call's home node: seat the joiner here, where the call spills over to.
+    ticket: Annotated[str, StringConstraints(min_length=1, max_length=512)] | None = None
 
 
 class Leave(_Message):

@@ -16,8 +16,11 @@ from aiohttp import WSMsgType, web
 
 from huddle import outgoing
 from huddle.calls.registry import Calls, ResumeFailed
+from huddle.calls.resume import ResumeTokenError
 from huddle.calls.room import P2P, SFU, Participant, Room, RoomFull
+from huddle.calls.span import Spans
 from huddle.cluster.membership import ClusterUnavailable, Membership, NodeInfo
+from huddle.cluster.placement import spill
 from huddle.config import Settings
 from huddle.logs import event
 from huddle.metrics import Metrics
@@ -52,6 +55,7 @@ class Context:
     stun_port: int
     recordings: Recordings
     cluster: Membership
+    spans: Spans
 
 
 def _error_kind(exc: BaseException) -> str:
@@ -60,12 +64,13 @@ def _error_kind(exc: BaseException) -> str:
     return "too_large" if "size" in str(exc) else "protocol_violation"
 
 
-def ws_url(node: NodeInfo) -> str:
-    """The signaling URL of a node; `node` lets a --workers parent, one URL for all, pick the worker."""
+def ws_url(node: NodeInfo, path: str = "/ws") -> str:
+    """The signaling URL of a node (or its `/pipe`); `node` lets a --workers parent, one URL for all, pick
+    the worker."""
     base = node.url.rstrip("/")
     scheme, sep, rest = base.partition("://")
     ws_scheme = "wss" if scheme == "https" else "ws"
-    return f"{ws_scheme}://{rest}/ws?node={node.id}" if sep else f"{base}/ws?node={node.id}"
+    return f"{ws_scheme}://{rest}{path}?node={node.id}" if sep else f"{base}{path}?node={node.id}"
 
 
 class TokenBucket:
@@ -252,12 +257,23 @@ class Session:
             return
         if self._closing:
             return
-        if owner.id != ctx.cluster.self_id or not ctx.cluster.serving():
+        spilled = self._ticket_valid(msg) and ctx.cluster.serving()
+        if not spilled and (owner.id != ctx.cluster.self_id or not ctx.cluster.serving()):
             self._redirect(owner, msg.id)
             return
+        if not spilled and (msg.resume is None or not ctx.calls.holds(msg.resume)):
+            # The call's home seats its share and sends the next joiners on to the call's next node.
+            target = self._spill_target(msg.room)
+            if target is not None:
+                ctx.spans.reserve(msg.room, target.id)
+                ticket = ctx.calls.resume_key.ticket(msg.room, target.id, time.time())
+                self._redirect(target, msg.id, ticket)
+                return
         if msg.resume is not None:
             try:
-                room, participant, restored = ctx.calls.resume(msg.room, msg.resume, self, msg.mode)
+                room, participant, restored = ctx.calls.resume(
+                    msg.room, msg.resume, self, msg.mode, spilled=spilled
+                )
             except ResumeFailed as exc:
                 self._resume_failed(exc, msg.id)
                 return
@@ -266,7 +282,13 @@ class Session:
         identity, name, permissions, expires = admitted
         try:
             room, participant = ctx.calls.join(
-                msg.room, identity=identity, name=name, permissions=permissions, outbox=self, expires=expires
+                msg.room,
+                identity=identity,
+                name=name,
+                permissions=permissions,
+                outbox=self,
+                expires=expires,
+                spilled=spilled,
             )
         except RoomFull:
             self._error("room_full", f"room '{msg.room}' is full ({ctx.calls.capacity} participants)", msg.id)
@@ -299,10 +321,39 @@ class Session:
             text = "that call connection is over; join afresh"
         self._error("resume_failed", text, request_id)
 
-    def _redirect(self, owner: NodeInfo, request_id: Any) -> None:
+    def _ticket_valid(self, msg: m.Join) -> bool:
+        """The call's home sent this joiner here (a ticket for this node); a bad ticket is only ignored: the
+        join goes on as any other, to the call's home."""
+        if msg.ticket is None:
+            return False
+        ctx = self.ctx
+        try:
+            ctx.calls.resume_key.check_ticket(msg.ticket, msg.room, ctx.cluster.self_id, time.time())
+        except ResumeTokenError as exc:
+            self._count_error("bad_ticket")
+            event(log, logging.DEBUG, "placement ticket ignored", room=msg.room, error=str(exc))
+            return False
+        return True
+
+    def _spill_target(self, room_name: str) -> NodeInfo | None:
+        """Where this call's next participant goes when this node, its home, seats its limit of them: the next
+        node in the chat id's ranking with room for more (None: here)."""
+        ctx = self.ctx
+        limit = ctx.settings.max_participants_per_node
+        counts = ctx.spans.counts(room_name)
+        if counts.get(ctx.cluster.self_id, 0) < limit:
+            return None
+        serving = {n.serves: n for n in ctx.cluster.nodes() if n.serves is not None}
+        by_slot = {slot: counts.get(node.id, 0) for slot, node in serving.items()}
+        slot = spill(room_name, serving, by_slot, limit)
+        if slot is None or serving[slot].id == ctx.cluster.self_id:
+            return None
+        return serving[slot]
+
+    def _redirect(self, owner: NodeInfo, request_id: Any, ticket: str | None = None) -> None:
         """The call is served by another node: the client sends the same `join` there (docs/protocol.md)."""
         self.ctx.metrics.errors.labels(kind="redirected").inc()
-        self.send(outgoing.redirect(ws_url(owner), owner.id, request_id))
+        self.send(outgoing.redirect(ws_url(owner), owner.id, request_id, ticket))
 
     def _welcome(
         self, room: Room, participant: Participant, request_id: Any, *, resumed: bool, restored: bool
@@ -315,7 +366,7 @@ class Session:
             v=m.PROTOCOL_VERSION,
             me=participant.describe(),
             room=room.name,
-            participants=[p.describe() for p in room if p is not participant],
+            participants=[p.describe() for p in room.everyone() if p is not participant],
             mode=room.mode,
             ice_servers=self._ice_servers(),
             permissions=participant.permissions.as_dict(),
@@ -376,11 +427,7 @@ class Session:
 
     def _on_media(self, msg: m.Media) -> None:
         assert self.room is not None and self.participant is not None
-        if msg.audio is not None:
-            self.participant.audio = msg.audio
-        if msg.video is not None:
-            self.participant.video = msg.video
-        self.room.broadcast(outgoing.participant_updated(self.participant.describe()))
+        self.ctx.calls.update_media(self.room, self.participant, msg.audio, msg.video)
 
     def _on_sfu_offer(self, msg: m.SfuOffer) -> None:
         router = self._router(msg)

@@ -1422,6 +1422,10 @@ export class HuddleClient extends EventTarget {
       if (!url) {
         throw new HuddleError('bad_redirect', 'the server sent this call to an address that is no WebSocket');
       }
+      // A call's home sends joiners on to the node its call spills over to, with a ticket for that node.
+      request = { ...request };
+      delete request.ticket;
+      if (typeof reply.ticket === 'string') request.ticket = reply.ticket;
       const next = this._newChannel(url);
       if (!adopt(next)) {
         next.close(1000, 'not joining');
