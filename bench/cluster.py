@@ -517,9 +517,15 @@ async def main_async(args: argparse.Namespace) -> int:
     )
     table = format_cluster(figures)
     print(table, flush=True)
+    save_results("cluster", started, figures, table)
+    return 0 if all(part["complete"] for part in figures.values()) else 1
+
+
+def save_results(kind: str, started: float, figures: dict[str, Any], table: str) -> None:
+    """bench/results/<kind>-<start time>.json: the figures, the printed table and the machine."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(started))
-    path = RESULTS / f"cluster-{stamp}.json"
+    path = RESULTS / f"{kind}-{stamp}.json"
     document = {
         "started": stamp,
         "seconds": round(time.time() - started, 1),
@@ -529,7 +535,6 @@ async def main_async(args: argparse.Namespace) -> int:
     }
     path.write_text(json.dumps(document, indent=2) + "\n")
     print(f"\nwritten to {path.relative_to(ROOT)}", flush=True)
-    return 0 if all(part["complete"] for part in figures.values()) else 1
 
 
 def main(argv: list[str] | None = None) -> int:

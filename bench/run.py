@@ -684,6 +684,12 @@ async def main_async(args: argparse.Namespace) -> int:
 
         cluster = await measure_cluster(say, runs=2 if args.quick else 5)
         table = "\n\n".join(part for part in (table, format_cluster(cluster)) if part)
+    heavy = None
+    if not args.no_heavy and (not args.only or "heavy" in args.only):
+        from bench.heavy import format_heavy, measure_heavy
+
+        heavy = await measure_heavy(say, quick=args.quick)
+        table = "\n\n".join(part for part in (table, format_heavy(heavy)) if part)
     print(table, flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(started))
@@ -698,12 +704,14 @@ async def main_async(args: argparse.Namespace) -> int:
         "janus_note": janus_note,
         "recording": recording,
         "cluster": cluster,
+        "heavy": heavy,
         "table": table,
     }
     path.write_text(json.dumps(document, indent=2) + "\n")
     print(f"\nwritten to {path.relative_to(ROOT)}", flush=True)
     clustered = cluster is None or all(part["complete"] for part in cluster.values())
-    return 0 if all(r.complete for r in rows) and clustered else 1
+    heavy_done = heavy is None or all(heavy[k]["complete"] for k in ("capacity", "pipe") if k in heavy)
+    return 0 if all(r.complete for r in rows) and clustered and heavy_done else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -714,13 +722,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-janus", action="store_true", help="our SFU only")
     parser.add_argument("--no-recording", action="store_true", help="skip the recording figures")
     parser.add_argument("--no-cluster", action="store_true", help="skip the cluster figures (bench.cluster)")
+    parser.add_argument("--no-heavy", action="store_true", help="skip the heavy-call figures (bench.heavy)")
     args = parser.parse_args(argv)
     if args.duration is not None and not 1 <= args.duration <= 120:
         parser.error("--duration must be 1..120 s")
     try:
-        return asyncio.run(asyncio.wait_for(main_async(args), timeout=900))
+        return asyncio.run(asyncio.wait_for(main_async(args), timeout=1500))
     except TimeoutError:
-        print("bench: the whole run overran 15 minutes and was stopped", file=sys.stderr)
+        print("bench: the whole run overran 25 minutes and was stopped", file=sys.stderr)
         return 1
 
 

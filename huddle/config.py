@@ -25,7 +25,7 @@ class Settings:
     max_connections_per_address: int = 200
     log_level: str = "info"
     max_participants: int = 100
-    max_participants_per_node: int = 50
+    max_participants_per_node: int = 100
     sfu_always: bool = False
     announce_ip: str | None = None
     reconnect_grace: float = 20.0
