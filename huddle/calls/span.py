@@ -155,7 +155,7 @@ class Link:
         finally:
             self._closing = True
             writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, ConnectionError, RuntimeError):
                 await writer
             spans.port.remove_link(self._peer_media)
             if room.router is not None:
@@ -167,8 +167,13 @@ class Link:
             await self._wake.wait()
             self._wake.clear()
             frames, self._outgoing = self._outgoing, []
-            for frame in frames:
-                await self.ws.send_bytes(frame)
+            try:
+                for frame in frames:
+                    await self.ws.send_bytes(frame)
+            except (ConnectionError, RuntimeError):
+                # The socket went while writing: closing it ends the reader too, and the link with it.
+                await self.ws.close()
+                return
 
     async def flush_and_close(self) -> None:
         """The call ended on this node: what was said reaches the other side before the link closes."""
@@ -345,7 +350,12 @@ class Spans:
             node = str(hello["node"])
             if node == self.node_id:
                 raise LinkRefused("a node cannot link to itself")
-            hub, _ = await self._locate(room_name)
+            try:
+                hub, _ = await self._locate(room_name)
+            except Exception as exc:  # the cluster cannot say where the call lives now: the dialer retries
+                event(log, logging.INFO, "pipe link deferred", room=room_name, error=repr(exc))
+                await ws.close(code=1013, message=b"try again")
+                return ws
             if hub != self.node_id:
                 await ws.close(code=CLOSE_NOT_HUB, message=b"not the call's hub")
                 return ws
