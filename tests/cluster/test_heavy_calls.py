@@ -357,3 +357,43 @@ async def test_kill_9_of_the_home_worker_the_others_never_stop_and_its_people_co
     finally:
         stop(parent)
         print("parent and workers:", (tmp_path / "stderr").read_text()[-4000:])
+
+
+async def test_mute_states_and_a_recording_cross_the_nodes(nodes: Nodes, http: aiohttp.ClientSession):
+    a, _ = await two_nodes(nodes, http)
+    room = room_homed_at("a", ("a", "b"), "heavy-rec")
+    async with synthetics(a.base, room) as crowd:
+        people = await seat_six(crowd, "a", "b")
+        on_a, on_b = people[:PER_NODE], people[PER_NODE:]
+        await everyone_receives_everyone(people)
+
+        # A microphone muted on b is shown muted on a.
+        await on_b[0]._send({"type": "media", "audio": False})
+
+        async def muted() -> bool:
+            for person in on_a:
+                updates = [m["participant"] for m in person.heard_of("participant_updated")]
+                if not any(u["id"] == on_b[0].id and u["audio"] is False for u in updates):
+                    return False
+            return True
+
+        await until("a's people to see b's microphone muted", muted, 5)
+
+        # A recording started on a: b's people are told, and its tracks hold the people of both nodes.
+        await on_a[0]._send({"type": "start_recording", "id": "rec-1", "outputs": ["tracks"]})
+
+        async def told(state: str) -> bool:
+            return all(any(m["recording"]["state"] == state for m in p.heard_of("recording")) for p in on_b)
+
+        await until("b's people to hear the recording started", lambda: told("recording"), 5)
+        await asyncio.sleep(2.0)
+        await on_a[0]._send({"type": "stop_recording", "id": "rec-2"})
+        await until("b's people to hear the recording stopped", lambda: told("processing"), 5)
+
+        async def manifest() -> list[Path]:
+            return sorted((a.directory / "recordings").rglob("manifest.json"))
+
+        found = await until("the recording's manifest", manifest, 20)
+        files = {p.name.split("-")[0] + "-" + p.name.split("-")[1] for p in found[0].parent.glob("*.webm")}
+        for person in people:
+            assert f"{person.id}-video" in files, (person.name, person.node, sorted(files))
