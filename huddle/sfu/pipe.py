@@ -5,10 +5,12 @@ publisher to each other node of the call once, whatever the number of viewers th
 own per-viewer work (layer choice, rewriting, NACK answers, bandwidth steps) on a Producer whose *source* is
 the pipe, exactly as for a Producer whose source is a browser's transport.
 
-Sending: a PipeConsumer per local track forwards the packets of the layers the other node asked for, under
-SSRCs of the pipe's own (one per layer), with sequence numbers and timestamps untouched, so the receiving
-Producer sees the publisher's streams as they were and the sender reports stay true. It keeps recent video
-packets so that a NACK from the other node (a packet lost between the nodes) is answered here.
+Sending: a PipeConsumer per local track forwards the packets of the layers the other node asked for, each
+under an SSRC of the pipe's own, and of those only the VP8 temporal layers some viewer there needs (a node
+whose viewers all show a video as a thumbnail gets it at half the frame rate). A StreamRewriter per piped
+layer keeps its sequence numbers, picture ids and timestamps continuous across what it skips, so the other
+node sees whole streams (no holes to NACK) and its sender reports are translated like a viewer's. It keeps
+recent video packets so that a NACK from the other node (a packet lost between the nodes) is answered here.
 
 Receiving: packets on a pipe SSRC go to the Producer announced for it; a gap in a video stream is NACKed at
 once, and keyframe requests and the layers wanted here go back to the sending node.
@@ -26,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from huddle.rtc import rtcp, rtp
 from huddle.sfu.offer import AUDIO_LEVEL_ID, OPUS_PT, VP8_PT
 from huddle.sfu.producer import Producer
+from huddle.sfu.rewrite import StreamRewriter
 from huddle.sfu.vp8 import Vp8Info
 
 if TYPE_CHECKING:
@@ -55,7 +58,19 @@ class PipeIO(Protocol):
 class PipeConsumer:
     """One local track sent down a pipe: the layers the other node wants, each under a pipe SSRC."""
 
-    __slots__ = ("cache", "layers", "octets", "packets", "pipe", "producer", "ready", "ssrcs", "subscriber")
+    __slots__ = (
+        "cache",
+        "layers",
+        "max_tid",
+        "octets",
+        "packets",
+        "pipe",
+        "producer",
+        "ready",
+        "rewriters",
+        "ssrcs",
+        "subscriber",
+    )
 
     def __init__(self, producer: Producer, pipe: Pipe, ssrcs: list[int]) -> None:
         self.producer = producer
@@ -64,6 +79,9 @@ class PipeConsumer:
         # Audio always crosses (the other node's subscribers hear the loudest of everyone, chosen by the hub);
         # video only once the other node says which layers its viewers need.
         self.layers: frozenset[int] = frozenset({0}) if producer.kind == "audio" else frozenset()
+        # The highest VP8 temporal layer a viewer there needs (None: all of them).
+        self.max_tid: int | None = None
+        self.rewriters = [StreamRewriter(ssrc) for ssrc in ssrcs] if producer.kind == "video" else None
         self.ready = True
         self.subscriber: Peer | None = None  # no viewer of this node: a node
         self.packets = 0
@@ -86,9 +104,15 @@ class PipeConsumer:
     def wants_layer(self, layer: int) -> bool:
         return layer in self.layers
 
-    def set_layers(self, layers: frozenset[int]) -> None:
+    def set_layers(self, layers: frozenset[int], max_tid: int | None) -> None:
         started = layers - self.layers
+        if self.rewriters is not None:
+            for layer in self.layers - layers:
+                self.rewriters[layer].pause()
+            for layer in started:
+                self.rewriters[layer].switch(layer)
         self.layers = layers
+        self.max_tid = max_tid
         for layer in started:
             # The other node's viewers can decode nothing of a layer until its next keyframe.
             self.producer.request_keyframe(layer)
@@ -107,13 +131,22 @@ class PipeConsumer:
         if layer not in self.layers:
             return False
         out = bytearray(packet)
-        ssrc = self.ssrcs[layer]
-        out[8] = ssrc >> 24
-        out[9] = (ssrc >> 16) & 0xFF
-        out[10] = (ssrc >> 8) & 0xFF
-        out[11] = ssrc & 0xFF
-        if self.cache is not None:
-            self.cache[layer][seq % PIPE_CACHE] = out
+        rewriters = self.rewriters
+        if rewriters is None:  # audio: as it came, under the pipe's SSRC
+            ssrc = self.ssrcs[layer]
+            out[8] = ssrc >> 24
+            out[9] = (ssrc >> 16) & 0xFF
+            out[10] = (ssrc >> 8) & 0xFF
+            out[11] = ssrc & 0xFF
+        else:
+            rewriter = rewriters[layer]
+            max_tid = self.max_tid
+            if max_tid is not None and info is not None and info.tid is not None and info.tid > max_tid:
+                rewriter.drop(layer, seq, info)  # nobody there shows it at the full frame rate
+                return False
+            if not rewriter.rewrite(out, payload_offset, layer, seq, ts, 90000, now, info):
+                return False
+            self.cache[layer][((out[2] << 8) | out[3]) % PIPE_CACHE] = out  # type: ignore[index]
         self.packets += 1
         self.octets += size
         return self.pipe.send_rtp(out)
@@ -130,11 +163,17 @@ class PipeConsumer:
         return sent
 
     def send_sender_report(self, layer: int, ntp: int, rtp_ts: int) -> None:
-        if layer in self.layers:
-            report = rtcp.SenderReport(
-                self.ssrcs[layer], ntp, rtp_ts, self.packets & 0xFFFFFFFF, self.octets & 0xFFFFFFFF
-            )
-            self.pipe.send_rtcp(report.serialize())
+        if layer not in self.layers:
+            return
+        if self.rewriters is not None:
+            translated = self.rewriters[layer].timestamp_for(layer, rtp_ts)
+            if translated is None:
+                return  # nothing of this layer went down the pipe yet: no clock to map
+            rtp_ts = translated
+        report = rtcp.SenderReport(
+            self.ssrcs[layer], ntp, rtp_ts, self.packets & 0xFFFFFFFF, self.octets & 0xFFFFFFFF
+        )
+        self.pipe.send_rtcp(report.serialize())
 
     def close(self) -> None:
         self.ready = False
@@ -214,8 +253,8 @@ class Pipe:
     def send_pli(self, ssrc: int) -> bool:
         return self.io.send_rtcp(rtcp.Pli(self.rtcp_ssrc, ssrc).serialize())
 
-    def set_layers(self, producer: Producer, layers: frozenset[int]) -> None:
-        self.io.send({"t": "wants", "track": producer.id, "layers": sorted(layers)})
+    def set_layers(self, producer: Producer, layers: frozenset[int], max_tid: int | None) -> None:
+        self.io.send({"t": "wants", "track": producer.id, "layers": sorted(layers), "tid": max_tid})
 
     def forget(self, producer: Producer) -> None:
         if self.producers.get(producer.id) is producer:
@@ -288,7 +327,8 @@ class Pipe:
                 layers = frozenset(int(x) for x in message["layers"])
                 if any(not 0 <= layer < consumer.producer.layers for layer in layers):
                     raise ValueError("a layer this track does not have")
-                consumer.set_layers(layers)
+                tid = message.get("tid")
+                consumer.set_layers(layers, None if tid is None else max(0, int(tid)))
                 self.router.dynacast_soon()
         elif kind == "speaker":
             self.router.follow_speaker(self, message)
@@ -321,6 +361,8 @@ class Pipe:
         return {
             "node": self.node,
             "out_layers": {tid: sorted(c.layers) for tid, c in self.out.items() if c.kind == "video"},
+            "out_max_tid": {tid: c.max_tid for tid, c in self.out.items() if c.kind == "video"},
+            "out_track_packets": {tid: c.packets for tid, c in self.out.items()},
             "in_tracks": len(self.producers),
             "out_packets": self.packets_out,
             "in_packets": self.packets_in,

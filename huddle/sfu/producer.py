@@ -41,7 +41,7 @@ class Source(Protocol):
 
     def send_pli(self, ssrc: int) -> bool: ...
 
-    def set_layers(self, producer: Producer, layers: frozenset[int]) -> None: ...
+    def set_layers(self, producer: Producer, layers: frozenset[int], max_tid: int | None) -> None: ...
 
     def forget(self, producer: Producer) -> None: ...
 
@@ -178,8 +178,9 @@ class Producer:
         self.consumers: list[Consumer | PipeConsumer] = []
         self.last_keyframe_request = [0.0] * layers
         self.deferred_requests: list[asyncio.TimerHandle | None] = [None] * layers
-        # Video: the layers the source was last told someone here needs (dynacast); None until told anything.
-        self.needed: frozenset[int] | None = None
+        # Video: the layers (and highest temporal layer, None: all) the source was last told someone here
+        # needs (dynacast); None until told anything.
+        self.needed: tuple[frozenset[int], int | None] | None = None
 
     @property
     def layers(self) -> int:

@@ -287,10 +287,10 @@ class Peer:
         self.router.counts["plis_out"] += 1
         return self.publish.send_rtcp(rtcp.Pli(self.rtcp_ssrc, media_ssrc).serialize())
 
-    def set_layers(self, producer: Producer, layers: frozenset[int]) -> None:
+    def set_layers(self, producer: Producer, layers: frozenset[int], max_tid: int | None) -> None:
         """Dynacast: the publisher pauses the simulcast layers nobody needs (without simulcast it sends its
-        one layer regardless)."""
-        if len(producer.rids) < 2:
+        one layer regardless; a browser cannot be told to drop temporal layers)."""
+        if len(producer.rids) < 2 or (producer.needed is not None and producer.needed[0] == layers):
             return
         active = [rid for i, rid in enumerate(producer.rids) if i in layers]
         self.participant.outbox.send(outgoing.publisher_layers(active))
@@ -549,15 +549,20 @@ class Router:
                     continue
                 # What viewers want (even a layer the publisher has stopped sending for lack of bandwidth: it
                 # comes back when it can), what they get meanwhile, and what they get until the switch.
-                needed = frozenset(
+                layers = frozenset(
                     layer
                     for c in producer.consumers
                     for layer in c.needed_layers()
                     if layer is not None and layer < producer.layers
                 )
-                if needed != producer.needed:
-                    producer.needed = needed
-                    producer.source.set_layers(producer, needed)
+                # The highest temporal layer anyone watching needs (a pipe takes only that much from here).
+                tids = [
+                    c.max_tid for c in producer.consumers if any(x is not None for x in c.needed_layers())
+                ]
+                max_tid = None if not tids or None in tids else max(t for t in tids if t is not None)
+                if (layers, max_tid) != producer.needed:
+                    producer.source.set_layers(producer, layers, max_tid)
+                    producer.needed = (layers, max_tid)
 
     def dynacast_soon(self) -> None:
         """What another node needs changed: tell the sources at the end of this loop turn."""

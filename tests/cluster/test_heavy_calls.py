@@ -111,6 +111,18 @@ async def everyone_receives_everyone(people: list[Watched], timeout: float = 20.
     raise AssertionError(f"not everyone receives everyone within {timeout} s; missing: {last}")
 
 
+async def piped_rate(http: aiohttp.ClientSession, node: Node, room: str, track: str) -> float:
+    """Packets per second `node` sends of `track` down its pipes of `room`, over 2 s."""
+
+    async def count() -> int:
+        found = await get_json(http, node.base + "/api/node")
+        return sum(p["out_track_packets"].get(track, 0) for p in found["pipes"] if p["room"] == room)
+
+    before = await count()
+    await asyncio.sleep(2.0)
+    return (await count() - before) / 2.0
+
+
 def room_counts(view: dict[str, Any], room: str) -> dict[str, int]:
     return {n["id"]: n["room_participants"].get(room, 0) for n in view["nodes"]}
 
@@ -193,6 +205,17 @@ async def test_the_home_stops_piping_a_video_nobody_on_the_other_node_shows(
 
         layers = await until("a to pipe the thumbnail's layer to b", piped, 5)
         assert layers == [0], layers  # thumbnails: q only
+        # ...at the half frame rate every thumbnail gets (VP8 temporal layers 0-1); the speaker, large on b,
+        # crosses whole.
+        node = await get_json(http, a.base + "/api/node")
+        tids = next(p["out_max_tid"] for p in node["pipes"] if p["room"] == room and p["node"] == "b")
+        assert {t: v for t, v in tids.items() if t.startswith(f"{shown.id}:")} == {f"{shown.id}:1": 1}, tids
+        speaker = [v for t, v in tids.items() if t.startswith(f"{people[0].id}:")]
+        assert speaker == [None], tids
+        # And the pipe really skips the frames of temporal layer 2: the publisher sends 30 frames a second of
+        # its q layer (one packet each), the pipe about 15.
+        rate = await piped_rate(http, a, room, f"{shown.id}:1")
+        assert 8 <= rate <= 21, rate
         # a's gauge of layers piped out counts what its pipes say they send.
         before, sending = await pipe_state(http, a)
         assert before == sum(len(layers) for layers in sending.values()) >= 3, sending
