@@ -104,9 +104,11 @@ def test_a_three_person_call_recorded_from_the_page(new_page, server: Server, tm
         stream = probe(tmp_path / Path(track["file"]).name)["streams"][0]
         assert stream["codec_name"] == ("vp8" if track["kind"] == "video" else "opus")
         assert int(stream["nb_read_frames"]) == track["frames"] > 0
-    # Everyone stayed throughout: lined up by their manifest offsets, all tracks end at the stop.
+    # Everyone stayed throughout: lined up by their manifest offsets, all tracks end at the stop, within a
+    # frame or two of one another (a loaded machine delays the last ones: 40 ms failed now and then under
+    # the whole suite; a track cut short by a bug ends seconds early).
     ends = [t["start_offset"] + t["duration"] for t in tracks]
-    assert max(ends) - min(ends) < 0.04, [
+    assert max(ends) - min(ends) < 0.1, [
         (t["name"], t["kind"], t["start_offset"], t["duration"]) for t in tracks
     ]
 
