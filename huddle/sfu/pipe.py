@@ -366,6 +366,9 @@ class Pipe:
             "in_tracks": len(self.producers),
             "out_packets": self.packets_out,
             "in_packets": self.packets_in,
+            # Packets from the other node that fit no track here (ended, or ahead of its announcement) or
+            # RTCP that did not parse.
+            "in_dropped": self.dropped,
         }
 
     def close(self) -> None:
