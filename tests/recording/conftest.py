@@ -12,6 +12,7 @@ import pytest
 
 from huddle.recording.store import LocalStore, S3Store
 from tests.recording.seaweed import SeaweedS3, free_ports, running_seaweed
+from tests.recording.tansu import Tansu, running_tansu
 
 # Tests share one bucket and keep apart by key prefix: SeaweedFS gives every new bucket 7 volumes.
 BUCKET = "huddle-tests"
@@ -60,3 +61,17 @@ def dead_endpoint() -> str:
     """An S3 URL where nothing listens: connections are refused at once."""
     (port,) = free_ports(1)
     return f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture
+def kafka(tmp_path: Path) -> Iterator[Tansu]:
+    """A Kafka-protocol broker of the test's own, on memory storage (lost when it stops)."""
+    with running_tansu(tmp_path / "tansu") as broker:
+        yield broker
+
+
+@pytest.fixture
+def durable_kafka(tmp_path: Path, seaweed: SeaweedS3) -> Iterator[Tansu]:
+    """A broker whose topics and offsets live in SeaweedFS: they survive kill() and start() again."""
+    with running_tansu(tmp_path / "tansu", s3=seaweed) as broker:
+        yield broker
