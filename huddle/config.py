@@ -35,6 +35,9 @@ class Settings:
     s3_access_key: str | None = None
     s3_secret_key: str | None = None
     s3_region: str = "us-east-1"
+    kafka: str | None = None
+    kafka_topic: str = "huddle.recording"
+    kafka_buffer_mb: int = 1024
     zookeeper: str | None = None
     node_id: str = "local"
     zk_session_timeout: float = 6.0
@@ -78,6 +81,11 @@ _HELP = {
     "s3_access_key": "S3 access key id",
     "s3_secret_key": "S3 secret access key (prefer the environment variable to the flag)",
     "s3_region": "S3 region",
+    "kafka": "send per-track recordings through Kafka: bootstrap servers as HOST:PORT[,HOST:PORT...]; "
+    "`huddle record-consumer` writes the files; unset: this node writes them itself",
+    "kafka_topic": "Kafka topic of the recordings' frames (keyed by chat id)",
+    "kafka_buffer_mb": "MiB of recording records kept on disk (under --recordings-dir) while Kafka is slow "
+    "or away; beyond it records are dropped and counted",
     "zookeeper": "join a cluster: ZooKeeper servers as HOST:PORT[,HOST:PORT...][/chroot] (default chroot "
     "/huddle); unset: this node is on its own",
     "node_id": "this node's id in the cluster (letters, digits, '-', '_'); a live node's id is unique",
@@ -141,6 +149,11 @@ def from_namespace(ns: argparse.Namespace) -> Settings:
         raise ValueError("--max-participants must be at least 1")
     if settings.max_participants_per_node < 1:
         raise ValueError("--max-participants-per-node must be at least 1")
+    if settings.kafka_buffer_mb < 1:
+        raise ValueError("--kafka-buffer-mb must be at least 1")
+    servers = (settings.kafka or "").split(",")
+    if settings.kafka is not None and not all(_BOOTSTRAP.fullmatch(b.strip()) for b in servers):
+        raise ValueError(f"--kafka must be HOST:PORT[,HOST:PORT...], got {settings.kafka!r}")
     if settings.max_recordings < 0:
         raise ValueError("--max-recordings must be 0 or more")
     if settings.max_connections_per_address < 1:
@@ -171,6 +184,7 @@ def from_namespace(ns: argparse.Namespace) -> Settings:
 
 
 _ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_BOOTSTRAP = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):[0-9]{1,5}")
 
 
 def worker_count(settings: Settings) -> int:

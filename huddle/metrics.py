@@ -87,6 +87,10 @@ class Metrics:
         """`source.sfu_totals()` returns per-node SFU counts: producers, consumers, nacks, plis, ..."""
         self.registry.register(_SfuCollector(source))
 
+    def watch_recording_log(self, recording_log: Any) -> None:
+        """The recording log's counters (`stats()`); with Kafka also its `state` and disk buffer."""
+        self.registry.register(_RecordingLogCollector(recording_log))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -135,6 +139,47 @@ class _SfuCollector(Collector):
         yield GaugeMetricFamily(
             "huddle_pipe_layers", "Video layers piped to other nodes now", value=totals["pipe_layers"]
         )
+
+
+class _RecordingLogCollector(Collector):
+    STATES = ("live", "buffering", "dropping")
+
+    def __init__(self, recording_log: Any) -> None:
+        self.log = recording_log
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        stats = self.log.stats()
+        records = CounterMetricFamily(
+            "huddle_recording_log_records",
+            "Recording records published to the log, or dropped (log full, or Kafka away and its disk "
+            "buffer full); `acked`: Kafka messages acknowledged (a record over 1 MB is several)",
+            labels=["outcome"],
+        )
+        for outcome in ("published", "acked", "dropped"):
+            if outcome in stats:
+                records.add_metric([outcome], stats[outcome])
+        yield records
+        yield GaugeMetricFamily(
+            "huddle_recording_log_pending",
+            "Records not yet taken by the consumer (Kafka: not acknowledged)",
+            value=stats.get("pending", 0),
+        )
+        state = getattr(self.log, "state", None)
+        if state is None:
+            return
+        yield GaugeMetricFamily(
+            "huddle_recording_log_buffered_bytes",
+            "Bytes of recording records kept on disk while Kafka is slow or away",
+            value=stats.get("buffered_bytes", 0),
+        )
+        gauge = GaugeMetricFamily(
+            "huddle_recording_log_state",
+            "1 for the Kafka recording log's state: live (sending), buffering (to disk), dropping (full)",
+            labels=["state"],
+        )
+        for name in self.STATES:
+            gauge.add_metric([name], 1.0 if state == name else 0.0)
+        yield gauge
 
 
 class LoopLagMonitor:

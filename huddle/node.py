@@ -67,6 +67,7 @@ class Node:
         self.pipe_port = PipePort(self._count_error)
         self.spans: Spans | None = None
         self.recordings = Recordings.from_settings(self.calls, settings)
+        self.metrics.watch_recording_log(self.recordings.log)
         self._runner: web.AppRunner | None = None
         self._lag: LoopLagMonitor | None = None
         self.cluster: Membership | None = None

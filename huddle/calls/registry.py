@@ -58,6 +58,9 @@ class Calls:
         # Called when a call is rebuilt here from a token that says this recording was running in it, and
         # nothing records the call here: the recording goes on (it sets `room.recording` if it does).
         self.recording_restored: list[Callable[[Room, RecordingClaim], None]] = []
+        # Called when another node of a call says it started or stopped recording it (`state` as `recording`
+        # shows it, None when it stopped).
+        self.recording_elsewhere: list[Callable[[Room, dict[str, Any] | None], None]] = []
         # A call over several nodes: told of every change to the call's roster (a `participant` or `left`
         # message, see calls/span.py) with the node it came from (None: this one), to tell the others.
         self.roster_changed: list[Callable[[Room, dict[str, Any], str | None], None]] = []
@@ -381,6 +384,11 @@ class Calls:
         room.broadcast(outgoing.recording(state))
         self.reissue_resume_tokens(room)
         self._roster(room, {"t": "recording", "state": state}, origin)
+        for listener in self.recording_elsewhere:
+            try:
+                listener(room, room.recording)
+            except Exception:  # the call goes on whatever becomes of this node's part of the recording
+                log.exception("recording_elsewhere listener failed", extra={"fields": {"room": room.name}})
 
     def remote_participant(self, room: Room, info: dict[str, Any], node: str) -> None:
         """A participant on node `node` (or reached through it) joined the call or changed."""

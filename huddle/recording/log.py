@@ -2,8 +2,8 @@
 
 The recorder publishes one entry per record (huddle.recording.records, encoded to bytes), keyed by chat id
 (the room name); consumers (the per-track writer, the compositor) read the entries back. The shape is
-Kafka's on purpose, so that a `KafkaLog` (aiokafka, a topic partitioned by chat id) can replace the
-in-process queue without the recorder or the consumers changing:
+Kafka's on purpose: with `--kafka`, a `KafkaLog` (a topic partitioned by chat id) replaces the in-process
+queue without the recorder changing, and `huddle record-consumer` reads the topic with the same writer:
 
 - **An entry is a key and a value**: `key` is the chat id, `value` is opaque bytes.
 - **Order is kept per key, and only per key.** Everything published under one key is delivered in the order
@@ -35,7 +35,7 @@ from typing import Protocol, runtime_checkable
 
 from huddle.logs import event
 
-__all__ = ["InProcessLog", "RecordingLog"]
+__all__ = ["InProcessLog", "ReadableLog", "RecordingLog"]
 
 log = logging.getLogger("huddle.recording")
 
@@ -45,8 +45,8 @@ DEFAULT_MAX_PENDING_BYTES = 64 * 1024 * 1024
 
 @runtime_checkable
 class RecordingLog(Protocol):
-    """What the recorder publishes to and the writers consume from. See the module docstring for the
-    contract (per-key order, bounded non-blocking publish, at-least-once delivery)."""
+    """What the recorder publishes to: the in-process log, or Kafka (huddle.recording.kafka_log). See the
+    module docstring for the contract (per-key order, bounded non-blocking publish, at-least-once)."""
 
     @property
     def dropped(self) -> int:
@@ -57,18 +57,24 @@ class RecordingLog(Protocol):
         """Append one entry; never blocks, never raises on overflow (drops and counts instead)."""
         ...
 
+    async def close(self) -> None: ...
+
+    def stats(self) -> dict[str, int]:
+        """Counters: at least published, dropped, pending."""
+        ...
+
+
+@runtime_checkable
+class ReadableLog(RecordingLog, Protocol):
+    """A log read back in the same process (the embedded mode's TrackConsumer). A Kafka topic is read by
+    `huddle record-consumer` instead, partition by partition (huddle.recording.record_consumer)."""
+
     def records(self) -> AsyncIterator[tuple[str, bytes]]:
         """The entries, as (key, value), in per-key order; ends after `close()`."""
         ...
 
     def commit(self) -> None:
         """Everything `records()` has yielded so far is processed (a restart resumes after it)."""
-        ...
-
-    async def close(self) -> None: ...
-
-    def stats(self) -> dict[str, int]:
-        """Counters: at least published, delivered, dropped, pending."""
         ...
 
 

@@ -24,12 +24,13 @@ import os
 import re
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from huddle.logs import event
-from huddle.recording.log import InProcessLog, RecordingLog
+from huddle.recording.log import InProcessLog, ReadableLog, RecordingLog
 from huddle.recording.recorder import STOP_GRACE, Recorder
 from huddle.recording.store import ObjectStream, Store, StoreError, Uploader, store_from_settings
 from huddle.recording.worker import CompositeWorker
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
     from huddle.calls.resume import RecordingClaim
     from huddle.calls.room import Room
     from huddle.config import Settings
+    from huddle.recording.kafka_log import KafkaLog
     from huddle.recording.tracks import TrackConsumer, TrackWriter
     from huddle.sfu.router import Router
 
@@ -49,6 +51,7 @@ COMPOSITE_FILE = "speaker-view.mp4"
 MANIFEST_FILE = "manifest.json"
 MAX_MANIFEST_BYTES = 4 << 20  # a previous segment's manifest read back to measure the gap
 _RECORDING_ID = re.compile(r"[0-9]{8}T[0-9]{6}Z-[0-9a-f]{6}")
+_SEGMENT_KEY = re.compile(r"[0-9]{8}T[0-9]{6}Z-[0-9a-f]{6}(\.[0-9a-f]{6})?")
 _SEGMENT = re.compile(r"segment-([0-9]{1,6})/")
 FINISH_TIMEOUT = 60.0  # seconds a stopped recording's outputs get to finish their files
 SHUTDOWN_UPLOAD_WAIT = 10.0  # on shutdown, how long to wait for uploads (the spool keeps the rest)
@@ -74,6 +77,11 @@ class RecordingInfo:
     state: str = "recording"  # → "processing" (finishing files) → "uploading" → "stored" | "failed"
     stopped_at: float | None = None
     files: list[str] = field(default_factory=list)
+    # This node's part of it: the key its records carry (the id for the first segment, another after a
+    # failover) and when that segment started. The call's other nodes record their own participants'
+    # tracks under the same key when the records go through Kafka.
+    segment: str = ""
+    segment_started_at: float = 0.0
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -84,6 +92,10 @@ class RecordingInfo:
             "started_at": self.started_at,
             "stopped_at": self.stopped_at,
             "started_by": self.started_by,
+            "segment": {
+                "key": self.segment or self.id,
+                "started_at": self.segment_started_at or self.started_at,
+            },
         }
 
 
@@ -118,6 +130,13 @@ class Recordings:
         # One spool per node: --workers siblings share the recordings folder, and a spool has one uploader.
         self.uploader = Uploader(store, root / ".spool" / node_id)
         self.log = recording_log or InProcessLog()
+        # With Kafka (a log this process does not read) `huddle record-consumer` writes the per-track files;
+        # with the in-process log this node does.
+        self.writes_tracks = isinstance(self.log, ReadableLog)
+        # Recorders of this node's own participants' tracks, for recordings another node of the call started
+        # (Kafka only: with the in-process log that node's recorder gets every track through its pipes).
+        self._following: dict[str, Recorder] = {}  # by room
+        self._closing = False
         # The per-track writer starts with the first recording that needs it: it loads PyAV, which a node
         # that never records need not carry.
         self.writer: TrackWriter | None = None
@@ -128,6 +147,7 @@ class Recordings:
         self._uploads: set[asyncio.Task[None]] = set()  # waiting for the store to have them
         calls.room_closed.append(self._room_closed)
         calls.recording_restored.append(self._go_on)
+        calls.recording_elsewhere.append(self._follow)
 
     @classmethod
     def from_settings(cls, calls: Calls, settings: Settings) -> Recordings:
@@ -140,13 +160,31 @@ class Recordings:
             settings.s3_secret_key,
             settings.s3_region,
         )
+        recording_log: KafkaLog | None = None
+        if settings.kafka:
+            from huddle.recording.kafka_log import KafkaLog
+
+            recording_log = KafkaLog(
+                settings.kafka,
+                settings.kafka_topic,
+                buffer_dir=root / ".kafka-buffer" / settings.node_id,
+                max_buffer_bytes=settings.kafka_buffer_mb << 20,
+                client_id=f"huddle-{settings.node_id}",
+            )
         return cls(
-            calls, root=root, store=store, max_recordings=settings.max_recordings, node_id=settings.node_id
+            calls,
+            root=root,
+            store=store,
+            max_recordings=settings.max_recordings,
+            recording_log=recording_log,
+            node_id=settings.node_id,
         )
 
     async def start(self) -> None:
         (self.work / "composite").mkdir(parents=True, exist_ok=True)
         self.uploader.start()
+        if not self.writes_tracks:
+            await self.log.start()  # type: ignore[attr-defined]
 
     def _track_consumer(self) -> TrackConsumer:
         if self.tracks is None:
@@ -156,6 +194,17 @@ class Recordings:
             self.tracks = TrackConsumer(self.log, self.writer)
             self.tracks.start()
         return self.tracks
+
+    def _emitters(
+        self, room: str, composite: CompositeWorker | None, tracks: bool
+    ) -> tuple[_Emit | None, _Emit | None]:
+        """(everyone's records, this node's participants' records) for a Recorder: the log of a node that
+        writes the tracks itself gets everyone's (its Router has every node's tracks); Kafka gets this node's
+        participants' tracks, since the call's other nodes publish theirs."""
+        if self.writes_tracks or not tracks:
+            return _emitter(self.log, room, composite, tracks), None
+        publish = self.log.publish
+        return (composite.send if composite is not None else None), lambda data: publish(room, data)
 
     # -- Start and stop -------------------------------------------------------------------------------------
 
@@ -229,10 +278,57 @@ class Recordings:
             return
         event(log, logging.WARNING, "recording goes on after a restart", room=room.name, recording=claim.id)
 
+    def _follow(self, room: Room, state: dict[str, Any] | None) -> None:
+        """Another node of the call started or stopped recording it (Calls.recording_elsewhere). With Kafka,
+        this node publishes its own participants' tracks under that node's segment key; with the in-process
+        log, that node's recorder gets them through its pipes and nothing happens here."""
+        if self.writes_tracks:
+            return
+        segment = (state or {}).get("segment") or {}
+        key, since = segment.get("key"), segment.get("started_at")
+        following = self._following.get(room.name)
+        if following is not None and state is not None and following.recording_id == key:
+            return  # told again (a link to that node came back)
+        self._stop_following(room.name)
+        if state is None or "tracks" not in (state.get("outputs") or ()):
+            return
+        if (
+            not isinstance(key, str)
+            or not _SEGMENT_KEY.fullmatch(key)
+            or not isinstance(since, int | float)
+            or room.name in self._running
+        ):
+            event(log, logging.WARNING, "recording of another node unusable here", room=room.name, key=key)
+            return
+        router = self.calls.move_to_sfu(room)
+        if router is None:
+            return
+        publish = self.log.publish
+        name = room.name
+        self._following[name] = Recorder(
+            key,
+            router,
+            None,
+            emit_local=lambda data: publish(name, data),
+            started_at=float(since),
+            outputs=tuple(o for o in OUTPUTS if o in state["outputs"]),
+            names=lambda pid: _name(room, pid),
+            announce_stop=False,
+        )
+        event(log, logging.INFO, "recording this node's part of a call", room=name, recording=key)
+
+    def _stop_following(self, room_name: str) -> None:
+        recorder = self._following.pop(room_name, None)
+        if recorder is not None:
+            recorder.stop()
+            # Frames captured before the stop may still be on their way (Recorder.finish's docstring).
+            asyncio.get_running_loop().call_later(STOP_GRACE, recorder.finish)
+
     def _launch(
         self, room: Room, router: Router, info: RecordingInfo, *, key: str, since: float, continued: bool
     ) -> None:
-        if "tracks" in info.outputs:
+        info.segment, info.segment_started_at = key, since
+        if "tracks" in info.outputs and self.writes_tracks:
             self._track_consumer()
         composite = None
         if "composite" in info.outputs:
@@ -241,11 +337,12 @@ class Recordings:
                 composite.start()
             except OSError as exc:  # out of processes or memory: say so, and keep the call as it is
                 raise RecordingError("unavailable", f"cannot start the composite worker: {exc}", 503) from exc
-        emit = _emitter(self.log, room.name, composite, "tracks" in info.outputs)
+        emit, emit_local = self._emitters(room.name, composite, "tracks" in info.outputs)
         recorder = Recorder(
             key,
             router,
             emit,
+            emit_local=emit_local,
             started_at=since,
             outputs=info.outputs,
             names=lambda pid: _name(room, pid),
@@ -286,6 +383,7 @@ class Recordings:
         return info
 
     def _room_closed(self, room: Room) -> None:
+        self._stop_following(room.name)
         if room.name in self._running:
             self.end(room.name, reason="call ended")
 
@@ -307,7 +405,9 @@ class Recordings:
                 if path.exists():
                     await self.uploader.submit(prefix + folder + COMPOSITE_FILE, path)
                     info.files.append(folder + COMPOSITE_FILE)
-            if "tracks" in info.outputs:
+            if "tracks" in info.outputs and not self.writes_tracks:
+                await self._until_sent(info)
+            elif "tracks" in info.outputs:
                 assert self.tracks is not None and self.writer is not None
                 try:
                     paths = await self.tracks.wait_finished(running.key, FINISH_TIMEOUT)
@@ -327,11 +427,31 @@ class Recordings:
             self._finishing.pop(info.id, None)
             event(log, logging.ERROR, "recording could not be finished", recording=info.id, error=repr(exc))
             return
+        if not info.files:
+            # Its tracks went through Kafka: `huddle record-consumer` stores them, and the listing shows
+            # them from the store.
+            self._finishing.pop(info.id, None)
+            return
         # The files are safe in the spool; the listing says "uploading" until the store has them all.
         info.state = "uploading"
         task = asyncio.get_running_loop().create_task(self._until_stored(info, prefix + info.files[-1]))
         self._uploads.add(task)
         task.add_done_callback(self._uploads.discard)
+
+    async def _until_sent(self, info: RecordingInfo) -> None:
+        """Until Kafka has acknowledged every record published so far (this recording's last among them):
+        the node may stop then without losing any of it. A Kafka away for long keeps the state at
+        "processing", with the records safe in the log's disk buffer meanwhile."""
+        while not await self.log.flush(FINISH_TIMEOUT):  # type: ignore[attr-defined]
+            if self._closing:
+                return  # the disk buffer keeps them; the next start of this node sends them
+            event(
+                log,
+                logging.WARNING,
+                "recording's records not acknowledged by Kafka yet: kept in the disk buffer",
+                recording=info.id,
+                log_state=self.log.state,  # type: ignore[attr-defined]
+            )
 
     async def _segment_after(self, prefix: str, key: str) -> tuple[int, tuple[int, str | None]]:
         """This segment's number, after those in the store, and the last of those: (number, manifest key
@@ -425,6 +545,9 @@ class Recordings:
         for info in pending:
             entry = found.setdefault(info.id, {"id": info.id, "room": room_name, "files": []})
             entry.update(info.describe())
+            if not self.writes_tracks and "tracks" in info.outputs:
+                # "live", or "buffering" / "dropping" while Kafka is slow or away (KafkaLog.state)
+                entry["kafka"] = self.log.state  # type: ignore[attr-defined]
         for entry in found.values():
             # Segment by segment (the first in the recording's folder), each with its composite first.
             entry["files"].sort(key=_file_order)
@@ -446,12 +569,19 @@ class Recordings:
 
     async def close(self) -> None:
         """Stop every recording and finish its files (SIGTERM lands here): they stay playable."""
+        self._closing = True
         for room_name in list(self._running):
             self.end(room_name, reason="shutdown", tell=False)
+        for room_name in list(self._following):
+            recorder = self._following.pop(room_name)
+            recorder.stop()
+            recorder.finish()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.tracks is not None:
             await self.tracks.close()
+        if not self.writes_tracks:
+            await self.log.close()  # what Kafka has not acknowledged stays in its disk buffer
         if not await self.uploader.wait_idle(SHUTDOWN_UPLOAD_WAIT):
             event(
                 log,
@@ -466,7 +596,10 @@ class Recordings:
             await self.uploader.close()
 
 
-def _emitter(recording_log: RecordingLog, key: str, composite: CompositeWorker | None, tracks: bool):
+_Emit = Callable[[bytes], None]
+
+
+def _emitter(recording_log: RecordingLog, key: str, composite: CompositeWorker | None, tracks: bool) -> _Emit:
     if composite is not None and tracks:
 
         def both(data: bytes) -> None:

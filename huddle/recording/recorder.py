@@ -26,6 +26,7 @@ from huddle.rtc import rtcp
 
 if TYPE_CHECKING:
     from huddle.sfu.consumer import Consumer
+    from huddle.sfu.producer import Producer
     from huddle.sfu.router import Router
 
 log = logging.getLogger("huddle.recording")
@@ -65,6 +66,7 @@ class _Tap:
     consumer: Consumer
     track_id: str
     participant_id: str
+    local: bool  # the track of a participant of this node, not one piped in from another node
     kind: str
     clock_rate: int
     depacketizer: Vp8Assembler | OpusDepacketizer
@@ -101,21 +103,32 @@ class _Tap:
 
 
 class Recorder:
-    """Records one call from its Router until `stop()`; `emit` receives every record, encoded."""
+    """Records one call from its Router until `stop()`. `emit` receives every record, encoded; `emit_local`
+    the records of this node's own participants' tracks only (and those of no track: start, speaker, stop).
+
+    `emit_local` is for Kafka: every node of a call spread over several publishes its own participants'
+    tracks there (the others' reach it through pipes, and are published by their own nodes), while a
+    composite made here needs everyone's. Only the node that started the recording says it stopped
+    (`announce_stop`): one stop record ends the recording for the consumer.
+    """
 
     def __init__(
         self,
         recording_id: str,
         router: Router,
-        emit: Callable[[bytes], None],
+        emit: Callable[[bytes], None] | None,
         *,
         started_at: float,
         outputs: tuple[str, ...],
         names: Callable[[str], str],
+        emit_local: Callable[[bytes], None] | None = None,
+        announce_stop: bool = True,
     ) -> None:
         self.recording_id = recording_id
         self.router = router
         self._emit = emit
+        self._emit_local = emit_local
+        self.announce_stop = announce_stop
         self.started_at = started_at
         self._names = names
         self._taps: dict[int, _Tap] = {}  # by id(consumer)
@@ -140,6 +153,9 @@ class Recorder:
 
     # -- Sink (called by the Router) ------------------------------------------------------------------------
 
+    def takes(self, producer: Producer) -> bool:
+        return self._emit is not None or producer.peer.pipe is None
+
     def transport_for(self, consumer: Consumer) -> _Tap:
         producer = consumer.producer
         self._counter += 1
@@ -150,6 +166,7 @@ class Recorder:
             consumer,
             track_id=f"{producer.id}#{self._counter}",
             participant_id=producer.peer.participant.id,
+            local=producer.peer.pipe is None,
             kind=producer.kind,
             clock_rate=producer.clock_rate,
             depacketizer=depacketizer,
@@ -227,9 +244,11 @@ class Recorder:
                     codec,
                     tap.clock_rate,
                     at,
-                )
+                ),
+                tap.local,
             )
-        self._publish(records.Frame(self.recording_id, tap.track_id, timestamp, at, keyframe, data))
+        frame = records.Frame(self.recording_id, tap.track_id, timestamp, at, keyframe, data)
+        self._publish(frame, tap.local)
 
     def _end(self, tap: _Tap) -> None:
         if self.stopped:
@@ -240,10 +259,14 @@ class Recorder:
             self._release(tap, force=True)
         if tap.started:
             at = self.now() if self.stop_at is None else min(self.now(), self.stop_at)
-            self._publish(records.TrackEnded(self.recording_id, tap.track_id, at))
+            self._publish(records.TrackEnded(self.recording_id, tap.track_id, at), tap.local)
 
-    def _publish(self, record: records.Record) -> None:
-        self._emit(records.encode(record))
+    def _publish(self, record: records.Record, local: bool = True) -> None:
+        data = records.encode(record)
+        if self._emit is not None:
+            self._emit(data)
+        if local and self._emit_local is not None:
+            self._emit_local(data)
 
     # -- End ------------------------------------------------------------------------------------------------
 
@@ -261,7 +284,8 @@ class Recorder:
             self._end(tap)
         self._taps.clear()
         self.stopped = True
-        self._publish(records.RecordingStopped(self.recording_id, at))
+        if self.announce_stop:
+            self._publish(records.RecordingStopped(self.recording_id, at))
         if not self.router.closed:
             self.router.remove_peer(self.participant)
         return at

@@ -150,6 +150,10 @@ class Sink(Protocol):
 
     def transport_for(self, consumer: Consumer) -> LocalTransport: ...
 
+    def takes(self, producer: Producer) -> bool:
+        """Whether it subscribes to this track at all."""
+        ...
+
     def consumer_removed(self, consumer: Consumer) -> None: ...
 
     def active_speaker(self, participant_id: str | None) -> None: ...
@@ -717,6 +721,7 @@ class Router:
             producer.id in subscriber.consumers
             or subscriber.pipe is not None  # it subscribes on its own node
             or not subscriber.participant.permissions.subscribe
+            or (subscriber.sink is not None and not subscriber.sink.takes(producer))
         ):
             return
         consumer = Consumer(producer, subscriber)
