@@ -1,4 +1,5 @@
-"""Command line: `huddle serve` runs a node, `huddle token` prints a join link."""
+"""Command line: `huddle serve` runs a node, `huddle token` prints a join link, `huddle record-consumer`
+writes recordings from Kafka into the store."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from urllib.parse import quote
 
 from huddle import config, logs
 from huddle.loadtest import cli as loadtest_cli
+from huddle.recording import record_consumer
 from huddle.signaling import tokens
 from huddle.signaling.messages import valid_room_name
 
@@ -65,6 +67,16 @@ def _parser() -> argparse.ArgumentParser:
         "forwarding delay for a while, print a summary and leave. Bounded in count and time.",
     )
     loadtest_cli.add_arguments(loadtest)
+
+    consumer = sub.add_parser(
+        "record-consumer",
+        help="write recordings from the Kafka recording topic into the store",
+        description="Read the recording topic in a consumer group (instances share its partitions), write "
+        "one WebM per track and a manifest per recording, store them (S3 or a local folder), and commit "
+        "offsets only once what they cover is stored. When ready it prints one JSON line on stdout: "
+        '{"event": "ready", "http": PORT}. Logs go to stderr.',
+    )
+    record_consumer.add_arguments(consumer)
     return parser
 
 
@@ -74,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         return _token(args)
     if args.command == "loadtest":
         return loadtest_cli.main(args)
+    if args.command == "record-consumer":
+        return record_consumer.main(args)
     try:
         settings = config.from_namespace(args)
     except ValueError as exc:

@@ -44,6 +44,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import struct
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -280,6 +281,11 @@ class TrackWriter:
     def open_recordings(self) -> int:
         return len(self._recordings)
 
+    @property
+    def recording_ids(self) -> list[str]:
+        """The ids of the recordings open now, oldest first."""
+        return list(self._recordings)
+
     def stats(self) -> dict[str, int]:
         return {
             "records": self.records,
@@ -419,6 +425,21 @@ class TrackWriter:
         self._finish(recording, stopped_at=None)
         return True
 
+    def discard(self, recording_id: str) -> bool:
+        """Drop one open recording: its files are closed and deleted, no manifest is written and listeners
+        are not told (a consumer that lost the partition leaves the recording to the next owner, which
+        reads it again). False if it is not open."""
+        recording = self._recordings.pop(recording_id, None)
+        if recording is None:
+            return False
+        for track in recording.tracks.values():
+            if track.container is not None:
+                with contextlib.suppress(Exception):
+                    track.container.close()
+                track.container = track.stream = None
+        shutil.rmtree(recording.directory, ignore_errors=True)
+        return True
+
     def close(self) -> list[str]:
         """Finalise every open recording (files playable, manifest `"complete": false`); returns their ids."""
         ids = list(self._recordings)
@@ -509,7 +530,9 @@ class TrackWriter:
         path = recording.directory / track.file
         container = None
         try:
-            container = av.open(str(path), "w", format="webm")
+            # Bitexact: no random segment UID, no muxing date, no library version in the file, so that a
+            # replay of the same records (a restarted consumer) writes the same bytes.
+            container = av.open(str(path), "w", format="webm", container_options={"fflags": "+bitexact"})
             if size is not None:
                 stream = container.add_mux_stream("vp8", width=size[0], height=size[1])
                 track.width, track.height = size
