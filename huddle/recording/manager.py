@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from huddle.logs import event
+from huddle.recording import segments
 from huddle.recording.log import InProcessLog, ReadableLog, RecordingLog
 from huddle.recording.recorder import STOP_GRACE, Recorder
 from huddle.recording.store import ObjectStream, Store, StoreError, Uploader, store_from_settings
@@ -417,7 +418,7 @@ class Recordings:
                     paths = await self.tracks.wait_finished(running.key, FINISH_TIMEOUT)
                 base = self.writer.root / running.key
                 if previous is not None:
-                    await self._note_gap(base / MANIFEST_FILE, info, number, previous)
+                    await self._note_gap(base / MANIFEST_FILE, info, running.key, number, previous)
                 for path in paths:
                     name = folder + path.relative_to(base).as_posix()
                     await self.uploader.submit(prefix + name, path)
@@ -462,43 +463,25 @@ class Recordings:
             # Unknown neighbours: a folder of its own, so that nothing stored is overwritten.
             event(log, logging.WARNING, "cannot see earlier segments", recording=key, error=str(exc))
             return 1000 + secrets.randbelow(9000), (0, None)
-        manifests: dict[int, str] = {}
-        numbers = {1}  # the first segment was made, even when none of its files reached the store
-        for obj in stored:
-            name = obj.key[len(prefix) :]
-            found = _SEGMENT.match(name)
-            number = int(found.group(1)) if found is not None else 1
-            numbers.add(number)
-            if name.rsplit("/", 1)[-1] == MANIFEST_FILE:
-                manifests[number] = obj.key
-        last = max(numbers)
-        return last + 1, (last, manifests.get(last))
+        numbers, manifests = segments.stored_segments(prefix, (obj.key for obj in stored))
+        last = max({1, *numbers})
+        return segments.next_segment(numbers), (last, manifests.get(last))
 
     async def _note_gap(
-        self, path: Path, info: RecordingInfo, segment: int, previous: tuple[int, str | None]
+        self, path: Path, info: RecordingInfo, key: str, segment: int, previous: tuple[int, str | None]
     ) -> None:
-        """Say in this segment's manifest which recording it continues and how long nothing was recorded:
-        from the end of the previous segment's last frame to this one's first frame."""
+        """Say in this segment's manifest which recording it continues, under which key, and how long
+        nothing was recorded: from the end of the previous segment's last frame to this one's first."""
         manifest = json.loads(await asyncio.to_thread(path.read_bytes))
-        tracks = manifest.get("tracks") or []
-        first = manifest["started_at"] + min((t["start_offset"] for t in tracks), default=0.0)
-        number, key = previous
-        gap: dict[str, Any] = {"after_segment": number, "from": None, "to": first, "duration": None}
-        before = await self._read_json(key) if key is not None else None
-        if before is not None:
-            ends = [t["start_offset"] + t["duration"] for t in before.get("tracks") or []]
-            last = before["started_at"] + max(ends, default=before["duration"])
-            gap.update({"from": last, "duration": round(first - last, 3)})
-        else:
-            gap["missing"] = "the previous segment's manifest is not in the store"
-        manifest.update(
-            recording_id=info.id,
-            segment=segment,
-            recording_started_at=info.started_at,
-            gap=gap,
+        _, before_key = previous
+        before = await self._read_json(before_key) if before_key is not None else None
+        manifest = segments.mark_continued(
+            manifest, recording_id=info.id, segment=segment, segment_key=key, before=before
         )
+        manifest["recording_started_at"] = info.started_at  # known here from the resume tokens' claim
         await asyncio.to_thread(_replace_file, path, json.dumps(manifest, indent=2).encode())
-        event(log, logging.INFO, "recording segment after a gap", recording=info.id, gap=gap["duration"])
+        duration = manifest["gap"]["duration"]
+        event(log, logging.INFO, "recording segment after a gap", recording=info.id, gap=duration)
 
     async def _read_json(self, key: str) -> Any:
         try:

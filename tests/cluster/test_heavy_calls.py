@@ -4,7 +4,8 @@ nodes (ZooKeeper nodes `a` and `b`, or the workers of `--workers 2`), and they a
 
 - everyone receives the media of everyone they show, the roster and the speaker cross the nodes;
 - dynacast across nodes: the home stops piping a publisher's video once no viewer on the other node shows it;
-- kill -9 of one node: the others never stop receiving each other, the killed node's people come back.
+- kill -9 of one node: the others never stop receiving each other, the killed node's people come back;
+- recorded through Kafka, each node publishes its own people's tracks, and each is written once.
 
 Every call runs on the SFU from its first join (`--sfu-always`): the move from peer-to-peer is not under test.
 """
@@ -12,6 +13,7 @@ Every call runs on the SFU from its first join (`--sfu-always`): the move from p
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
@@ -40,6 +42,8 @@ from tests.cluster.heavy import (
     until,
 )
 from tests.cluster.nodes import Node, Nodes, client_session
+from tests.recording.record_consumer_helpers import running_consumer
+from tests.recording.tansu import running_tansu
 
 PER_NODE = 3
 HEAVY = ("--max-participants-per-node", str(PER_NODE), "--sfu-always", "--reconnect-grace", "20")
@@ -420,3 +424,44 @@ async def test_mute_states_and_a_recording_cross_the_nodes(nodes: Nodes, http: a
         files = {p.name.split("-")[0] + "-" + p.name.split("-")[1] for p in found[0].parent.glob("*.webm")}
         for person in people:
             assert f"{person.id}-video" in files, (person.name, person.node, sorted(files))
+
+
+async def test_with_kafka_each_node_publishes_its_own_people_once(
+    zookeeper: str, tmp_path: Path, http: aiohttp.ClientSession
+):
+    """Recording through Kafka: the home and the spill node publish their own participants' tracks (not the
+    ones piped in), and the record consumer writes each person's tracks once, in one recording."""
+    with running_tansu(tmp_path / "tansu") as kafka:
+        cluster = Nodes(tmp_path, zookeeper, args=(*HEAVY, "--kafka", kafka.bootstrap))
+        try:
+            a, b = await two_nodes(cluster, http)
+            room = room_homed_at("a", ("a", "b"), "heavy-kafka")
+            stored = tmp_path / "stored"
+            with running_consumer(tmp_path / "consumer", kafka.bootstrap, recordings_dir=stored):
+                async with synthetics(a.base, room) as crowd:
+                    people = await seat_six(crowd, "a", "b")
+                    await everyone_receives_everyone(people)
+                    await people[0]._send({"type": "start_recording", "id": "rec-1", "outputs": ["tracks"]})
+                    await asyncio.sleep(3.0)
+                    await people[0]._send({"type": "stop_recording", "id": "rec-2"})
+
+                    async def manifest() -> list[Path]:
+                        return sorted(stored.rglob("manifest.json"))
+
+                    [found] = await until("the consumer's manifest", manifest, 30)
+                published = {
+                    n.id: metric(
+                        await samples(http, n.base), "huddle_recording_log_records_total", outcome="published"
+                    )
+                    for n in (a, b)
+                }
+        finally:
+            cluster.close()
+    written = json.loads(found.read_text())
+    kinds: dict[str, list[str]] = {}
+    for track in written["tracks"]:
+        kinds.setdefault(track["participant_id"], []).append(track["kind"])
+    for person in people:
+        # Every one of the six, video once: a second file would mean both nodes published it.
+        assert kinds.get(person.id, []).count("video") == 1, (person.name, person.node, kinds)
+    assert all(count > 100 for count in published.values()), published
