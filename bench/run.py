@@ -3,6 +3,7 @@
     scripts/in-netns .venv/bin/python -m bench.run            # the full set (calls of 10, 50, 100; webinar)
     scripts/in-netns .venv/bin/python -m bench.run --quick    # 10 people for 10 s: a smoke run
     scripts/in-netns .venv/bin/python -m bench.run --only cluster --no-janus   # bench.cluster alone
+    scripts/in-netns .venv/bin/python -m bench.run --only kafka --no-janus     # bench.kafka_recording alone
 
 For each scenario a fresh server (`python -m huddle serve ... --sfu-always`) is started as a subprocess, the
 synthetic participants of huddle.loadtest join it over the real protocol, and during the loadtest's measured
@@ -690,6 +691,12 @@ async def main_async(args: argparse.Namespace) -> int:
 
         heavy = await measure_heavy(say, quick=args.quick)
         table = "\n\n".join(part for part in (table, format_heavy(heavy)) if part)
+    kafka = None
+    if not args.no_kafka and (not args.only or "kafka" in args.only):
+        from bench.kafka_recording import format_kafka, measure_kafka
+
+        kafka = await measure_kafka(say, quick=args.quick)
+        table = "\n\n".join(part for part in (table, format_kafka(kafka)) if part)
     print(table, flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(started))
@@ -705,13 +712,15 @@ async def main_async(args: argparse.Namespace) -> int:
         "recording": recording,
         "cluster": cluster,
         "heavy": heavy,
+        "kafka": kafka,
         "table": table,
     }
     path.write_text(json.dumps(document, indent=2) + "\n")
     print(f"\nwritten to {path.relative_to(ROOT)}", flush=True)
     clustered = cluster is None or all(part["complete"] for part in cluster.values())
     heavy_done = heavy is None or all(heavy[k]["complete"] for k in ("capacity", "pipe") if k in heavy)
-    return 0 if all(r.complete for r in rows) and clustered and heavy_done else 1
+    kafka_done = kafka is None or kafka["complete"]
+    return 0 if all(r.complete for r in rows) and clustered and heavy_done and kafka_done else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -723,6 +732,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-recording", action="store_true", help="skip the recording figures")
     parser.add_argument("--no-cluster", action="store_true", help="skip the cluster figures (bench.cluster)")
     parser.add_argument("--no-heavy", action="store_true", help="skip the heavy-call figures (bench.heavy)")
+    parser.add_argument("--no-kafka", action="store_true", help="skip the Kafka recording figures")
     args = parser.parse_args(argv)
     if args.duration is not None and not 1 <= args.duration <= 120:
         parser.error("--duration must be 1..120 s")
