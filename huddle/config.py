@@ -35,6 +35,15 @@ class Settings:
     s3_access_key: str | None = None
     s3_secret_key: str | None = None
     s3_region: str = "us-east-1"
+    turn_secret: str | None = None
+    turn_allow_peer: str | None = None
+    turn_user_quota: int = 10
+    turn_total_quota: int = 1000
+    turn_bandwidth_kbps: int = 10_000
+    turn_ports: str = "49152-65535"
+    turn_tls_port: int = 5349
+    tls_cert: str | None = None
+    tls_key: str | None = None
     kafka: str | None = None
     kafka_topic: str = "huddle.recording"
     kafka_buffer_mb: int = 1024
@@ -81,6 +90,17 @@ _HELP = {
     "s3_access_key": "S3 access key id",
     "s3_secret_key": "S3 secret access key (prefer the environment variable to the flag)",
     "s3_region": "S3 region",
+    "turn_secret": "secret of the TURN relay's time-limited credentials (shared with whatever else hands "
+    "them out); default: derived from --secret, or from this run's resume key in open mode",
+    "turn_allow_peer": "comma-separated CIDRs the TURN relay may send to although they are private, loopback "
+    "or link-local (e.g. 127.0.0.0/8 for tests); by default only public addresses are relayed to",
+    "turn_user_quota": "most TURN allocations one user (credential identity) holds at once",
+    "turn_total_quota": "most TURN allocations on this node at once",
+    "turn_bandwidth_kbps": "most kbit/s one TURN allocation relays (each way); beyond, packets are dropped",
+    "turn_ports": "UDP port range of the TURN relay's addresses, as FIRST-LAST",
+    "turn_tls_port": "TURN over TLS port, when --tls-cert and --tls-key are given",
+    "tls_cert": "PEM certificate chain for TLS (TURN over TLS)",
+    "tls_key": "PEM private key of --tls-cert",
     "kafka": "send per-track recordings through Kafka: bootstrap servers as HOST:PORT[,HOST:PORT...]; "
     "`huddle record-consumer` writes the files; unset: this node writes them itself",
     "kafka_topic": "Kafka topic of the recordings' frames (keyed by chat id)",
@@ -149,6 +169,15 @@ def from_namespace(ns: argparse.Namespace) -> Settings:
         raise ValueError("--max-participants must be at least 1")
     if settings.max_participants_per_node < 1:
         raise ValueError("--max-participants-per-node must be at least 1")
+    turn_ports(settings)
+    if settings.turn_user_quota < 1 or settings.turn_total_quota < 1:
+        raise ValueError("--turn-user-quota and --turn-total-quota must be at least 1")
+    if settings.turn_bandwidth_kbps < 1:
+        raise ValueError("--turn-bandwidth-kbps must be at least 1")
+    if not 0 <= settings.turn_tls_port <= 65535:
+        raise ValueError(f"--turn-tls-port must be 0-65535, got {settings.turn_tls_port}")
+    if bool(settings.tls_cert) != bool(settings.tls_key):
+        raise ValueError("--tls-cert and --tls-key go together: give both or neither")
     if settings.kafka_buffer_mb < 1:
         raise ValueError("--kafka-buffer-mb must be at least 1")
     servers = (settings.kafka or "").split(",")
@@ -185,6 +214,17 @@ def from_namespace(ns: argparse.Namespace) -> Settings:
 
 _ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _BOOTSTRAP = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):[0-9]{1,5}")
+
+
+def turn_ports(settings: Settings) -> tuple[int, int]:
+    """--turn-ports as (first, last)."""
+    first, dash, last = settings.turn_ports.partition("-")
+    if not (dash and first.strip().isdigit() and last.strip().isdigit()):
+        raise ValueError(f"--turn-ports must be FIRST-LAST, got {settings.turn_ports!r}")
+    low, high = int(first), int(last)
+    if not 1024 <= low <= high <= 65535:
+        raise ValueError(f"--turn-ports must be within 1024-65535, first <= last: {settings.turn_ports!r}")
+    return low, high
 
 
 def worker_count(settings: Settings) -> int:

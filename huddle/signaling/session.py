@@ -27,6 +27,7 @@ from huddle.metrics import Metrics
 from huddle.recording.manager import RecordingError, Recordings
 from huddle.signaling import messages as m
 from huddle.signaling.tokens import OPEN_ROOM, Permissions, TokenError, verify
+from huddle.turn.credentials import TurnAccess
 
 log = logging.getLogger("huddle.signaling")
 
@@ -56,6 +57,7 @@ class Context:
     recordings: Recordings
     cluster: Membership
     spans: Spans
+    turn: TurnAccess | None = None  # the node's TURN relay, when it runs one
 
 
 def _error_kind(exc: BaseException) -> str:
@@ -396,7 +398,10 @@ class Session:
         host = self.request.url.host or self.ctx.settings.host
         if ":" in host:
             host = f"[{host}]"
-        return [{"urls": [f"stun:{host}:{self.ctx.stun_port}"]}]
+        servers: list[dict[str, Any]] = [{"urls": [f"stun:{host}:{self.ctx.stun_port}"]}]
+        if self.ctx.turn is not None and self.participant is not None:
+            servers.append(self.ctx.turn.ice_server(host, self.participant.identity, time.time()))
+        return servers
 
     def _on_leave(self, msg: m.Leave) -> None:
         assert self.room is not None and self.participant is not None
