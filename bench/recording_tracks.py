@@ -47,13 +47,13 @@ VIDEO_BITRATE = 1_200_000
 TICK = 0.001  # the paced publisher's granularity: records go out within 1 ms of their capture time
 
 
-def _media() -> tuple[list[tuple[bytes, bool]], list[bytes]]:
+def recording_media() -> tuple[list[tuple[bytes, bool]], list[bytes]]:
     video = encode_vp8(640, 360, VIDEO_BITRATE, CLIP, seed=5)
     audio = [p[:-TRAILER_SIZE] for p in encode_opus(True, 50)]
     return video, audio
 
 
-def _entries(
+def recording_entries(
     recording_id: str, participants: int, seconds: float, media: tuple[list[tuple[bytes, bool]], list[bytes]]
 ) -> list[tuple[float, bytes]]:
     """(capture time, encoded record) for one recording, in capture order."""
@@ -175,14 +175,14 @@ def tracks_throughput(
     seconds: float = 20, participants: int = 10, paced_seconds: float = 0, paced_participants: int = 20
 ) -> dict[str, Any]:
     """CPU per media second of one participant (VP8 1.2 Mbit/s 30 fps + Opus 50 pkt/s), and its inverse."""
-    media = _media()
+    media = recording_media()
     video_bps = sum(len(d) for d, _ in media[0]) * 8 * FPS / len(media[0])
     result: dict[str, Any] = {
         "media": {"video_kbps": round(video_bps / 1000), "video_fps": FPS, "audio_packets_per_second": 50},
         "seconds": seconds,
         "participants": participants,
     }
-    entries = _entries("bench-bulk", participants, seconds, media)
+    entries = recording_entries("bench-bulk", participants, seconds, media)
     result["records"] = len(entries)
     root = Path(tempfile.mkdtemp(prefix="huddle-bench-tracks-"))
     try:
@@ -202,7 +202,7 @@ def tracks_throughput(
             }
         result["participants_per_core"] = result["bulk_thread"]["participants_per_core"]
         if paced_seconds:
-            paced = _entries("bench-paced", paced_participants, paced_seconds, media)
+            paced = recording_entries("bench-paced", paced_participants, paced_seconds, media)
             modes: dict[str, dict[str, Any] | None] = {
                 "baseline": None,
                 "thread": {"offload": True},

@@ -737,7 +737,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.duration is not None and not 1 <= args.duration <= 120:
         parser.error("--duration must be 1..120 s")
     try:
-        return asyncio.run(asyncio.wait_for(main_async(args), timeout=1500))
+        return asyncio.run(asyncio.wait_for(main_async(args), timeout=1800))
     except TimeoutError:
         print("bench: the whole run overran 25 minutes and was stopped", file=sys.stderr)
         return 1
