@@ -49,6 +49,14 @@ def mode(value: Literal["p2p", "sfu"]) -> Mode:
     return {"type": "mode", "mode": value}
 
 
+class Chat(Message):
+    message: dict[str, Any]
+
+
+def chat(entry: dict[str, Any]) -> Chat:
+    return {"type": "chat", "message": entry}
+
+
 class Recording(Message):
     recording: dict[str, Any] | None
 
@@ -156,6 +164,7 @@ class Joined(Message):
     doors: list[str]
     active_speaker: str | None
     recording: dict[str, Any] | None
+    chat: list[dict[str, Any]]
 
 
 def joined(
@@ -175,6 +184,7 @@ def joined(
     doors: list[str],
     active_speaker: str | None,
     recording: dict[str, Any] | None,
+    chat: list[dict[str, Any]],
 ) -> Joined:
     message: Joined = {
         "type": "joined",
@@ -192,5 +202,6 @@ def joined(
         "doors": doors,
         "active_speaker": active_speaker,
         "recording": recording,
+        "chat": chat,
     }
     return _answering(message, request_id)

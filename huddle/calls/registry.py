@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -61,6 +62,8 @@ class Calls:
         # Called when another node of a call says it started or stopped recording it (`state` as `recording`
         # shows it, None when it stopped).
         self.recording_elsewhere: list[Callable[[Room, dict[str, Any] | None], None]] = []
+        # Called with every chat message of a call, from this node or another (recordings keep them).
+        self.chat_posted: list[Callable[[Room, dict[str, Any]], None]] = []
         # A call over several nodes: told of every change to the call's roster (a `participant` or `left`
         # message, see calls/span.py) with the node it came from (None: this one), to tell the others.
         self.roster_changed: list[Callable[[Room, dict[str, Any], str | None], None]] = []
@@ -366,6 +369,44 @@ class Calls:
         room.broadcast(outgoing.participant_updated(participant.describe()))
         self._tell_nodes(room, participant)
 
+    def post_chat(self, room: Room, participant: Participant, text: str) -> None:
+        """A chat message from a participant of this node: to everyone in the call, on every node."""
+        entry = {
+            "id": "m_" + secrets.token_hex(6),
+            "from": participant.id,
+            "name": participant.name,
+            "text": text,
+            "at": round(time.time(), 3),
+        }
+        self._chat(room, entry, None)
+
+    def remote_chat(self, room: Room, entry: dict[str, Any], origin: str) -> None:
+        """A chat message posted on another node of the call."""
+        fields = ("id", "from", "name", "text")
+        strings = all(isinstance(entry.get(k), str) for k in fields)
+        if not strings or not isinstance(entry.get("at"), int | float) or len(entry["text"]) > 4000:
+            raise ValueError("bad chat message")
+        if any(known["id"] == entry["id"] for known in room.chat):
+            return
+        self._chat(room, {k: entry[k] for k in (*fields, "at")}, origin)
+
+    def _chat(self, room: Room, entry: dict[str, Any], origin: str | None) -> None:
+        room.chat.append(entry)
+        room.broadcast(outgoing.chat(entry))
+        self._roster(room, {"t": "chat", "entry": entry}, origin)
+        for listener in self.chat_posted:
+            try:
+                listener(room, entry)
+            except Exception:
+                log.exception("chat_posted listener failed", extra={"fields": {"room": room.name}})
+
+    def raise_hand(self, room: Room, participant: Participant, raised: bool) -> None:
+        if participant.hand == raised:
+            return
+        participant.hand = raised
+        room.broadcast(outgoing.participant_updated(participant.describe()))
+        self._tell_nodes(room, participant)
+
     def announce_recording(self, room: Room, state: dict[str, Any]) -> None:
         """A recording of the call started or stopped here (`state` as `recording` shows it): everyone hears
         it, on every node, and holds a resume token that says so."""
@@ -399,6 +440,7 @@ class Calls:
             "audio": bool(info.get("audio", True)),
             "video": bool(info.get("video", True)),
             "connection": "reconnecting" if info.get("connection") == "reconnecting" else "connected",
+            "hand": bool(info.get("hand", False)),
         }
         known = room.remote.get(pid)
         if known is None:

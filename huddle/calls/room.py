@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -16,6 +17,7 @@ if TYPE_CHECKING:
 
 P2P = "p2p"
 SFU = "sfu"
+CHAT_HISTORY = 100  # messages a call keeps for late joiners (each at most 1,000 characters)
 
 
 class Outbox(Protocol):
@@ -41,6 +43,7 @@ class Participant:
     audio: bool = True
     video: bool = True
     connection: str = "connected"  # or "reconnecting": signaling lost, within the grace period
+    hand: bool = False  # a raised hand
     joined_at: float = field(default_factory=time.time)
     grace_timer: asyncio.TimerHandle | None = None
 
@@ -52,6 +55,7 @@ class Participant:
             "audio": self.audio,
             "video": self.video,
             "connection": self.connection,
+            "hand": self.hand,
         }
 
 
@@ -87,6 +91,8 @@ class Room:
     node_of: dict[str, str] = field(default_factory=dict)
     # This node took some of the call's participants from its home node (the hub), which holds the rest.
     spilled: bool = False
+    # The call's chat, oldest first, for late joiners (bounded: the oldest messages go first).
+    chat: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=CHAT_HISTORY))
 
     def __len__(self) -> int:
         """Participants on this node (its share of the call: what its media costs here)."""

@@ -8,7 +8,7 @@ decides who speaks). A link is:
 
 - control: a WebSocket from the spill node to the hub's `/pipe`, carrying JSON messages in order: the roster
   (`participant`, `left`: calls/registry.py makes them), the SFU's `track`, `untrack`, `wants` and `speaker`
-  (sfu/pipe.py), and the recording state (`recording`, `record`);
+  (sfu/pipe.py), the recording state (`recording`, `record`), and the chat (`chat`, history included);
 - media: RTP and RTCP as UDP datagrams between the nodes' pipe ports (rtc/pipe_port.py).
 
 Every control frame and datagram is sealed (rtc/pipe.py: AES-128-GCM under keys derived from the cluster key
@@ -145,6 +145,9 @@ class Link:
                     self.send({"t": "participant", "p": info})
             if not room.spilled and room.recording is not None:
                 self.send({"t": "recording", "state": room.recording})
+            if not room.spilled:
+                for entry in room.chat:  # the history, for the other node's late joiners
+                    self.send({"t": "chat", "entry": entry})
             router = spans.calls.move_to_sfu(room)
             if router is not None:
                 self.pipe = router.add_pipe(self.node, self)
@@ -203,6 +206,8 @@ class Link:
             calls.remote_left(room, str(message["id"]), str(message.get("reason", "left"))[:32], self.node)
         elif kind == "recording":
             calls.remote_recording(room, message["state"], self.node)
+        elif kind == "chat":
+            calls.remote_chat(room, message["entry"], self.node)
         elif self.pipe is not None:
             self.pipe.on_message(message)
 

@@ -50,6 +50,8 @@ log = logging.getLogger("huddle.recording")
 OUTPUTS = ("composite", "tracks")
 COMPOSITE_FILE = "speaker-view.mp4"
 MANIFEST_FILE = "manifest.json"
+CHAT_FILE = "chat.json"
+MAX_CHAT_MESSAGES = 100_000  # per recording: a flood of chat must not fill the node's memory
 MAX_MANIFEST_BYTES = 4 << 20  # a previous segment's manifest read back to measure the gap
 _RECORDING_ID = re.compile(r"[0-9]{8}T[0-9]{6}Z-[0-9a-f]{6}")
 _SEGMENT_KEY = re.compile(r"[0-9]{8}T[0-9]{6}Z-[0-9a-f]{6}(\.[0-9a-f]{6})?")
@@ -110,6 +112,8 @@ class _Running:
     key: str
     since: float  # Unix time this segment started: 0 of its recorder's clock
     continued: bool  # a later segment: another node (or this one before a restart) recorded the first
+    # The call's chat while it was recorded (times on the recorder's clock), stored as chat.json.
+    chat: list[dict[str, Any]] = field(default_factory=list)
 
 
 class Recordings:
@@ -149,6 +153,7 @@ class Recordings:
         calls.room_closed.append(self._room_closed)
         calls.recording_restored.append(self._go_on)
         calls.recording_elsewhere.append(self._follow)
+        calls.chat_posted.append(self._chat)
 
     @classmethod
     def from_settings(cls, calls: Calls, settings: Settings) -> Recordings:
@@ -318,6 +323,12 @@ class Recordings:
         )
         event(log, logging.INFO, "recording this node's part of a call", room=name, recording=key)
 
+    def _chat(self, room: Room, entry: dict[str, Any]) -> None:
+        running = self._running.get(room.name)
+        if running is not None and len(running.chat) < MAX_CHAT_MESSAGES:
+            at = round(entry["at"] - running.since, 3)
+            running.chat.append({"at": at, **{k: entry[k] for k in ("from", "name", "text")}})
+
     def _stop_following(self, room_name: str) -> None:
         recorder = self._following.pop(room_name, None)
         if recorder is not None:
@@ -406,6 +417,11 @@ class Recordings:
                 if path.exists():
                     await self.uploader.submit(prefix + folder + COMPOSITE_FILE, path)
                     info.files.append(folder + COMPOSITE_FILE)
+            if running.chat:
+                path = self.work / "chat" / f"{running.key}.json"
+                await asyncio.to_thread(_write_chat, path, info, running)
+                await self.uploader.submit(prefix + folder + CHAT_FILE, path)
+                info.files.append(folder + CHAT_FILE)
             if "tracks" in info.outputs and not self.writes_tracks:
                 await self._until_sent(info)
             elif "tracks" in info.outputs:
@@ -604,6 +620,17 @@ def _file_order(file: dict[str, Any]) -> tuple[int, bool, str]:
     found = _SEGMENT.match(file["name"])
     segment = int(found.group(1)) if found is not None else 1
     return segment, file["name"].rsplit("/", 1)[-1] != COMPOSITE_FILE, file["name"]
+
+
+def _write_chat(path: Path, info: RecordingInfo, running: _Running) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    document = {
+        "recording_id": info.id,
+        "room": info.room,
+        "started_at": running.since,  # 0 of the messages' `at`, as in the manifest
+        "messages": running.chat,
+    }
+    path.write_text(json.dumps(document, indent=2, ensure_ascii=False))
 
 
 def _replace_file(path: Path, data: bytes) -> None:

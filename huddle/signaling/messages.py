@@ -127,6 +127,19 @@ class StopRecording(_Message):
     type: Literal["stop_recording"]
 
 
+MAX_CHAT_CHARS = 1000
+
+
+class Chat(_Message):
+    type: Literal["chat"]
+    text: Annotated[str, StringConstraints(min_length=1, max_length=MAX_CHAT_CHARS)]
+
+
+class Hand(_Message):
+    type: Literal["hand"]
+    raised: bool
+
+
 ClientMessage = Annotated[
     Join
     | Leave
@@ -139,7 +152,9 @@ ClientMessage = Annotated[
     | VideoSizes
     | Ping
     | StartRecording
-    | StopRecording,
+    | StopRecording
+    | Chat
+    | Hand,
     Field(discriminator="type"),
 ]
 _ADAPTER: TypeAdapter[ClientMessage] = TypeAdapter(ClientMessage)
@@ -157,6 +172,8 @@ MESSAGE_TYPES = frozenset(
         "ping",
         "start_recording",
         "stop_recording",
+        "chat",
+        "hand",
     }
 )
 
@@ -201,6 +218,14 @@ def decode(text: str) -> ClientMessage:
 
 def valid_room_name(name: str) -> bool:
     return ROOM_NAME.fullmatch(name) is not None
+
+
+def clean_chat_text(text: str) -> str | None:
+    """A chat message as shown to others (line breaks kept, other control characters and surrounding blanks
+    removed), or None when nothing is left."""
+    lines = ["".join(c for c in line if c.isprintable()).rstrip() for line in text.strip().splitlines()]
+    cleaned = "\n".join(lines).strip()
+    return cleaned or None
 
 
 def clean_display_name(name: str | None) -> str | None:

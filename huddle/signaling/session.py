@@ -33,6 +33,10 @@ log = logging.getLogger("huddle.signaling")
 
 RATE_PER_SECOND = 50.0
 RATE_BURST = 200.0
+# Chat goes to everyone in the call (and into recordings): a person types a few a minute; a script is cut
+# to one a second after a burst.
+CHAT_PER_SECOND = 1.0
+CHAT_BURST = 10
 DROPS_BEFORE_CLOSE = 2000
 OUTBOX_LIMIT = 512
 # A socket that has not joined by then is closed: an idle one holds a file descriptor and a task for nothing.
@@ -107,6 +111,7 @@ class Session:
         self._left = False
         self._outbox: asyncio.Queue[Any] = asyncio.Queue(OUTBOX_LIMIT)
         self._bucket = TokenBucket(RATE_PER_SECOND, RATE_BURST)
+        self._chat_bucket = TokenBucket(CHAT_PER_SECOND, CHAT_BURST)
         self._dropped = 0
         self._last_rate_error = 0.0
         self._closing = False
@@ -379,6 +384,7 @@ class Session:
             doors=self._doors(),
             active_speaker=room.router.speaker.active_speaker if room.router is not None else None,
             recording=room.recording,
+            chat=list(room.chat),
         )
         # The router defers its offers to a later loop turn, so `joined` always goes out first.
         self.send(reply)
@@ -433,6 +439,21 @@ class Session:
     def _on_media(self, msg: m.Media) -> None:
         assert self.room is not None and self.participant is not None
         self.ctx.calls.update_media(self.room, self.participant, msg.audio, msg.video)
+
+    def _on_chat(self, msg: m.Chat) -> None:
+        assert self.room is not None and self.participant is not None
+        text = m.clean_chat_text(msg.text)
+        if text is None:
+            self._error("bad_message", "chat: text: nothing to show", msg.id)
+            return
+        if not self._chat_bucket.take():
+            self._error("rate_limited", f"over {CHAT_BURST} chat messages in a row; wait a little", msg.id)
+            return
+        self.ctx.calls.post_chat(self.room, self.participant, text)
+
+    def _on_hand(self, msg: m.Hand) -> None:
+        assert self.room is not None and self.participant is not None
+        self.ctx.calls.raise_hand(self.room, self.participant, msg.raised)
 
     def _on_sfu_offer(self, msg: m.SfuOffer) -> None:
         router = self._router(msg)
