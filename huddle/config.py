@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import re
 from dataclasses import dataclass, fields, replace
@@ -170,6 +171,14 @@ def from_namespace(ns: argparse.Namespace) -> Settings:
     if settings.max_participants_per_node < 1:
         raise ValueError("--max-participants-per-node must be at least 1")
     turn_ports(settings)
+    for part in (settings.turn_allow_peer or "").split(","):
+        if part.strip():
+            try:
+                ipaddress.ip_network(part.strip(), strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"--turn-allow-peer: {part.strip()!r} is not a CIDR (e.g. 127.0.0.0/8)"
+                ) from None
     if settings.turn_user_quota < 1 or settings.turn_total_quota < 1:
         raise ValueError("--turn-user-quota and --turn-total-quota must be at least 1")
     if settings.turn_bandwidth_kbps < 1:

@@ -91,6 +91,10 @@ class Metrics:
         """The recording log's counters (`stats()`); with Kafka also its `state` and disk buffer."""
         self.registry.register(_RecordingLogCollector(recording_log))
 
+    def watch_turn(self, source: Any) -> None:
+        """The TURN relay's counts (`source.turn_totals()`, empty until it starts); label values fixed."""
+        self.registry.register(_TurnCollector(source))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -139,6 +143,34 @@ class _SfuCollector(Collector):
         yield GaugeMetricFamily(
             "huddle_pipe_layers", "Video layers piped to other nodes now", value=totals["pipe_layers"]
         )
+
+
+class _TurnCollector(Collector):
+    def __init__(self, source: Any) -> None:
+        self.source = source
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        totals = self.source.turn_totals()
+        if not totals:
+            return
+        for name, text in (
+            ("allocations", "TURN allocations now"),
+            ("permissions", "TURN permissions now, over all allocations"),
+            ("channels", "TURN channels bound now, over all allocations"),
+            ("relay_ports", "UDP ports held for TURN relay addresses"),
+        ):
+            yield GaugeMetricFamily(f"huddle_turn_{name}", text, value=totals[name])
+        for name, label, text in (
+            ("requests", "method", "TURN requests received, by method"),
+            ("errors", "code", "TURN error responses sent, by error code"),
+            ("packets", "direction", "Packets relayed by TURN, to peers and to clients"),
+            ("bytes", "direction", "Application bytes relayed by TURN, to peers and to clients"),
+            ("dropped", "reason", "TURN messages and relayed packets dropped, by reason"),
+        ):
+            family = CounterMetricFamily(f"huddle_turn_{name}", text, labels=[label])
+            for value, count in totals[name].items():
+                family.add_metric([value], count)
+            yield family
 
 
 class _RecordingLogCollector(Collector):

@@ -17,7 +17,7 @@ from huddle.calls.registry import Calls
 from huddle.calls.resume import ResumeKey
 from huddle.calls.span import KEY_LABEL, Spans
 from huddle.cluster.membership import Membership, NodeInfo, SingleNode
-from huddle.config import Settings
+from huddle.config import Settings, turn_ports
 from huddle.logs import RateLimit, event
 from huddle.metrics import LoopLagMonitor, Metrics
 from huddle.recording.manager import Recordings
@@ -31,6 +31,9 @@ from huddle.signaling.connections import ConnectionGuard, GuardedSite, HttpError
 from huddle.signaling.session import CLOSE_SERVICE_RESTART, Context, ws_url
 from huddle.signaling.tokens import weak_secret
 from huddle.stun import StunServer
+from huddle.turn.credentials import TurnAccess
+from huddle.turn.peers import parse_networks
+from huddle.turn.server import TurnServer, relay_addresses
 
 log = logging.getLogger("huddle.node")
 
@@ -62,7 +65,22 @@ class Node:
         )
         self.metrics.rooms.set_function(lambda: len(self.calls))
         self.metrics.participants.set_function(self.calls.participant_count)
-        self.stun = StunServer(self.metrics, max_connections_per_address=settings.max_connections_per_address)
+        # The TURN relay shares the STUN port; it starts once the secret its credentials hang on is known.
+        self.turn = TurnServer(
+            self.metrics,
+            ports=turn_ports(settings),
+            allow=parse_networks(settings.turn_allow_peer),
+            user_quota=settings.turn_user_quota,
+            total_quota=settings.turn_total_quota,
+            bandwidth_kbps=settings.turn_bandwidth_kbps,
+        )
+        # Each client relayed over TCP or TLS holds a connection for its call: as many as TURN allocations.
+        self.stun = StunServer(
+            self.metrics,
+            max_connections=settings.turn_total_quota + 256,
+            max_connections_per_address=settings.max_connections_per_address,
+            turn=self.turn,
+        )
         # Pipes to the other nodes of calls bigger than one node (calls/span.py).
         self.pipe_port = PipePort(self._count_error)
         self.spans: Spans | None = None
@@ -121,6 +139,21 @@ class Node:
             locate=self._locate,
             count_error=self._count_error,
         )
+        # Every node of a cluster and every --workers sibling derives the same secret, so that credentials
+        # one hands out work on all of them.
+        turn_secret = s.turn_secret.encode() if s.turn_secret else self.calls.resume_key.derive(b"turn")
+        # The SFU's media port is the one address of this node a relayed client may reach: a browser whose
+        # UDP is blocked gets to the SFU by TURN over TCP.
+        self.turn.policy.set_services({(announce, media_port), (s.host, media_port)})
+        await self.turn.start(
+            secret=turn_secret,
+            host=s.host,
+            addresses=relay_addresses(s.host, announce),
+            stun=self.stun,
+            tls_port=s.turn_tls_port if s.tls_cert else None,
+            tls_cert=s.tls_cert,
+            tls_key=s.tls_key,
+        )
         await self.recordings.start()
         ctx = Context(
             settings=s,
@@ -130,6 +163,7 @@ class Node:
             recordings=self.recordings,
             cluster=self.cluster,
             spans=self.spans,
+            turn=TurnAccess(turn_secret, stun_port, self.turn.tls_port),
         )
         self._runner = web.AppRunner(
             build_app(ctx), access_log=None, handle_signals=False, logger=HttpErrorLog(self.metrics)
@@ -250,6 +284,7 @@ class Node:
         if self.sfu is not None:
             await self.sfu.close()
         await self.media.close()
+        await self.turn.close()
         await self.stun.close()
         if self._lag is not None:
             self._lag.stop()

@@ -81,6 +81,7 @@ class _Worker:
     id: str
     stun_port: int  # what it is started with: base + index, or 0
     media_port: int
+    turn_tls_port: int
     process: asyncio.subprocess.Process | None = None
     http: int | None = None  # its HTTP port while it is up and ready
     stun: int = 0  # as bound (its ready line)
@@ -98,7 +99,12 @@ class Workers:
         count = config.worker_count(settings)
         self.ids = tuple(f"w{i}" for i in range(count))
         self._workers = {
-            wid: _Worker(wid, _offset(settings.stun_port, i), _offset(settings.media_port, i))
+            wid: _Worker(
+                wid,
+                _offset(settings.stun_port, i),
+                _offset(settings.media_port, i),
+                _offset(settings.turn_tls_port, i),
+            )
             for i, wid in enumerate(self.ids)
         }
         self.metrics = Metrics()
@@ -186,6 +192,8 @@ class Workers:
             str(w.stun_port),
             "--media-port",
             str(w.media_port),
+            "--turn-tls-port",
+            str(w.turn_tls_port),
             "--max-connections-per-address",
             str(WORKER_MAX_CONNECTIONS),
         ]

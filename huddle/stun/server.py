@@ -3,17 +3,21 @@
 `handle` decides, for one incoming message, what to answer and why; it does no I/O, so every case
 is tested by feeding it bytes. `StunServer` only moves bytes between sockets and `handle`, on one
 port number for both UDP and TCP (RFC 8489 §6.2.2 frames messages on a stream by their own length).
+
+With a `TurnHandler` (the TURN relay, huddle/turn/server.py), everything on the port that is not a Binding
+request goes to it: STUN messages of other methods, and ChannelData (first byte 0x40-0x7F, RFC 7983).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import ipaddress
 import logging
 import socket
 from dataclasses import dataclass
-from typing import Any, Final, cast
+from typing import Any, Final, Protocol
 
 from huddle.metrics import Metrics
 from huddle.stun.message import (
@@ -40,7 +44,7 @@ from huddle.stun.message import (
     verify_fingerprint,
 )
 
-__all__ = ["REASONS", "Outcome", "StunServer", "handle"]
+__all__ = ["REASONS", "Outcome", "StunServer", "TurnHandler", "handle"]
 
 logger = logging.getLogger("huddle.stun")
 
@@ -170,15 +174,52 @@ def _error(
 
 UDP: Final = "udp"
 TCP: Final = "tcp"
+TLS: Final = "tls"
 _PORT_ATTEMPTS = 8
+_READ_SIZE = 65536
+_READ_BATCH = 64  # datagrams read per readiness event before the loop gets a turn
+_SOCKET_BUFFER = 4 * 1024 * 1024
+# Past this much unsent to a TCP client, the reader waits for it to drain before reading on.
+_WRITE_HIGH_WATER = 64 * 1024
+
+
+class TurnHandler(Protocol):
+    """What the STUN port hands its TURN traffic to. The port frames it and knows nothing more of it."""
+
+    def attach_udp(self, sock: socket.socket) -> None:
+        """The port's UDP socket, to answer UDP clients and relay data to them."""
+
+    def datagram(self, data: bytes, addr: tuple[Any, ...]) -> None: ...
+
+    def open_stream(self, writer: asyncio.StreamWriter, peer: tuple[Any, ...], transport: str) -> Any:
+        """A TCP or TLS connection opened: the handle its frames come with."""
+
+    def stream_frame(self, stream: Any, frame: bytes) -> bool:
+        """One whole message; True if it was a valid one (which keeps the connection from idling out)."""
+
+    def holds(self, stream: Any) -> bool:
+        """Whether the connection has an allocation: it then lives as long as that does, however quiet."""
+
+    def close_stream(self, stream: Any) -> None: ...
+
+
+def _is_turn(data: bytes) -> bool:
+    """ChannelData, or a STUN message of a method other than Binding."""
+    first = data[0]
+    if 0x40 <= first <= 0x7F:
+        return True
+    if first >= 0x40 or len(data) < HEADER_SIZE or data[4:8] != _COOKIE_BYTES:
+        return False
+    return (((first << 8) | data[1]) & 0x3EEF) != BINDING
 
 
 class StunServer:
-    """STUN over UDP and TCP on one port number.
+    """STUN over UDP and TCP on one port number (and over TLS, on connections handed to `serve_stream`).
 
-    A TCP connection lives `idle_timeout` seconds after it opened or after its last answered Binding request,
-    whatever else it sends: bytes that are not a valid request do not keep a slot. One client address holds at
-    most `max_connections_per_address` of the `max_connections`.
+    A TCP connection lives `idle_timeout` seconds after it opened or after its last answered Binding request
+    (or valid TURN message), whatever else it sends: bytes that are not a valid request do not keep a slot;
+    one that holds a TURN allocation lives as long as that. One client address holds at most
+    `max_connections_per_address` of the `max_connections`.
     """
 
     def __init__(
@@ -190,6 +231,7 @@ class StunServer:
         max_connections: int = 256,
         max_connections_per_address: int = 200,
         max_message_size: int = 4096,
+        turn: TurnHandler | None = None,
     ) -> None:
         encode_software(software)  # fail at construction, not on the first request
         self._metrics = metrics
@@ -199,7 +241,8 @@ class StunServer:
         self._max_per_address = max_connections_per_address
         self._per_address: dict[str, int] = {}
         self._max_message_size = max_message_size
-        self._udp: asyncio.DatagramTransport | None = None
+        self._turn = turn
+        self._udp: socket.socket | None = None
         self._tcp: asyncio.Server | None = None
         self._connections: set[asyncio.Task[Any]] = set()
         self._port: int | None = None
@@ -218,16 +261,23 @@ class StunServer:
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE)
         family, _, _, _, sockaddr = infos[0]
         udp_sock, tcp_sock = _bind_pair(family, sockaddr, port)
+        # TURN relays media through this socket: a burst of a few calls' packets overruns Linux's 208 KiB.
+        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            with contextlib.suppress(OSError):
+                udp_sock.setsockopt(socket.SOL_SOCKET, option, _SOCKET_BUFFER)
         try:
-            self._udp, _ = await loop.create_datagram_endpoint(lambda: _UdpProtocol(self), sock=udp_sock)
+            loop.add_reader(udp_sock.fileno(), self._on_readable)
+            self._udp = udp_sock
             self._tcp = await asyncio.start_server(self._on_connection, sock=tcp_sock)
         except BaseException:
             if self._udp is not None:
-                self._udp.close()
+                loop.remove_reader(udp_sock.fileno())
                 self._udp = None
             udp_sock.close()
             tcp_sock.close()
             raise
+        if self._turn is not None:
+            self._turn.attach_udp(udp_sock)
         self._port = int(udp_sock.getsockname()[1])
         logger.info("STUN listening on %s port %d (udp, tcp)", sockaddr[0], self._port)
         return self._port
@@ -235,9 +285,10 @@ class StunServer:
     async def close(self) -> None:
         """Stop listening and close every TCP connection."""
         self._closing = True
-        if self._udp is not None:
-            self._udp.close()
-            self._udp = None
+        udp, self._udp = self._udp, None
+        if udp is not None:
+            asyncio.get_running_loop().remove_reader(udp.fileno())
+            udp.close()
         tcp, self._tcp = self._tcp, None
         if tcp is not None:
             tcp.close()
@@ -257,7 +308,33 @@ class StunServer:
     def _drop(self, transport: str, reason: str) -> None:
         self._metrics.stun_dropped.labels(transport=transport, reason=reason).inc()
 
-    def _on_datagram(self, data: bytes, addr: tuple[Any, ...], transport: asyncio.DatagramTransport) -> None:
+    def _on_readable(self) -> None:
+        """Drain the UDP socket, a bounded batch at a time (as the SFU's port does): one readiness event per
+        batch rather than per datagram, since TURN relays media through here."""
+        for _ in range(_READ_BATCH):
+            sock = self._udp
+            if sock is None:
+                return
+            try:
+                data, addr = sock.recvfrom(_READ_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                # ICMP errors for earlier replies (port unreachable and the like): nothing to do.
+                logger.debug("udp: %s", e)
+                continue
+            self._on_datagram(data, addr, sock)
+
+    def _on_datagram(self, data: bytes, addr: tuple[Any, ...], sock: socket.socket) -> None:
+        turn = self._turn
+        # TURN first: its ChannelData is the relay path, and carries up to 64 KB by its own length field.
+        if turn is not None and data and _is_turn(data):
+            try:
+                turn.datagram(data, addr)
+            except Exception:
+                logger.debug("udp %s: failed to handle a TURN datagram", addr, exc_info=True)
+                self._drop(UDP, INTERNAL_ERROR)
+            return
         # The same bound as over TCP: a 64 KB datagram of 16,000 attributes takes 20 ms to read.
         if len(data) > self._max_message_size:
             self._drop(UDP, TOO_LARGE)
@@ -265,7 +342,8 @@ class StunServer:
         try:
             outcome = handle(data, addr, software=self._software)
             if outcome.reply is not None:
-                transport.sendto(outcome.reply, addr)
+                with contextlib.suppress(BlockingIOError):  # a full send buffer: loss, as on the wire
+                    sock.sendto(outcome.reply, addr)
             self._count(UDP, outcome)
             logger.debug("udp %s: %d bytes, %s", addr, len(data), outcome.reason or "answered")
         except Exception:
@@ -273,35 +351,47 @@ class StunServer:
             self._drop(UDP, INTERNAL_ERROR)
 
     async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self.serve_stream(reader, writer, TCP)
+
+    async def serve_stream(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, transport: str
+    ) -> None:
+        """Serve one accepted connection (`transport`: "tcp", or "tls" for TURN over TLS) until it ends."""
         peer = writer.get_extra_info("peername")
         if self._closing:
             # Accepted just before close() but started after it cancelled the others.
             writer.transport.abort()
             return
         if len(self._connections) >= self._max_connections:
-            logger.debug("tcp %s: refused, %d connections open", peer, len(self._connections))
-            self._drop(TCP, TOO_MANY_CONNECTIONS)
+            logger.debug("%s %s: refused, %d connections open", transport, peer, len(self._connections))
+            self._drop(transport, TOO_MANY_CONNECTIONS)
             writer.transport.abort()
             return
         address = str(peer[0]) if isinstance(peer, tuple) else ""
         held = self._per_address.get(address, 0)
         if held >= self._max_per_address:
-            logger.debug("tcp %s: refused, %d connections open from that address", peer, held)
-            self._drop(TCP, PER_ADDRESS_LIMIT)
+            logger.debug("%s %s: refused, %d connections open from that address", transport, peer, held)
+            self._drop(transport, PER_ADDRESS_LIMIT)
             writer.transport.abort()
             return
         self._per_address[address] = held + 1
         task = asyncio.current_task()
         assert task is not None
         self._connections.add(task)
+        stream = None
         try:
-            await self._serve(reader, writer, peer)
+            if self._turn is not None and isinstance(peer, tuple):
+                stream = self._turn.open_stream(writer, peer, transport)
+            await self._serve(reader, writer, peer, transport, stream)
         except OSError as e:
-            logger.debug("tcp %s: %s", peer, e)
+            logger.debug("%s %s: %s", transport, peer, e)
         except Exception:
-            logger.debug("tcp %s: failed to serve a connection", peer, exc_info=True)
-            self._drop(TCP, INTERNAL_ERROR)
+            logger.debug("%s %s: failed to serve a connection", transport, peer, exc_info=True)
+            self._drop(transport, INTERNAL_ERROR)
         finally:
+            if stream is not None:
+                assert self._turn is not None
+                self._turn.close_stream(stream)
             self._connections.discard(task)
             held = self._per_address[address] - 1
             if held:
@@ -314,59 +404,80 @@ class StunServer:
             else:
                 writer.close()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: Any) -> None:
+    def _frame_size(self, buffer: bytearray, stream: Any, transport: str) -> int:
+        """The size of the message at the head of `buffer`; 0 if more bytes are needed to know; -1 if the
+        stream must be closed (counted). Framing relies on headers alone (RFC 8489 §6.2.2, RFC 8656 §12.5)."""
+        if stream is not None and 0x40 <= buffer[0] <= 0x7F:
+            assert self._turn is not None
+            if not self._turn.holds(stream):
+                self._drop(transport, NOT_STUN)  # ChannelData means nothing before an allocation
+                return -1
+            if len(buffer) < 4:
+                return 0
+            length = (buffer[2] << 8) | buffer[3]
+            return 4 + length + (-length & 3)
+        if len(buffer) < HEADER_SIZE:
+            return 0
+        if not is_stun(buffer[:HEADER_SIZE]):
+            self._drop(transport, NOT_STUN)
+            return -1
+        size = HEADER_SIZE + ((buffer[2] << 8) | buffer[3])
+        if size > self._max_message_size:
+            self._drop(transport, TOO_LARGE)
+            return -1
+        return size
+
+    async def _serve(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        peer: Any,
+        transport: str,
+        stream: Any,
+    ) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._idle_timeout
+        buffer = bytearray()
+        turn = self._turn
         while True:
             try:
                 async with asyncio.timeout_at(deadline):
-                    header = await reader.readexactly(HEADER_SIZE)
-                    # Framing relies on the header alone, so anything else ends the stream.
-                    if not is_stun(header):
-                        logger.debug("tcp %s: not STUN, closing", peer)
-                        self._drop(TCP, NOT_STUN)
-                        return
-                    length = int.from_bytes(header[2:4], "big")
-                    if HEADER_SIZE + length > self._max_message_size:
-                        logger.debug("tcp %s: %d-byte message, closing", peer, HEADER_SIZE + length)
-                        self._drop(TCP, TOO_LARGE)
-                        return
-                    body = await reader.readexactly(length)
-            except asyncio.IncompleteReadError as e:
-                if e.partial:
-                    self._drop(TCP, TRUNCATED)
-                return
+                    chunk = await reader.read(_READ_SIZE)
             except TimeoutError:
-                logger.debug("tcp %s: no Binding request for %g s, closing", peer, self._idle_timeout)
-                self._drop(TCP, IDLE_TIMEOUT)
+                if stream is not None and turn is not None and turn.holds(stream):
+                    deadline = loop.time() + self._idle_timeout
+                    continue
+                logger.debug("%s %s: no valid request for %g s, closing", transport, peer, self._idle_timeout)
+                self._drop(transport, IDLE_TIMEOUT)
                 return
-            outcome = handle(header + body, peer, software=self._software)
-            self._count(TCP, outcome)
-            logger.debug("tcp %s: %d bytes, %s", peer, HEADER_SIZE + length, outcome.reason or "answered")
-            if outcome.reason is None:
-                deadline = loop.time() + self._idle_timeout
-            if outcome.reply is not None:
-                writer.write(outcome.reply)
+            if not chunk:
+                if buffer:
+                    self._drop(transport, TRUNCATED)
+                return
+            buffer += chunk
+            while buffer:
+                size = self._frame_size(buffer, stream, transport)
+                if size < 0:
+                    logger.debug("%s %s: not a message we frame, closing", transport, peer)
+                    return
+                if size == 0 or len(buffer) < size:
+                    break
+                frame = bytes(buffer[:size])
+                del buffer[:size]
+                if stream is not None and turn is not None and _is_turn(frame):
+                    if turn.stream_frame(stream, frame):
+                        deadline = loop.time() + self._idle_timeout
+                    continue
+                outcome = handle(frame, peer, software=self._software)
+                self._count(transport, outcome)
+                logger.debug("%s %s: %d bytes, %s", transport, peer, size, outcome.reason or "answered")
+                if outcome.reason is None:
+                    deadline = loop.time() + self._idle_timeout
+                if outcome.reply is not None:
+                    writer.write(outcome.reply)
+            if writer.transport.get_write_buffer_size() > _WRITE_HIGH_WATER:
                 async with asyncio.timeout(self._idle_timeout):
                     await writer.drain()
-
-
-class _UdpProtocol(asyncio.DatagramProtocol):
-    def __init__(self, server: StunServer) -> None:
-        self._server = server
-        self._transport: asyncio.DatagramTransport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # Python 3.11's selector transport does not inherit from DatagramTransport; it has sendto.
-        self._transport = cast(asyncio.DatagramTransport, transport)
-
-    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
-        if self._transport is not None:
-            self._server._on_datagram(data, addr, self._transport)
-
-    def error_received(self, exc: Exception) -> None:
-        # ICMP errors for earlier replies (port unreachable and the like): nothing to do.
-        logger.debug("udp: %s", exc)
 
 
 def _with_port(sockaddr: tuple[Any, ...], port: int) -> tuple[Any, ...]:

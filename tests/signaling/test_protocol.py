@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -11,14 +12,20 @@ from huddle.config import Settings
 from .conftest import Harness
 
 
-async def test_join_lists_participants_and_hands_out_our_stun_server(harness: Harness) -> None:
+async def test_join_lists_participants_and_hands_out_our_stun_and_turn_servers(harness: Harness) -> None:
     ada = await harness.connect()
     joined = await ada.join("standup", "Ada")
     assert joined["id"] == "j"
     assert joined["participants"] == []
     assert joined["mode"] == "p2p"
     assert joined["self"]["name"] == "Ada"
-    assert joined["ice_servers"] == [{"urls": [f"stun:127.0.0.1:{harness.ports.stun}"]}]
+    stun, turn = joined["ice_servers"]
+    assert stun == {"urls": [f"stun:127.0.0.1:{harness.ports.stun}"]}
+    port = harness.ports.stun  # the relay shares the STUN port, UDP and TCP
+    assert turn["urls"] == [f"turn:127.0.0.1:{port}?transport=udp", f"turn:127.0.0.1:{port}?transport=tcp"]
+    expiry, _, identity = turn["username"].partition(":")
+    assert identity == joined["self"]["identity"] and int(expiry) > time.time() + 3600
+    assert turn["credential"]
 
     bob = await harness.connect()
     joined_bob = await bob.join("standup", "  Bob  ")
