@@ -386,7 +386,9 @@ async def test_kill_9_of_the_home_worker_the_others_never_stop_and_its_people_co
         print("parent and workers:", (tmp_path / "stderr").read_text()[-4000:])
 
 
-async def test_mute_states_and_a_recording_cross_the_nodes(nodes: Nodes, http: aiohttp.ClientSession):
+async def test_mute_states_chat_hands_and_a_recording_cross_the_nodes(
+    nodes: Nodes, http: aiohttp.ClientSession
+):
     a, _ = await two_nodes(nodes, http)
     room = room_homed_at("a", ("a", "b"), "heavy-rec")
     async with synthetics(a.base, room) as crowd:
@@ -405,6 +407,22 @@ async def test_mute_states_and_a_recording_cross_the_nodes(nodes: Nodes, http: a
             return True
 
         await until("a's people to see b's microphone muted", muted, 5)
+
+        # A chat message and a raised hand on b reach a's people, with the sender's name.
+        await on_b[0]._send({"type": "chat", "text": "hello from b"})
+        await on_b[0]._send({"type": "hand", "raised": True})
+
+        async def chatted() -> bool:
+            for person in on_a:
+                texts = [(m["message"]["name"], m["message"]["text"]) for m in person.heard_of("chat")]
+                hands = [m["participant"] for m in person.heard_of("participant_updated")]
+                if (on_b[0].name, "hello from b") not in texts:
+                    return False
+                if not any(u["id"] == on_b[0].id and u["hand"] is True for u in hands):
+                    return False
+            return True
+
+        await until("a's people to see b's chat message and raised hand", chatted, 5)
 
         # A recording started on a: b's people are told, and its tracks hold the people of both nodes.
         await on_a[0]._send({"type": "start_recording", "id": "rec-1", "outputs": ["tracks"]})
