@@ -4,6 +4,8 @@
 import { HuddleClient, ROOM_PATTERN, cleanDisplayName } from './client.js';
 
 const NAME_KEY = 'huddle.name';
+// "Always relay calls": '1' when on (HuddleClient relayOnly). Remembered in this browser, like the name.
+const RELAY_KEY = 'huddle.alwaysRelay';
 
 const STATUS_WORDS = {
   idle: 'Not connected',
@@ -36,6 +38,8 @@ const ERROR_WORDS = {
   resume_failed: 'The connection to the call was lost for too long to pick it up again. Rejoin to continue.',
   removed: 'The server ended your connection to the call. Rejoin to continue.',
   bad_sdp: 'The server could not use this browser’s audio or video. Try reloading the page.',
+  relay_unavailable: '“Always relay calls” is on, but this server has no relay, so the call cannot connect. '
+    + 'Turn it off in Settings and rejoin to connect directly.',
 };
 
 // Errors that need no words for people: retried, or only interesting to developers.
@@ -96,6 +100,10 @@ const ui = {
   recordingElapsed: $('#recording-indicator .recording-elapsed'),
   recordingAnnouncer: $('#recording-announcer'),
   recordingsLink: $('#recordings-link'),
+  settingsButton: $('#settings-button'),
+  settingsPanel: $('#settings-panel'),
+  alwaysRelay: $('#always-relay'),
+  alwaysRelayLater: $('#always-relay-later'),
 };
 
 // --- what this page was opened with ---
@@ -115,7 +123,15 @@ const room = roomFromPath();
 const token = params.get('token') || undefined;
 let displayName = params.get('name') || undefined;
 
-const huddle = new HuddleClient();
+function storedRelayChoice() {
+  try {
+    return localStorage.getItem(RELAY_KEY) === '1';
+  } catch {
+    return false; // storage blocked: the setting starts off
+  }
+}
+
+const huddle = new HuddleClient({ relayOnly: storedRelayChoice() });
 window.huddle = huddle;
 
 // --- tiles ---
@@ -768,6 +784,7 @@ let lastErrorCode = null;
 huddle.addEventListener('state', (event) => {
   const { state } = event.detail;
   setStatus(state);
+  if (state === 'connecting') ui.alwaysRelayLater.hidden = true; // a new join uses the setting as it is now
   // While reconnecting, tiles and media stay as they are: the status says "Reconnecting…".
   if (state === 'disconnected') {
     clearRemoteTiles();
@@ -961,6 +978,39 @@ ui.joinForm.addEventListener('submit', (event) => {
 
 ui.error.querySelector('.dismiss').addEventListener('click', hideError);
 
+// --- settings ---
+
+function showSettings(open) {
+  ui.settingsPanel.hidden = !open;
+  ui.settingsButton.setAttribute('aria-expanded', String(open));
+}
+
+ui.settingsButton.addEventListener('click', () => showSettings(ui.settingsPanel.hidden));
+
+document.addEventListener('keydown', (event) => {
+  if (event.key === 'Escape' && !ui.settingsPanel.hidden) {
+    showSettings(false);
+    ui.settingsButton.focus();
+  }
+});
+
+document.addEventListener('pointerdown', (event) => {
+  if (ui.settingsPanel.hidden) return;
+  if (!ui.settingsPanel.contains(event.target) && !ui.settingsButton.contains(event.target)) showSettings(false);
+});
+
+ui.alwaysRelay.addEventListener('change', () => {
+  const on = ui.alwaysRelay.checked;
+  huddle.relayOnly = on;
+  try {
+    localStorage.setItem(RELAY_KEY, on ? '1' : '0');
+  } catch {
+    // private mode: it holds for this page only
+  }
+  // Connections that exist keep their policy (the client reads it when it makes one, from `joined` on).
+  ui.alwaysRelayLater.hidden = !['connected', 'reconnecting'].includes(huddle.state);
+});
+
 ui.layoutSpeaker.addEventListener('click', () => setLayout('speaker'));
 ui.layoutGallery.addEventListener('click', () => setLayout('gallery'));
 
@@ -1010,6 +1060,7 @@ window.addEventListener('pagehide', () => {
 // --- start ---
 
 $('#room-name').textContent = room;
+ui.alwaysRelay.checked = huddle.relayOnly;
 ui.recordingsLink.href = recordingsHref();
 $('.panel-room', ui.joinPanel).textContent = room;
 document.title = room ? `${room} · Huddle` : 'Huddle';

@@ -18,7 +18,14 @@ export const STATES = Object.freeze(['idle', 'connecting', 'connected', 'reconne
 const PING_INTERVAL_MS = 5000;
 const SILENCE_TIMEOUT_MS = 12000;
 const MEDIA_CONSTRAINTS = Object.freeze({ audio: true, video: { width: 1280, height: 720 } });
+// A P2P or SFU connection whose ICE failed restarts ICE (a new offer with fresh credentials), at most this
+// many times in a row: the new round gathers again, so a TURN allocation that failed the first time (a lost
+// Allocate, a stale nonce) gets another chance. With every server in `ice_servers`, ICE pairs direct
+// candidates first (by priority) and relayed ones last, so TURN carries the call only where nothing else works.
 const MAX_ICE_RESTARTS = 3;
+// iceTransportPolicy values (RTCConfiguration).
+const ICE_ALL = 'all';
+const ICE_RELAY = 'relay';
 const CLOSE_UNAUTHORIZED = 4001; // token refused: reconnecting cannot help
 const CLOSE_REPLACED = 4002; // the server's close code when the same identity joined again elsewhere
 const CLOSE_REMOVED = 4004; // the server removed this participant (e.g. its media timed out)
@@ -284,7 +291,9 @@ function direction(send, receive) {
  * in the order they arrived; candidates that come before a remote description wait for it.
  */
 class PeerLink {
-  constructor({ participantId, initiator, iceServers, localTracks, publish, subscribe, send, events }) {
+  constructor({
+    participantId, initiator, iceServers, iceTransportPolicy, localTracks, publish, subscribe, send, events,
+  }) {
     this.participantId = participantId;
     this.initiator = initiator;
     this.localTracks = localTracks; // {audio: MediaStreamTrack|null, video: ..., stream: MediaStream|null}
@@ -299,7 +308,7 @@ class PeerLink {
     this.retired = false; // the call moved to the SFU: this link only carries media until it is closed
     this._queue = Promise.resolve();
 
-    const pc = new RTCPeerConnection({ iceServers });
+    const pc = new RTCPeerConnection({ iceServers, iceTransportPolicy });
     this.pc = pc;
     pc.onicecandidate = (event) => this._onLocalCandidate(event.candidate);
     pc.ontrack = (event) => this._onTrack(event);
@@ -483,10 +492,14 @@ class PeerLink {
   }
 }
 
-/** What both transports are given: ICE servers, local tracks, permissions, and how to signal and report. */
+/**
+ * What both transports are given: ICE servers and policy ('relay': TURN candidates only), local tracks,
+ * permissions, and how to signal and report.
+ */
 class Transport {
-  constructor({ iceServers, localTracks, permissions, send, events }) {
+  constructor({ iceServers, iceTransportPolicy = ICE_ALL, localTracks, permissions, send, events }) {
     this.iceServers = iceServers || [];
+    this.iceTransportPolicy = iceTransportPolicy;
     this.localTracks = localTracks;
     this.publish = permissions?.publish !== false;
     this.subscribe = permissions?.subscribe !== false;
@@ -584,6 +597,7 @@ export class MeshTransport extends Transport {
       participantId,
       initiator,
       iceServers: this.iceServers,
+      iceTransportPolicy: this.iceTransportPolicy,
       localTracks: this.localTracks,
       publish: this.publish,
       subscribe: this.subscribe,
@@ -613,7 +627,9 @@ export const SFU_SUBSCRIBE_ID = 'sfu:subscribe';
  *              'maintain-resolution'), so that a rid always means the same resolution to the SFU.
  *   subscribe  the server offers (`sfu_offer` pc "subscribe" with a `revision`) one sendonly m-section per
  *              remote track; we answer (`sfu_answer`, same revision). Offers are applied strictly in order.
- * The server is ICE-lite and learns our address from our STUN checks: no candidates go either way.
+ * The server is ICE-lite and learns our address from our STUN checks: no candidates go either way. With
+ * iceTransportPolicy 'relay' those checks (and the media) come from our TURN allocation, so the address it
+ * learns is the relay's; over ICE-TCP or TURN over TCP/TLS a browser whose UDP is blocked still gets through.
  *
  * Remote tracks are grouped by the stream id of their msid (= the publishing participant's id) into one
  * MediaStream per participant holding their audio and video, reported with the same `track` events as
@@ -652,7 +668,9 @@ export class SfuTransport extends Transport {
 
   start() {
     if (this.publishPc) return;
-    const config = { iceServers: this.iceServers, bundlePolicy: 'max-bundle' };
+    const config = {
+      iceServers: this.iceServers, iceTransportPolicy: this.iceTransportPolicy, bundlePolicy: 'max-bundle',
+    };
     const pub = new RTCPeerConnection(config);
     const sub = new RTCPeerConnection(config);
     this.publishPc = pub;
@@ -1083,6 +1101,14 @@ async function captureLocalMedia(constraints) {
 const RESUME_FATAL = new Set(['resume_failed', 'unauthorized', 'token_expired', 'wrong_room', 'invalid_room',
   'invalid_name', 'room_full']);
 
+/** Whether `ice_servers` names a TURN server (a `turn:` or `turns:` URL). */
+export function hasTurnServer(iceServers) {
+  return (iceServers || []).some((server) => {
+    const urls = Array.isArray(server?.urls) ? server.urls : [server?.urls];
+    return urls.some((url) => typeof url === 'string' && /^turns?:/i.test(url));
+  });
+}
+
 /** A participant id from the server, or null (for null, missing or malformed ones). */
 function cleanParticipantId(id) {
   return typeof id === 'string' && id ? id : null;
@@ -1151,6 +1177,12 @@ function withTimeout(promise, ms, what) {
  *                                          'start_recording' | 'stop_recording' when the error answers
  *                                          startRecording() / stopRecording() (which also reject)
  *
+ * Always relay (`relayOnly`, an option and a property): every peer connection uses only the TURN relays of
+ * `ice_servers` (iceTransportPolicy 'relay'), so that no other participant learns this browser's addresses.
+ * Read whenever a connection is created (joining, the move to the SFU, a new participant); connections that
+ * exist already keep the policy they were made with. A server that names no TURN server cannot relay: the
+ * client says so (error `relay_unavailable`, not fatal) and still gathers no other candidates.
+ *
  * Adaptive stream (SFU mode): the page tells the client how large each remote video is shown
  * (setVideoSizes); the client sends `video_sizes` when that changes, at most every 250 ms, and once whenever
  * the SFU transport starts or the call resumes. `lastVideoSizes` is the last `sizes` sent.
@@ -1158,10 +1190,11 @@ function withTimeout(promise, ms, what) {
 export class HuddleClient extends EventTarget {
   constructor({
     url, mediaConstraints = MEDIA_CONSTRAINTS, pingInterval, silenceTimeout,
-    reconnectDelays = RECONNECT_DELAYS_MS,
+    reconnectDelays = RECONNECT_DELAYS_MS, relayOnly = false,
   } = {}) {
     super();
     this.url = url || null;
+    this.relayOnly = Boolean(relayOnly);
     this.mediaConstraints = mediaConstraints;
     this._signalingOptions = { pingInterval, silenceTimeout };
     this._reconnectDelays = reconnectDelays.length ? [...reconnectDelays] : [...RECONNECT_DELAYS_MS];
@@ -1515,6 +1548,7 @@ export class HuddleClient extends EventTarget {
     for (const participant of message.participants || []) this.participants.set(participant.id, { ...participant });
     this._clearAbsent();
     this._setDoors(message);
+    this._checkRelay();
 
     if (message.mode !== 'p2p' && message.mode !== 'sfu') {
       this._fail(new HuddleError('unsupported_mode', `this client cannot take part in a "${message.mode}" call`));
@@ -1971,6 +2005,7 @@ export class HuddleClient extends EventTarget {
     let transport = null;
     const options = {
       iceServers: this.iceServers,
+      iceTransportPolicy: this.relayOnly ? ICE_RELAY : ICE_ALL,
       localTracks: this._localTracks(),
       permissions: this.permissions,
       send: (msg) => (this._signaling ? this._signaling.send(msg) : false),
@@ -2145,6 +2180,14 @@ export class HuddleClient extends EventTarget {
     if (this._transport) {
       this._transport.close();
       this._transport = null;
+    }
+  }
+
+  /** Always relay without a relay to use: no connection can be made, and the person should know why. */
+  _checkRelay() {
+    if (this.relayOnly && !hasTurnServer(this.iceServers)) {
+      this._fail(new HuddleError('relay_unavailable',
+        'always relay is on, but the server offers no TURN relay: calls cannot connect'), false);
     }
   }
 
