@@ -34,7 +34,8 @@ def _parser() -> argparse.ArgumentParser:
         help="run a Huddle node",
         description="Run a Huddle node: the call page and signaling over HTTP/WebSocket, a STUN server "
         "and the media port. When ready it prints one JSON line on stdout: "
-        '{"event": "ready", "http": PORT, "stun": PORT, "media": PORT}. Logs go to stderr.',
+        '{"event": "ready", "http": PORT, "stun": PORT, "media": PORT}, and "scheme": "https" when the HTTP '
+        "port serves TLS. Logs go to stderr.",
     )
     config.add_arguments(serve)
 
@@ -95,10 +96,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logs.setup(settings.log_level)
     from huddle.cluster.membership import ClusterError
+    from huddle.tls import TlsError
     from huddle.workers import WorkerFailed
 
     try:
         asyncio.run(_serve(settings))
+    except TlsError as exc:
+        print(f"huddle serve: {exc}", file=sys.stderr)
+        return 2
     except (ClusterError, WorkerFailed) as exc:
         print(f"huddle serve: {exc}", file=sys.stderr)
         return 1
@@ -125,10 +130,15 @@ async def _serve(settings: config.Settings) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     ports = await node.start()
-    print(
-        json.dumps({"event": "ready", "http": ports.http, "stun": ports.stun, "media": ports.media}),
-        flush=True,
-    )
+    ready: dict[str, object] = {
+        "event": "ready",
+        "http": ports.http,
+        "stun": ports.stun,
+        "media": ports.media,
+    }
+    if ports.scheme != "http":
+        ready["scheme"] = ports.scheme
+    print(json.dumps(ready), flush=True)
     try:
         await stop.wait()
     finally:

@@ -45,6 +45,7 @@ class Settings:
     turn_tls_port: int = 5349
     tls_cert: str | None = None
     tls_key: str | None = None
+    self_signed: bool = False
     kafka: str | None = None
     kafka_topic: str = "huddle.recording"
     kafka_buffer_mb: int = 1024
@@ -55,6 +56,7 @@ class Settings:
     workers: str = "1"
     public_url: str | None = None
     worker_ids: str | None = None
+    pipe_url: str | None = None
 
     @property
     def open_rooms(self) -> bool:
@@ -99,9 +101,13 @@ _HELP = {
     "turn_total_quota": "most TURN allocations on this node at once",
     "turn_bandwidth_kbps": "most kbit/s one TURN allocation relays (each way); beyond, packets are dropped",
     "turn_ports": "UDP port range of the TURN relay's addresses, as FIRST-LAST",
-    "turn_tls_port": "TURN over TLS port, when --tls-cert and --tls-key are given",
-    "tls_cert": "PEM certificate chain for TLS (TURN over TLS)",
-    "tls_key": "PEM private key of --tls-cert",
+    "turn_tls_port": "TURN over TLS port, with --tls-cert and --tls-key or --self-signed",
+    "tls_cert": "PEM certificate chain (the server's certificate first): the HTTP port serves HTTPS and WSS, "
+    "and TURN over TLS runs on --turn-tls-port",
+    "tls_key": "PEM private key of --tls-cert (not protected by a passphrase)",
+    "self_signed": "serve HTTPS with a self-signed certificate for this machine's names and addresses, made "
+    "once and kept under --recordings-dir (for a try-out on a LAN: browsers warn; its SHA-256 fingerprint "
+    "is logged to check against)",
     "kafka": "send per-track recordings through Kafka: bootstrap servers as HOST:PORT[,HOST:PORT...]; "
     "`huddle record-consumer` writes the files; unset: this node writes them itself",
     "kafka_topic": "Kafka topic of the recordings' frames (keyed by chat id)",
@@ -116,13 +122,16 @@ _HELP = {
     "then take over its calls",
     "workers": "node processes on this machine behind the one HTTP port, calls placed over them by chat id "
     "('auto': one per core)",
-    "public_url": "the URL clients reach this node's HTTP port at (default: http://HOST:PORT); other nodes "
+    "public_url": "the URL clients reach this node's HTTP port at (default: http://HOST:PORT, https:// with "
+    "TLS); other nodes "
     "redirect participants here",
     "worker_ids": argparse.SUPPRESS,
+    "pipe_url": argparse.SUPPRESS,
 }
 
-# Set by the --workers parent for its children only.
-_HIDDEN = ("worker_ids",)
+# Set by the --workers parent for its children only (pipe_url: its plain HTTP door on the loopback, where a
+# worker reaches its siblings' /pipe whatever the public URL's scheme or proxy).
+_HIDDEN = ("worker_ids", "pipe_url")
 
 
 def env_name(field_name: str) -> str:
@@ -187,6 +196,16 @@ def from_namespace(ns: argparse.Namespace) -> Settings:
         raise ValueError(f"--turn-tls-port must be 0-65535, got {settings.turn_tls_port}")
     if bool(settings.tls_cert) != bool(settings.tls_key):
         raise ValueError("--tls-cert and --tls-key go together: give both or neither")
+    if settings.self_signed and settings.tls_cert:
+        raise ValueError(
+            "--self-signed makes its own certificate: give either it or --tls-cert/--tls-key, not both"
+        )
+    if settings.self_signed and settings.zookeeper:
+        raise ValueError(
+            "--self-signed is for a try-out on one machine: each node would make its own certificate, which "
+            "browsers redirected between nodes cannot accept; give every node a real one with "
+            "--tls-cert/--tls-key"
+        )
     if settings.kafka_buffer_mb < 1:
         raise ValueError("--kafka-buffer-mb must be at least 1")
     servers = (settings.kafka or "").split(",")

@@ -8,11 +8,12 @@ import logging
 import os
 import resource
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from aiohttp import web
 
+from huddle import tls
 from huddle.calls.registry import Calls
 from huddle.calls.resume import ResumeKey
 from huddle.calls.span import KEY_LABEL, Spans
@@ -48,6 +49,7 @@ class Ports:
     http: int
     stun: int
     media: int
+    scheme: str = "http"  # of the HTTP port: "https" with TLS
 
 
 class Node:
@@ -95,7 +97,16 @@ class Node:
         self._accept_errors = RateLimit(ACCEPT_ERROR, on_match=accept_errors.inc)
 
     async def start(self) -> Ports:
+        """Raises TlsError (before it takes any port) when the certificate or key cannot serve."""
+        if self.settings.self_signed:
+            self.settings = tls.with_self_signed(self.settings)
         s = self.settings
+        # A worker of --workers serves plain HTTP to its parent, which serves TLS; the certificate serves
+        # its TURN over TLS still.
+        certificate = (
+            tls.load(s.tls_cert, s.tls_key) if s.tls_cert and s.tls_key and not s.worker_ids else None
+        )
+        scheme = "https" if certificate is not None else "http"
         _raise_open_files_limit()
         logging.getLogger("asyncio").addFilter(self._accept_errors)
         self._lag = self.metrics.watch_event_loop(asyncio.get_running_loop())
@@ -114,7 +125,7 @@ class Node:
         try:
             me = NodeInfo(
                 id=s.node_id,
-                url=(s.public_url or f"http://{_url_host(announce)}:{http_port}").rstrip("/"),
+                url=(s.public_url or f"{scheme}://{_url_host(announce)}:{http_port}").rstrip("/"),
                 media=f"{_url_host(announce)}:{media_port}",
                 role="standby" if s.standby_for else "active",
                 standby_for=s.standby_for,
@@ -170,7 +181,10 @@ class Node:
         )
         await self._runner.setup()
         guard = ConnectionGuard(self.metrics, per_address=s.max_connections_per_address)
-        await GuardedSite(self._runner, http_socket, guard).start()
+        if certificate is not None:
+            await tls.TlsSite(self._runner, http_socket, guard, certificate.context).start()
+        else:
+            await GuardedSite(self._runner, http_socket, guard).start()
         self._reporter = asyncio.get_running_loop().create_task(self._report())
         self.calls.room_closed.append(self._release)
         if s.secret and weak_secret(s.secret):
@@ -180,12 +194,12 @@ class Node:
                 "the --secret is short: use at least 32 random bytes, e.g. from "
                 "`python3 -c 'import secrets; print(secrets.token_urlsafe(32))'`",
             )
-        ports = Ports(http=http_port, stun=stun_port, media=media_port)
+        ports = Ports(http=http_port, stun=stun_port, media=media_port, scheme=scheme)
         event(
             log,
             logging.INFO,
             "serving",
-            url=f"http://{_url_host(s.host)}:{http_port}",
+            url=f"{scheme}://{_url_host(s.host)}:{http_port}",
             stun=stun_port,
             media=media_port,
             open_rooms=s.open_rooms,
@@ -221,7 +235,10 @@ class Node:
         """The node id of a call's home (its hub), and the URL of its /pipe for this call."""
         assert self.cluster is not None
         owner = await self.cluster.owner(room)
-        return owner.id, f"{ws_url(owner, '/pipe')}&room={room}"
+        # A --workers sibling through the parent's plain door on the loopback: the public URL may be TLS
+        # (with a certificate this process need not trust) or a proxy's, out of reach from inside.
+        via = replace(owner, url=self.settings.pipe_url) if self.settings.pipe_url else owner
+        return owner.id, f"{ws_url(via, '/pipe')}&room={room}"
 
     def _release(self, room) -> None:
         """An emptied call's placement is forgotten, so that its next start is placed afresh (a fenced node

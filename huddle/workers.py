@@ -5,6 +5,10 @@ w0..wN-1), proxies HTTP and WebSocket traffic to them, and restarts one that die
 workers by the same rendezvous hashing as a cluster (`placement.choose`); a worker that gets a join for a call
 it does not own redirects it to `/ws?node=wI`, which this proxy sends to that worker. Media never passes
 through the parent: each worker has its own STUN and media ports.
+
+With TLS (--tls-cert/--tls-key or --self-signed) the parent serves HTTPS and WSS on the public port and talks
+plain HTTP to its workers; each worker serves TURN over TLS itself with the same certificate. The workers
+reach each other's /pipe through the parent's plain door on the loopback, never the public URL.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import generate_latest
 
-from huddle import config
+from huddle import config, tls
 from huddle.cluster.placement import choose
 from huddle.config import Settings
 from huddle.logs import event
@@ -109,18 +113,31 @@ class Workers:
         }
         self.metrics = Metrics()
         self.public_url = ""
+        self.pipe_url = ""
         self._dial = _dial_host(settings.host)
         self._runner: web.AppRunner | None = None
         self._http: aiohttp.ClientSession | None = None
         self._watchers: list[asyncio.Task[None]] = []
 
     async def start(self) -> Ports:
+        """Raises TlsError (before it takes any port) when the certificate or key cannot serve."""
+        if self.settings.self_signed:
+            # Made here, once; the workers are given it as --tls-cert/--tls-key.
+            self.settings = tls.with_self_signed(self.settings)
         s = self.settings
+        certificate = tls.load(s.tls_cert, s.tls_key) if s.tls_cert and s.tls_key else None
+        scheme = "https" if certificate is not None else "http"
         # Bound first: a port in use is reported before any worker starts, and the workers learn the URL.
         sock = bind_tcp(s.host, s.port)
         port = sock.getsockname()[1]
+        try:
+            door = bind_tcp("127.0.0.1", 0)
+        except BaseException:
+            sock.close()
+            raise
+        self.pipe_url = f"http://127.0.0.1:{door.getsockname()[1]}"
         announce = s.announce_ip or (s.host if s.host not in ("0.0.0.0", "::", "") else "127.0.0.1")
-        self.public_url = (s.public_url or f"http://{_url_host(announce)}:{port}").rstrip("/")
+        self.public_url = (s.public_url or f"{scheme}://{_url_host(announce)}:{port}").rstrip("/")
         try:
             # Made here, once: workers that start together would race to create it.
             resume_key(s)
@@ -141,16 +158,23 @@ class Workers:
             )
             await self._runner.setup()
             guard = ConnectionGuard(self.metrics, per_address=s.max_connections_per_address)
-            await GuardedSite(self._runner, sock, guard).start()
+            if certificate is not None:
+                await tls.TlsSite(self._runner, sock, guard, certificate.context).start()
+            else:
+                await GuardedSite(self._runner, sock, guard).start()
+            # Only this machine's processes reach the door, the workers' links above all: no cap per address.
+            door_guard = ConnectionGuard(self.metrics, per_address=WORKER_MAX_CONNECTIONS)
+            await GuardedSite(self._runner, door, door_guard).start()
         except BaseException:
             sock.close()
+            door.close()
             await self.stop()
             raise
         loop = asyncio.get_running_loop()
         self._watchers = [loop.create_task(self._watch(w)) for w in self._workers.values()]
         event(log, logging.INFO, "serving", url=self.public_url, workers=len(self.ids))
         first = self._workers[self.ids[0]]
-        return Ports(http=port, stun=first.stun, media=first.media)
+        return Ports(http=port, stun=first.stun, media=first.media, scheme=scheme)
 
     async def stop(self) -> None:
         for task in self._watchers:
@@ -188,6 +212,8 @@ class Workers:
             ",".join(self.ids),
             "--public-url",
             self.public_url,
+            "--pipe-url",
+            self.pipe_url,
             "--stun-port",
             str(w.stun_port),
             "--media-port",
