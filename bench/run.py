@@ -4,6 +4,7 @@
     scripts/in-netns .venv/bin/python -m bench.run --quick    # 10 people for 10 s: a smoke run
     scripts/in-netns .venv/bin/python -m bench.run --only cluster --no-janus   # bench.cluster alone
     scripts/in-netns .venv/bin/python -m bench.run --only kafka --no-janus     # bench.kafka_recording alone
+    scripts/in-netns .venv/bin/python -m bench.run --only turn --no-janus      # bench.turn alone
 
 For each scenario a fresh server (`python -m huddle serve ... --sfu-always`) is started as a subprocess, the
 synthetic participants of huddle.loadtest join it over the real protocol, and during the loadtest's measured
@@ -697,6 +698,12 @@ async def main_async(args: argparse.Namespace) -> int:
 
         kafka = await measure_kafka(say, quick=args.quick)
         table = "\n\n".join(part for part in (table, format_kafka(kafka)) if part)
+    turn = None
+    if not args.no_turn and (not args.only or "turn" in args.only):
+        from bench.turn import format_turn, measure_turn
+
+        turn = await measure_turn(say, quick=args.quick)
+        table = "\n\n".join(part for part in (table, format_turn(turn)) if part)
     print(table, flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(started))
@@ -713,6 +720,7 @@ async def main_async(args: argparse.Namespace) -> int:
         "cluster": cluster,
         "heavy": heavy,
         "kafka": kafka,
+        "turn": turn,
         "table": table,
     }
     path.write_text(json.dumps(document, indent=2) + "\n")
@@ -720,7 +728,9 @@ async def main_async(args: argparse.Namespace) -> int:
     clustered = cluster is None or all(part["complete"] for part in cluster.values())
     heavy_done = heavy is None or all(heavy[k]["complete"] for k in ("capacity", "pipe") if k in heavy)
     kafka_done = kafka is None or kafka["complete"]
-    return 0 if all(r.complete for r in rows) and clustered and heavy_done and kafka_done else 1
+    turn_done = turn is None or turn["complete"]
+    done = clustered and heavy_done and kafka_done and turn_done
+    return 0 if all(r.complete for r in rows) and done else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -733,6 +743,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-cluster", action="store_true", help="skip the cluster figures (bench.cluster)")
     parser.add_argument("--no-heavy", action="store_true", help="skip the heavy-call figures (bench.heavy)")
     parser.add_argument("--no-kafka", action="store_true", help="skip the Kafka recording figures")
+    parser.add_argument("--no-turn", action="store_true", help="skip the TURN relay figures (bench.turn)")
     args = parser.parse_args(argv)
     if args.duration is not None and not 1 <= args.duration <= 120:
         parser.error("--duration must be 1..120 s")
