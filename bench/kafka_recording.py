@@ -47,7 +47,6 @@ import re
 import secrets
 import select
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -64,7 +63,7 @@ import boto3
 from botocore.exceptions import ClientError
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from bench.cluster import ENV, Serve, cpu_seconds, own_cpu, save_results
+from bench.cluster import ENV, Serve, cpu_seconds, own_cpu, save_results, terminate
 from bench.recording_tracks import recording_entries, recording_media, tracks_throughput
 from huddle.loadtest.run import LoadtestConfig, run_loadtest
 from huddle.recording.kafka_log import KafkaLog
@@ -248,13 +247,7 @@ class Consumer:
     def stop(self) -> None:
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        terminate(self.proc, 15)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
 

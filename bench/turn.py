@@ -45,7 +45,6 @@ import os
 import secrets
 import select
 import shutil
-import signal
 import socket
 import statistics
 import struct
@@ -58,7 +57,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from bench.cluster import RESULTS, Serve, cpu_seconds, save_results
+from bench.cluster import RESULTS, Serve, cpu_seconds, save_results, terminate
 from huddle.stun.message import (
     BINDING,
     ERROR_CODE,
@@ -340,13 +339,7 @@ class Coturn:
     def stop(self) -> None:
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        terminate(self.proc, 10)
         self.proc = None
 
 
