@@ -130,18 +130,38 @@ def test_layers_follow_the_layout(new_page, server: Server) -> None:
     assert all(frames > 0 for frames, _ in sent.values()), sent
 
 
-def test_a_hidden_tile_gets_no_packets_and_comes_back(new_page, server: Server) -> None:
+# Whether a remote participant's video shows in the strip's scrolled view (the strip clips its thumbnails).
+IN_STRIP_VIEW_JS = """
+(pid) => {
+  const video = document.querySelector(`.tile.remote[data-participant-id="${pid}"] video`);
+  const strip = document.querySelector('#strip');
+  if (!video || !strip.contains(video)) return false;
+  const v = video.getBoundingClientRect(), s = strip.getBoundingClientRect();
+  return Math.min(v.bottom, s.bottom) > Math.max(v.top, s.top)
+    && Math.min(v.right, s.right) > Math.max(v.left, s.left);
+}
+"""
+
+
+def test_a_tile_scrolled_out_of_view_gets_no_packets_and_comes_back(new_page, server: Server) -> None:
     ada, bob, _cy = _room(new_page, server, "hidden", ["Ada", "Bob", "Cy"])
     ada_id = pid_of(ada)
     wait_for(lambda: video_from(bob, ada_id)["frames"] > 30, 30, "Bob to see Ada")
-    bob.evaluate("(pid) => window.hideTile(pid, true)", ada_id)
+    # Cy large on Bob's page, in a window so short that the strip beside the stage shows one thumbnail (his
+    # own, the first) and Ada's, below it, is scrolled out of view.
+    _pin(bob, "Cy")
+    bob.set_viewport_size({"width": 1280, "height": 260})
+    wait_for(lambda: not bob.evaluate(IN_STRIP_VIEW_JS, ada_id), 5, "Ada's thumbnail out of the strip's view")
     time.sleep(1.5)
     before = video_from(bob, ada_id)["packets"]
     time.sleep(2)
-    assert video_from(bob, ada_id)["packets"] == before, "packets still arrive for a hidden tile"
+    assert video_from(bob, ada_id)["packets"] == before, "packets still arrive for a tile out of view"
     frames = video_from(bob, ada_id)["frames"]
+    # Bob scrolls the strip down to Ada.
+    bob.hover("#strip")
+    bob.mouse.wheel(0, 600)
     shown = time.monotonic()
-    bob.evaluate("(pid) => window.hideTile(pid, false)", ada_id)
+    wait_for(lambda: bob.evaluate(IN_STRIP_VIEW_JS, ada_id), 2, "Ada's thumbnail scrolled into view")
     wait_for(lambda: video_from(bob, ada_id)["frames"] > frames + 5, 2, "Ada's video back within 2 s")
     assert time.monotonic() - shown <= 2.5
 
