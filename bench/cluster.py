@@ -69,9 +69,10 @@ Say = Callable[[str], None]
 class Serve:
     """`python -m huddle serve ARGS` on loopback with free ports; its ready line gives the HTTP port."""
 
-    def __init__(self, name: str, *args: str) -> None:
+    def __init__(self, name: str, *args: str, sfu_always: bool = True) -> None:
         self.name = name
         self.args = args
+        self.sfu_always = sfu_always
         self.proc: subprocess.Popen[str] | None = None
         self.url = ""
         self.log = RESULTS / f"cluster-{name}.stderr.log"
@@ -79,7 +80,9 @@ class Serve:
     def start(self) -> None:
         RESULTS.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, "-m", "huddle", "serve", "--host", "127.0.0.1", "--port", "0"]
-        command += ["--stun-port", "0", "--media-port", "0", "--sfu-always", *self.args]
+        command += ["--stun-port", "0", "--media-port", "0", *self.args]
+        if self.sfu_always:
+            command.append("--sfu-always")
         command += ["--recordings-dir", tempfile.mkdtemp("-recordings")]
         with self.log.open("w") as stderr:
             self.proc = subprocess.Popen(
