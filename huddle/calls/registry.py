@@ -359,13 +359,25 @@ class Calls:
                 return
 
     def update_media(
-        self, room: Room, participant: Participant, audio: bool | None, video: bool | None
+        self,
+        room: Room,
+        participant: Participant,
+        audio: bool | None,
+        video: bool | None,
+        screen: bool | None = None,
+        screen_stream: str | None = None,
     ) -> None:
-        """A participant muted or unmuted its microphone or camera."""
+        """A participant muted or unmuted its microphone or camera, or began or stopped sharing its screen."""
         if audio is not None:
             participant.audio = audio
         if video is not None:
             participant.video = video
+        if screen is not None:
+            participant.screen = screen
+        if not participant.screen:
+            participant.screen_stream = None
+        elif screen_stream is not None:
+            participant.screen_stream = screen_stream
         room.broadcast(outgoing.participant_updated(participant.describe()))
         self._tell_nodes(room, participant)
 
@@ -441,6 +453,8 @@ class Calls:
             "video": bool(info.get("video", True)),
             "connection": "reconnecting" if info.get("connection") == "reconnecting" else "connected",
             "hand": bool(info.get("hand", False)),
+            "screen": bool(info.get("screen", False)),
+            "screen_stream": _stream_id(info.get("screen_stream")),
         }
         known = room.remote.get(pid)
         if known is None:
@@ -549,3 +563,8 @@ class Calls:
     def rooms(self) -> dict[str, int]:
         """Room name -> participants here, for the cluster's view of this node."""
         return {name: len(room) for name, room in self._rooms.items()}
+
+
+def _stream_id(value: Any) -> str | None:
+    """A screen's stream id as another node of the call tells it (None when it is not a short string)."""
+    return value if isinstance(value, str) and 0 < len(value) <= 64 else None

@@ -44,6 +44,9 @@ class Participant:
     video: bool = True
     connection: str = "connected"  # or "reconnecting": signaling lost, within the grace period
     hand: bool = False  # a raised hand
+    screen: bool = False  # sharing a screen, window or tab
+    # In a p2p call, the id of the sender's MediaStream that carries the screen (its peer tells it apart).
+    screen_stream: str | None = None
     joined_at: float = field(default_factory=time.time)
     grace_timer: asyncio.TimerHandle | None = None
 
@@ -56,6 +59,8 @@ class Participant:
             "video": self.video,
             "connection": self.connection,
             "hand": self.hand,
+            "screen": self.screen,
+            "screen_stream": self.screen_stream,
         }
 
 

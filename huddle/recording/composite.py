@@ -183,12 +183,13 @@ def _is_vp8_keyframe(data: bytes) -> bool:
 
 
 class _Track:
-    __slots__ = ("ended_at", "id", "kind", "participant_id", "started_at")
+    __slots__ = ("ended_at", "id", "kind", "participant_id", "screen", "started_at")
 
     def __init__(self, record: TrackStarted) -> None:
         self.id = record.track_id
         self.participant_id = record.participant_id
         self.kind = record.kind
+        self.screen = record.source in ("screen", "screen_audio")  # a screen share, not a camera or mic
         self.started_at = record.at
         self.ended_at = math.inf
 
@@ -614,31 +615,44 @@ class Compositor:
 
     def _compose(self, t: float) -> None:
         present: dict[str, _Participant] = {}
-        videos: dict[str, _VideoTrack] = {}
+        videos: dict[str, _VideoTrack] = {}  # each participant's camera
+        screen: _VideoTrack | None = None  # the latest screen shared, of those showing anything
         for track in self._tracks.values():
             if isinstance(track, _VideoTrack):
                 track.advance(t)
             if not track.active(t):
                 continue
             present[track.participant_id] = self._participants[track.participant_id]
-            if isinstance(track, _VideoTrack) and track.current is not None:
-                shown = videos.get(track.participant_id)
-                if shown is None or track.started_at >= shown.started_at:
-                    videos[track.participant_id] = track
+            if not isinstance(track, _VideoTrack) or track.current is None:
+                continue
+            if track.screen:
+                if screen is None or track.started_at >= screen.started_at:
+                    screen = track
+                continue
+            shown = videos.get(track.participant_id)
+            if shown is None or track.started_at >= shown.started_at:
+                videos[track.participant_id] = track
         # Join order; with video first, so that the default speaker is the first participant with video.
         ordered = dict(sorted(present.items(), key=lambda item: (item[1].id not in videos, item[1].order)))
         speaker = self._current_speaker(t, ordered)
-        others = [p for p in present.values() if p.id != speaker]
-        if len(others) > self.max_thumbs:  # the most recent speakers keep their thumbnails
-            keep = sorted(others, key=lambda p: (-p.last_spoke, p.order))[: self.max_thumbs]
-            others = [p for p in others if p in keep]
-        others.sort(key=lambda p: p.order)
-        layout = speaker_layout(self.width, self.height, len(others), self.max_thumbs)
-        tiles = [(present[speaker], layout.main)] if speaker is not None else []
-        tiles += list(zip(others, layout.thumbs, strict=False))
+        # A shared screen takes the main area, over the speaker, who leads the strip.
+        strip = [p for p in present.values() if screen is not None or p.id != speaker]
+        if len(strip) > self.max_thumbs:  # the most recent speakers keep their thumbnails
+            keep = sorted(strip, key=lambda p: (p.id != speaker, -p.last_spoke, p.order))[: self.max_thumbs]
+            strip = [p for p in strip if p in keep]
+        strip.sort(key=lambda p: (p.id != speaker, p.order) if screen is not None else p.order)
+        layout = speaker_layout(self.width, self.height, len(strip), self.max_thumbs)
+        # (whose tile, where, its video or None for a placeholder, the name shown on it)
+        tiles: list[tuple[_Participant, Rect, _VideoTrack | None, str]] = []
+        if screen is not None:
+            sharer = self._participants[screen.participant_id]
+            tiles.append((sharer, layout.main, screen, f"{sharer.name} (screen)"))
+        elif speaker is not None:
+            tiles.append((present[speaker], layout.main, videos.get(speaker), present[speaker].name))
+        tiles += [(p, rect, videos.get(p.id), p.name) for p, rect in zip(strip, layout.thumbs, strict=False)]
         signature = tuple(
-            (p.id, p.name, rect, id(videos.get(p.id)), videos[p.id].serial if p.id in videos else -1)
-            for p, rect in tiles
+            (p.id, name, rect, id(video), video.serial if video is not None else -1)
+            for p, rect, video, name in tiles
         )
         if signature == self._signature:
             return  # nothing on screen changed: the canvas is still right
@@ -646,12 +660,11 @@ class Compositor:
         self._y.fill(BACKGROUND[0])
         self._u.fill(BACKGROUND[1])
         self._v.fill(BACKGROUND[2])
-        for participant, rect in tiles:
-            video = videos.get(participant.id)
+        for participant, rect, video, name in tiles:
             if video is None:
                 self._paste_placeholder(participant, rect)
             else:
-                self._paste_label(participant.name, self._paste_video(video, rect))
+                self._paste_label(name, self._paste_video(video, rect))
 
     def _paste_video(self, track: _VideoTrack, rect: Rect) -> Rect:
         current = track.current

@@ -24,6 +24,7 @@ import os
 import re
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +34,14 @@ from huddle.logs import event
 from huddle.recording import segments
 from huddle.recording.log import InProcessLog, ReadableLog, RecordingLog
 from huddle.recording.recorder import STOP_GRACE, Recorder
-from huddle.recording.store import ObjectStream, Store, StoreError, Uploader, store_from_settings
+from huddle.recording.store import (
+    ObjectStream,
+    Store,
+    StoredObject,
+    StoreError,
+    Uploader,
+    store_from_settings,
+)
 from huddle.recording.worker import CompositeWorker
 
 if TYPE_CHECKING:
@@ -52,7 +60,9 @@ COMPOSITE_FILE = "speaker-view.mp4"
 MANIFEST_FILE = "manifest.json"
 CHAT_FILE = "chat.json"
 MAX_CHAT_MESSAGES = 100_000  # per recording: a flood of chat must not fill the node's memory
-MAX_MANIFEST_BYTES = 4 << 20  # a previous segment's manifest read back to measure the gap
+MAX_MANIFEST_BYTES = 4 << 20  # a manifest read back (to measure a gap, to name a listing's files)
+MANIFESTS_CACHED = 512  # manifests' track lists kept for listings: stored manifests do not change
+MANIFEST_READS = 8  # at once, for one listing
 _RECORDING_ID = re.compile(r"[0-9]{8}T[0-9]{6}Z-[0-9a-f]{6}")
 _SEGMENT_KEY = re.compile(r"[0-9]{8}T[0-9]{6}Z-[0-9a-f]{6}(\.[0-9a-f]{6})?")
 _SEGMENT = re.compile(r"segment-([0-9]{1,6})/")
@@ -150,6 +160,8 @@ class Recordings:
         self._finishing: dict[str, RecordingInfo] = {}  # by id: stopped, files not stored yet
         self._tasks: set[asyncio.Task[None]] = set()  # finishing files
         self._uploads: set[asyncio.Task[None]] = set()  # waiting for the store to have them
+        # (key, size, modified) of a stored manifest → its files' people, for listings.
+        self._manifest_files: OrderedDict[tuple[str, int, float], dict[str, dict[str, str]]] = OrderedDict()
         calls.room_closed.append(self._room_closed)
         calls.recording_restored.append(self._go_on)
         calls.recording_elsewhere.append(self._follow)
@@ -499,7 +511,7 @@ class Recordings:
         duration = manifest["gap"]["duration"]
         event(log, logging.INFO, "recording segment after a gap", recording=info.id, gap=duration)
 
-    async def _read_json(self, key: str) -> Any:
+    async def _read_json(self, key: str, what: str = "an earlier segment's manifest") -> Any:
         try:
             stream = await self.store.read(key)
             async with stream:
@@ -510,7 +522,7 @@ class Recordings:
                         return None
             return json.loads(data)
         except (StoreError, OSError, ValueError) as exc:
-            event(log, logging.WARNING, "cannot read an earlier segment's manifest", key=key, error=str(exc))
+            event(log, logging.WARNING, f"cannot read {what}", key=key, error=str(exc))
             return None
 
     async def _until_stored(self, info: RecordingInfo, last_key: str) -> None:
@@ -532,13 +544,16 @@ class Recordings:
             raise RecordingError(
                 "store_unreachable", f"the recordings store ({self.store.describe()}) failed: {exc}", 503
             ) from exc
+        people = await self._people(stored)
         for obj in stored:
             parts = obj.key.split("/", 2)
             if len(parts) != 3:
                 continue  # not a recording's file (something else put into the bucket)
             _, rid, name = parts
             entry = found.setdefault(rid, {"id": rid, "room": room_name, "state": "stored", "files": []})
-            entry["files"].append({"name": name, "size": obj.size, "url": _file_url(room_name, rid, name)})
+            file = {"name": name, "size": obj.size, "url": _file_url(room_name, rid, name)}
+            file.update(people.get(f"{rid}/{name}", {}))
+            entry["files"].append(file)
         pending = [r.info for r in self._running.values() if r.info.room == room_name]
         pending += [i for i in self._finishing.values() if i.room == room_name]
         for info in pending:
@@ -552,6 +567,36 @@ class Recordings:
             entry["files"].sort(key=_file_order)
             entry["segments"] = len({_file_order(f)[0] for f in entry["files"]})
         return sorted(found.values(), key=lambda e: e["id"], reverse=True)
+
+    async def _people(self, stored: list[StoredObject]) -> dict[str, dict[str, str]]:
+        """Whose each stored track file is, from its segment's manifest: `<recording id>/<file>` →
+        {participant_id, participant_name, kind}. A manifest that cannot be read names nothing (the files
+        are listed all the same); one not stored yet (it goes up last) names nothing for now."""
+        manifests = [o for o in stored if o.key.rsplit("/", 1)[-1] == MANIFEST_FILE and o.key.count("/") >= 2]
+        limit = asyncio.Semaphore(MANIFEST_READS)
+
+        async def files_of(obj: StoredObject) -> dict[str, dict[str, str]]:
+            cache_key = (obj.key, obj.size, obj.modified)
+            cached = self._manifest_files.get(cache_key)
+            if cached is not None:
+                self._manifest_files.move_to_end(cache_key)
+                return cached
+            async with limit:
+                document = await self._read_json(obj.key, "a manifest to name a listing's files")
+            if document is None:
+                return {}  # not cached: the next listing tries again
+            _, rid, name = obj.key.split("/", 2)
+            folder = f"{rid}/{name[: -len(MANIFEST_FILE)]}"
+            files = _track_people(document, folder)
+            self._manifest_files[cache_key] = files
+            while len(self._manifest_files) > MANIFESTS_CACHED:
+                self._manifest_files.popitem(last=False)
+            return files
+
+        people: dict[str, dict[str, str]] = {}
+        for files in await asyncio.gather(*(files_of(o) for o in manifests)):
+            people.update(files)
+        return people
 
     async def open(self, room_name: str, recording_id: str, name: str) -> ObjectStream:
         key = f"{room_name}/{recording_id}/{name}"
@@ -614,6 +659,23 @@ def _emitter(recording_log: RecordingLog, key: str, composite: CompositeWorker |
 def _name(room: Room, participant_id: str) -> str:
     participant = room.participants.get(participant_id) or room.remote.get(participant_id)
     return participant.name if participant is not None else participant_id
+
+
+def _track_people(manifest: Any, folder: str) -> dict[str, dict[str, str]]:
+    """`folder<file>` → whose track it is, for each track a manifest lists (read from the store: checked)."""
+    tracks = manifest.get("tracks") if isinstance(manifest, dict) else None
+    people: dict[str, dict[str, str]] = {}
+    for track in tracks if isinstance(tracks, list) else ():
+        if not isinstance(track, dict):
+            continue
+        fields = (track.get("file"), track.get("participant_id"), track.get("name"), track.get("kind"))
+        if all(isinstance(f, str) for f in fields):
+            file, participant_id, name, kind = fields
+            person = {"participant_id": participant_id, "participant_name": name, "kind": kind}
+            if isinstance(track.get("source"), str):
+                person["source"] = track["source"]
+            people[folder + file] = person
+    return people
 
 
 def _file_order(file: dict[str, Any]) -> tuple[int, bool, str]:

@@ -66,8 +66,11 @@ class _Tap:
     consumer: Consumer
     track_id: str
     participant_id: str
+    # Looked up when the track is tapped: its first frames may go out only once its publisher has left.
+    name: str
     local: bool  # the track of a participant of this node, not one piped in from another node
     kind: str
+    source: str  # microphone, camera, screen or screen_audio
     clock_rate: int
     depacketizer: Vp8Assembler | OpusDepacketizer
     started: bool = False
@@ -166,8 +169,10 @@ class Recorder:
             consumer,
             track_id=f"{producer.id}#{self._counter}",
             participant_id=producer.peer.participant.id,
+            name=self._names(producer.peer.participant.id),
             local=producer.peer.pipe is None,
             kind=producer.kind,
+            source=producer.track_source,
             clock_rate=producer.clock_rate,
             depacketizer=depacketizer,
         )
@@ -233,17 +238,17 @@ class Recorder:
         if not tap.started:
             tap.started = True
             codec = "vp8" if tap.kind == "video" else "opus"
-            name = self._names(tap.participant_id)
             self._publish(
                 records.TrackStarted(
                     self.recording_id,
                     tap.track_id,
                     tap.participant_id,
-                    name,
+                    tap.name,
                     tap.kind,  # type: ignore[arg-type]
                     codec,
                     tap.clock_rate,
                     at,
+                    tap.source,
                 ),
                 tap.local,
             )

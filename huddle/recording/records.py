@@ -37,6 +37,9 @@ class TrackStarted:
     codec: str  # "opus" or "vp8"
     clock_rate: int
     at: float
+    # What the track carries: "microphone", "camera", "screen" or "screen_audio" ("" in records written
+    # before screen sharing: the microphone or camera, by kind).
+    source: str = ""
 
 
 @dataclass(frozen=True, slots=True)

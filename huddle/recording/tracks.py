@@ -18,7 +18,8 @@ finalises the recording's files and writes `manifest.json`, which is how the tra
   (the RTP timestamp going back by more than a second, or ahead by more than 30 s beyond the capture
   clock) rebases the track on its capture times instead of dropping everything after it.
 - A new `TrackStarted` (after `TrackEnded`, e.g. leave and rejoin) starts a new file:
-  `<participant id>-<kind>-<n>.webm`, n counting from 1 per participant and kind.
+  `<name>-<participant id>-<kind>-<n>.webm`, n counting from 1 per participant and kind (see
+  huddle.recording.filenames: the name is a safe slug of the participant's display name).
 - A recording whose directory already holds a complete manifest (`"complete": true`) is skipped: that is a
   replay of a recording finished before a restart.
 - Records that make no sense (unknown recording or track, bad ids, malformed VP8/Opus) are counted and
@@ -56,6 +57,7 @@ from typing import Any
 import av
 
 from huddle.logs import event
+from huddle.recording.filenames import safe_id, track_file
 from huddle.recording.log import RecordingLog
 from huddle.recording.records import (
     Frame,
@@ -78,7 +80,6 @@ FinishedCallback = Callable[[str, list[Path]], None]
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 _RECORDING_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")
-_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 BACKWARD_JUMP = 1.0  # s: an RTP timestamp that goes back further than this is a discontinuity, not reordering
 FORWARD_JUMP = 30.0  # s: ahead of the capture clock by more than this is a discontinuity
 # s: a frame whose RTP timestamp puts it further than this from its capture time (relative to the track's
@@ -189,9 +190,8 @@ def _opus_template(channels: int) -> Any:
 # --- the writer -----------------------------------------------------------------------------------
 
 
-def _safe_name(text: str, fallback: str) -> str:
-    name = _UNSAFE.sub("_", text)[:64].lstrip(".")
-    return name or fallback
+# A screen share's tracks are files of their own beside the camera's and microphone's: their label says so.
+_SCREEN_LABELS = {"screen": "screen", "screen_audio": "screen-audio"}
 
 
 @dataclass(eq=False)
@@ -384,14 +384,15 @@ class TrackWriter:
                 return
             # A new start without an end in between (the end was lost): the old file ends here.
             self._end_track(recording, current, record.at)
-        safe = _safe_name(record.participant_id, "participant")
-        number = recording.numbers.get((safe, record.kind), 0)
+        who = safe_id(record.participant_id)
+        label = _SCREEN_LABELS.get(record.source, record.kind)
+        number = recording.numbers.get((who, label), 0)
         while True:
             number += 1
-            name = f"{safe}-{record.kind}-{number}.webm"
+            name = track_file(record.name, record.participant_id, label, number)
             if name not in recording.names:
                 break
-        recording.numbers[(safe, record.kind)] = number
+        recording.numbers[(who, label)] = number
         recording.names.add(name)
         recording.tracks[record.track_id] = _Track(record, name, fractions.Fraction(1, record.clock_rate))
 
@@ -672,6 +673,7 @@ class TrackWriter:
                 "participant_id": meta.participant_id,
                 "name": meta.name,
                 "kind": meta.kind,
+                "source": meta.source or ("microphone" if meta.kind == "audio" else "camera"),
                 "codec": meta.codec.lower(),
                 "file": track.file,
                 "start_offset": track.start_offset,

@@ -11,6 +11,7 @@ subscriber's offer: at most (room capacity - 1) x MAX_TRACKS sections, since idl
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from huddle.rtc import sdp
@@ -83,10 +84,33 @@ def check_publish_offer(desc: sdp.SessionDescription) -> None:
             )
 
 
+# What a published track carries (Producer.track_source), and the kind of m-section that carries it. A
+# publish offer's `sources` names the screen share's sections; every other one is the camera or microphone.
+SOURCE_KINDS = {"microphone": "audio", "camera": "video", "screen": "video", "screen_audio": "audio"}
+SCREEN_SOURCES = ("screen", "screen_audio")
+
+
+def check_sources(desc: sdp.SessionDescription, sources: Mapping[str, str]) -> None:
+    """Raise SdpError unless every mid `sources` names (mid → "screen" | "screen_audio") is a sending
+    m-section of this publish offer, of the source's kind, and each source is named once."""
+    if len(set(sources.values())) != len(sources):
+        raise sdp.SdpError("sources: at most one 'screen' and one 'screen_audio' section")
+    for mid, source in sources.items():
+        if source not in SCREEN_SOURCES:
+            raise sdp.SdpError(f"sources: {source!r} is not 'screen' or 'screen_audio'")
+        media = desc.media_by_mid(mid)
+        if media is None or media.rejected or desc.direction_for(media) not in ("sendonly", "sendrecv"):
+            raise sdp.SdpError(f"sources: mid {mid!r} is not a sending m-section of this offer")
+        kind = SOURCE_KINDS[source]
+        if media.kind != kind:
+            raise sdp.SdpError(f"sources: mid {mid!r} is {media.kind}, and {source} must be {kind}")
+
+
 @dataclass
 class Section:
-    """One m-section of a subscribe connection: a track (ssrc, stream id = the publisher's participant id)
-    or, when `ssrc` is None, an idle section waiting to be reused."""
+    """One m-section of a subscribe connection: a track (ssrc, stream id = the publisher's participant id, or
+    `<participant id>~screen` for its screen share) or, when `ssrc` is None, an idle section waiting to be
+    reused."""
 
     mid: str
     kind: str

@@ -26,8 +26,8 @@ import time
 from typing import TYPE_CHECKING, Any, Protocol
 
 from huddle.rtc import rtcp, rtp
-from huddle.sfu.offer import AUDIO_LEVEL_ID, OPUS_PT, VP8_PT
-from huddle.sfu.producer import Producer
+from huddle.sfu.offer import AUDIO_LEVEL_ID, OPUS_PT, SOURCE_KINDS, VP8_PT
+from huddle.sfu.producer import Producer, default_source
 from huddle.sfu.rewrite import StreamRewriter
 from huddle.sfu.vp8 import Vp8Info
 
@@ -219,6 +219,7 @@ class Pipe:
                 "track": producer.id,
                 "participant": producer.peer.participant.id,
                 "kind": producer.kind,
+                "source": producer.track_source,
                 "rids": producer.rids,
                 "ssrcs": ssrcs,
             }
@@ -281,7 +282,7 @@ class Pipe:
                 missing = [(stats.highest + i) & 0xFFFF for i in range(1, gap)]
                 nack = rtcp.GenericNack.from_seqs(self.rtcp_ssrc, producer.ssrcs[layer] or 0, missing)
                 self.io.send_rtcp(nack.serialize())
-        elif producer.kind == "audio":
+        elif producer.track_source == "microphone":
             level = rtp.extension(data, AUDIO_LEVEL_ID) if data[0] & 0x10 else None
             if level:
                 self.router.speaker.update(
@@ -345,8 +346,14 @@ class Pipe:
         ssrcs = [int(s) for s in message["ssrcs"]]
         if kind not in ("audio", "video") or len(ssrcs) != max(1, len(rids)) or len(ssrcs) > 3:
             raise ValueError(f"track {track}: bad kind or layers")
+        # Absent from a node that predates screen sharing: its tracks are cameras and microphones.
+        source = str(message.get("source") or default_source(kind))
+        if SOURCE_KINDS.get(source) != kind:
+            raise ValueError(f"track {track}: a {kind} track cannot be a {source[:20]!r}")
         mid = track.partition(":")[2]
-        producer = Producer(peer, kind, mid, _IDENTITY_PTS, _IDENTITY_EXTENSIONS, rids, source=self)
+        producer = Producer(
+            peer, kind, mid, _IDENTITY_PTS, _IDENTITY_EXTENSIONS, rids, source=self, track_source=source
+        )
         if producer.id != track:
             raise ValueError(f"track {track} does not belong to its participant")
         for layer, ssrc in enumerate(ssrcs):

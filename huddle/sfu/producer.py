@@ -17,7 +17,7 @@ from huddle.rtc import rtp
 from huddle.rtc.rtcp import ReportBlock
 from huddle.sfu import vp8
 from huddle.sfu.allocation import NOMINAL_WIDTHS
-from huddle.sfu.offer import ABS_SEND_TIME_ID
+from huddle.sfu.offer import ABS_SEND_TIME_ID, SCREEN_SOURCES
 
 if TYPE_CHECKING:
     from huddle.sfu.consumer import Consumer
@@ -32,6 +32,9 @@ KEYFRAME_REQUEST_INTERVAL = 0.5  # seconds between PLIs to one layer of one trac
 RID_ORDER = {"q": 0, "h": 1, "f": 2}
 BITRATE_SMOOTHING = 0.3  # weight of the newest one-second sample in a layer's bitrate
 LAYER_IDLE = 1.0  # seconds without a packet after which a layer counts as stopped
+# A screen share reaches subscribers as a stream of its own, `<participant id>~screen`, so that they show it
+# apart from the camera and ask for its size under that key (docs/protocol.md).
+SCREEN_STREAM_SUFFIX = "~screen"
 
 
 class Source(Protocol):
@@ -44,6 +47,11 @@ class Source(Protocol):
     def set_layers(self, producer: Producer, layers: frozenset[int], max_tid: int | None) -> None: ...
 
     def forget(self, producer: Producer) -> None: ...
+
+
+def default_source(kind: str) -> str:
+    """What a section carries that its publisher did not name: its microphone or its camera."""
+    return "microphone" if kind == "audio" else "camera"
 
 
 def order_rids(rids: list[str]) -> list[str]:
@@ -144,6 +152,7 @@ class Producer:
         "source",
         "ssrcs",
         "stats",
+        "track_source",
         "widths",
     )
 
@@ -156,10 +165,12 @@ class Producer:
         ext_table: bytes,
         rids: list[str] | None = None,
         source: Source | None = None,
+        track_source: str | None = None,
     ) -> None:
         self.peer = peer
         self.source: Source = source if source is not None else peer
         self.kind = kind
+        self.track_source = track_source or default_source(kind)
         self.mid = mid
         self.id = f"{peer.participant.id}:{mid}"
         self.pt_map = pt_map  # publisher's payload type → the subscribers' one
@@ -185,6 +196,14 @@ class Producer:
     @property
     def layers(self) -> int:
         return len(self.ssrcs)
+
+    @property
+    def stream_id(self) -> str:
+        """The stream subscribers receive this track in (and name in `video_sizes`)."""
+        participant_id = self.peer.participant.id
+        if self.track_source in SCREEN_SOURCES:
+            return participant_id + SCREEN_STREAM_SUFFIX
+        return participant_id
 
     @property
     def ssrc(self) -> int | None:

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from huddle import outgoing
@@ -26,7 +26,7 @@ from huddle.sfu.allocation import CONGESTION_LOSS, Budget, Request, allocate, ru
 from huddle.sfu.consumer import Consumer
 from huddle.sfu.members import Call, Member
 from huddle.sfu.pipe import Pipe, PipeIO
-from huddle.sfu.producer import UNUSED_EXTENSION_ID, Producer, order_rids
+from huddle.sfu.producer import UNUSED_EXTENSION_ID, Producer, default_source, order_rids
 from huddle.sfu.speaker import SpeakerDetector, SpeakerFollower
 
 log = logging.getLogger("huddle.sfu")
@@ -228,7 +228,8 @@ class Peer:
             if producer is None:
                 self.router.sfu.port.drop("rtx_probe" if ssrc in self.rtx_ssrcs else "unknown_ssrc")
                 return
-        if producer.kind == "audio" and self.audio_level_ext is not None:
+        # The microphone alone says who speaks: a shared tab playing a video must not take the stage.
+        if producer.track_source == "microphone" and self.audio_level_ext is not None:
             level = rtp.extension(data, self.audio_level_ext)
             if level is not None and len(level) >= 1:
                 self.router.speaker.update(
@@ -508,7 +509,7 @@ class Router:
             elif peer.sizes is None:
                 width, height = 320, 180  # not told yet: thumbnails for all
             else:
-                width, height = peer.sizes.get(producer.peer.participant.id, (0, 0))
+                width, height = peer.sizes.get(producer.stream_id, (0, 0))
             # Every layer the publisher declared counts, sent or paused: dynacast turns on what is wanted.
             bitrates = [int(b) for b in producer.bitrates]
             requests.append(Request(consumer, width, height, producer.widths, bitrates))
@@ -591,17 +592,29 @@ class Router:
             for consumer in peer.consumers.values():
                 if consumer.kind == "audio":
                     # A recording keeps everyone's audio: its mix and its per-track files need all of it.
-                    consumer.audible = peer.sink is not None or consumer.producer.peer.participant.id in hears
+                    # A shared screen's sound is for everyone, like its picture.
+                    producer = consumer.producer
+                    consumer.audible = (
+                        peer.sink is not None
+                        or producer.track_source == "screen_audio"
+                        or producer.peer.participant.id in hears
+                    )
 
     # -- Negotiation (called by signaling) ------------------------------------------------------------------
 
-    def on_publish_offer(self, participant: Member, text: str) -> str:
+    def on_publish_offer(
+        self, participant: Member, text: str, sources: Mapping[str, str] | None = None
+    ) -> str:
+        """Answer a publish offer. `sources` names the sections (by mid) that carry a screen share ("screen",
+        "screen_audio"); the others are the camera and the microphone."""
+        sources = sources or {}
         peer = self.peers.get(participant.id)
         if peer is None:  # an offer that crossed its sender's departure
             raise sdp.SdpError("you are no longer in this call")
         # Limits first: a refused offer changes nothing and builds nothing.
         desc = sdp.parse(text, max_media=offer.MAX_PUBLISH_SECTIONS)
         offer.check_publish_offer(desc)
+        offer.check_sources(desc, sources)
         media = next((m for m in desc.media if not m.rejected and m.kind in ("audio", "video")), None)
         if media is None:
             raise sdp.SdpError("the offer has no audio or video m-section")
@@ -631,11 +644,15 @@ class Router:
             supported_extensions=PUBLISH_EXTENSIONS,
             session_id=peer.session_id,
         )
-        self._update_producers(peer, desc, answer)
+        self._update_producers(peer, desc, answer, sources)
         return sdp.serialize(answer)
 
     def _update_producers(
-        self, peer: Peer, offer_desc: sdp.SessionDescription, answer: sdp.SessionDescription
+        self,
+        peer: Peer,
+        offer_desc: sdp.SessionDescription,
+        answer: sdp.SessionDescription,
+        sources: Mapping[str, str],
     ) -> None:
         extmap = sdp.bundle_extmap(answer)
         ids = {uri: ext_id for ext_id, uri in extmap.items()}
@@ -664,10 +681,20 @@ class Router:
             sending.add(media.mid)
             producer = peer.producers.get(media.mid)
             rids = order_rids([r.id for r in media.rids if r.direction == "recv"])
-            if producer is None or producer.kind != media.kind or producer.rids != rids:
+            source = sources.get(media.mid) or default_source(media.kind)
+            if (
+                producer is None
+                or producer.kind != media.kind
+                or producer.rids != rids
+                or producer.track_source != source
+            ):
+                # A section that now carries something else is a new track for subscribers (another
+                # stream id): the old one ends.
                 if producer is not None:
                     self.drop_producer(producer)
-                producer = Producer(peer, media.kind, media.mid, pt_map, bytes(table), rids)
+                producer = Producer(
+                    peer, media.kind, media.mid, pt_map, bytes(table), rids, track_source=source
+                )
                 self._learn_ssrcs(producer, offer_desc.media_by_mid(media.mid))
                 self.add_producer(peer, producer)
             else:
@@ -773,7 +800,7 @@ class Router:
                 section = offer.Section(str(len(peer.sections)), consumer.kind)
                 peer.sections.append(section)
             section.ssrc = consumer.ssrc
-            section.stream_id = consumer.producer.peer.participant.id
+            section.stream_id = consumer.producer.stream_id
             section.track_id = consumer.producer.id
             consumer.mid = section.mid
         if not peer.sections:

@@ -10,7 +10,15 @@ import json
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+)
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 64 * 1024
@@ -85,16 +93,38 @@ class Candidate(_Message):
     candidate: CandidateInit | None
 
 
+# A MediaStream id as browsers make them (a UUID, in braces for Firefox): visible ASCII only, since the
+# other participants' pages compare it with their remote streams' ids and show nothing of it.
+StreamId = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[\x21-\x7e]+$")]
+
+
 class Media(_Message):
     type: Literal["media"]
     audio: bool | None = None
     video: bool | None = None
+    screen: bool | None = None
+    # With `screen: true` in a p2p call: which of the sender's streams is the screen (relayed as is).
+    screen_stream: StreamId | None = None
+
+
+# What a publish offer's m-section carries besides the camera and the microphone.
+ScreenSource = Literal["screen", "screen_audio"]
+Mid = Annotated[str, StringConstraints(min_length=1, max_length=32)]
 
 
 class SfuOffer(_Message):
     type: Literal["sfu_offer"]
     pc: Literal["publish"]
     sdp: Annotated[str, StringConstraints(min_length=1, max_length=60_000)]
+    # mid → source for the sections that carry a screen share; the others are the camera and microphone.
+    sources: Annotated[dict[Mid, ScreenSource], Field(max_length=2)] | None = None
+
+    @field_validator("sources")
+    @classmethod
+    def _one_of_each(cls, sources: dict[str, str] | None) -> dict[str, str] | None:
+        if sources is not None and len(set(sources.values())) != len(sources):
+            raise ValueError("at most one 'screen' and one 'screen_audio' section")
+        return sources
 
 
 class SfuAnswer(_Message):

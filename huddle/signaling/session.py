@@ -438,7 +438,9 @@ class Session:
 
     def _on_media(self, msg: m.Media) -> None:
         assert self.room is not None and self.participant is not None
-        self.ctx.calls.update_media(self.room, self.participant, msg.audio, msg.video)
+        self.ctx.calls.update_media(
+            self.room, self.participant, msg.audio, msg.video, msg.screen, msg.screen_stream
+        )
 
     def _on_chat(self, msg: m.Chat) -> None:
         assert self.room is not None and self.participant is not None
@@ -461,7 +463,7 @@ class Session:
             return
         assert self.participant is not None
         try:
-            answer = router.on_publish_offer(self.participant, msg.sdp)
+            answer = router.on_publish_offer(self.participant, msg.sdp, msg.sources or {})
         except ValueError as exc:
             self._error("bad_sdp", f"publish offer not accepted: {exc}", msg.id)
             return

@@ -1,6 +1,7 @@
 // The recordings page (/r/{room}/recordings): the room's recordings, newest first, with a download link per
-// file. Reads GET /api/rooms/{room}/recordings (docs/protocol.md, "Recording"); while one is still being
-// made or finished, it asks again every few seconds.
+// file and a play button per video or audio file, which plays it here, in a player under the recording's
+// files (one at a time). Reads GET /api/rooms/{room}/recordings (docs/protocol.md, "Recording"); while one
+// is still being made or finished, it asks again every few seconds.
 
 import { ROOM_PATTERN } from './client.js';
 
@@ -8,6 +9,7 @@ const REFRESH_MS = 3000; // while some recording is not stored yet
 const RETRY_MS = 10000; // after a failed request
 const COMPOSITE_FILE = 'speaker-view.mp4';
 const MANIFEST_FILE = 'manifest.json';
+const PLAYABLE = /\.(webm|mp4)$/i;
 
 const STATE_WORDS = {
   recording: 'Recording now',
@@ -31,6 +33,7 @@ const ui = {
   status: $('#recordings-status'),
   list: $('#recordings-list'),
   template: $('#recording-template'),
+  playerTemplate: $('#player-template'),
 };
 
 function roomFromPath() {
@@ -93,13 +96,59 @@ function sizeWords(bytes) {
   }).format(value);
 }
 
+/** The file's name without its segment's folder ("segment-2/speaker-view.mp4" → "speaker-view.mp4"). */
+function baseName(file) {
+  return file.name.split('/').pop();
+}
+
+/** Whose track a file is, when the list says (from the recording's manifest): their name, else ''. */
+function personOf(file) {
+  return typeof file.participant_name === 'string' ? file.participant_name.trim() : '';
+}
+
+/** Audio or video: the list says for a track file; the name says too ("…-audio-1.webm"). */
+function kindOf(file) {
+  if (file.kind === 'audio' || file.kind === 'video') return file.kind;
+  const kind = /-(audio|video)-\d+\.webm$/.exec(baseName(file));
+  return kind ? kind[1] : '';
+}
+
+// What a track carries, in words, by its `source` (docs/protocol.md); without one, by its kind.
+const SOURCE_WORDS = {
+  microphone: 'microphone', camera: 'camera', screen: 'screen', screen_audio: 'screen audio',
+};
+
+function sourceWords(file, kind) {
+  return SOURCE_WORDS[file.source] || (kind === 'audio' ? 'microphone' : 'camera');
+}
+
 /** What a file holds, in words: the names the server gives them (docs/protocol.md, "Recording"). */
-function fileWords(name) {
+function fileWords(file) {
+  const name = baseName(file);
   if (name === COMPOSITE_FILE) return 'Speaker view: the whole call in one video';
   if (name === MANIFEST_FILE) return 'How the track files line up in time';
-  const kind = /-(audio|video)-\d+\.webm$/.exec(name);
-  if (kind) return kind[1] === 'audio' ? 'One person’s audio' : 'One person’s video';
-  return '';
+  const kind = kindOf(file);
+  if (!kind) return '';
+  return `${personOf(file) || 'One person'}’s ${file.source ? sourceWords(file, kind) : kind}`;
+}
+
+/**
+ * What a playable file shows, for its play button ("Play …") and its player: "speaker view",
+ * "Ada's camera", with the segment ("part 2") of a recording that went on after a restart, and the number
+ * of a second file of one person's camera (they left and came back).
+ */
+function playWords(file) {
+  const name = baseName(file);
+  const segment = /^segment-(\d+)\//.exec(file.name);
+  const part = segment ? `, part ${segment[1]}` : '';
+  if (name === COMPOSITE_FILE) return `speaker view${part}`;
+  const person = personOf(file);
+  const kind = kindOf(file);
+  if (!person || !kind) return `${name}${part}`;
+  const again = /-(\d+)\.webm$/.exec(name);
+  const number = again && again[1] !== '1' ? ` ${again[1]}` : '';
+  // A straight apostrophe: the label is what a person says to voice control, or types to find it.
+  return `${person}'s ${sourceWords(file, kind)}${number}${part}`;
 }
 
 /** The speaker view first (the file most people want), then the tracks, the manifest last. */
@@ -108,7 +157,7 @@ function fileOrder(file) {
   return file.name === MANIFEST_FILE ? 2 : 1;
 }
 
-function renderFiles(element, files) {
+function renderFiles(element, files, recordingId) {
   const sorted = [...files].sort((a, b) => fileOrder(a) - fileOrder(b) || a.name.localeCompare(b.name));
   element.replaceChildren(...sorted.map((file) => {
     const item = document.createElement('li');
@@ -119,12 +168,14 @@ function renderFiles(element, files) {
       link.download = file.name;
       link.textContent = file.name;
       item.append(link);
+      // Playing reads the same URL as downloading: offered to those who may download.
+      if (PLAYABLE.test(file.name)) item.append(playButton(recordingId, file));
     } else {
       const name = document.createElement('span');
       name.textContent = file.name;
       item.append(name);
     }
-    const words = [fileWords(file.name), sizeWords(file.size)].filter(Boolean).join(' · ');
+    const words = [fileWords(file), sizeWords(file.size)].filter(Boolean).join(' · ');
     if (words) {
       const note = document.createElement('span');
       note.className = 'file-note';
@@ -133,6 +184,88 @@ function renderFiles(element, files) {
     }
     return item;
   }));
+}
+
+// --- the player: one at a time, under the files of the recording it plays from ---
+
+let player = null; // {key, element, video, recordingId}: the open player
+
+const playerKey = (recordingId, file) => `${recordingId}/${file.name}`;
+
+function playButton(recordingId, file) {
+  const button = document.createElement('button');
+  button.type = 'button';
+  button.className = 'small-button play-button';
+  button.textContent = `Play ${playWords(file)}`;
+  button.dataset.player = playerKey(recordingId, file);
+  const open = player !== null && player.key === button.dataset.player;
+  button.setAttribute('aria-expanded', String(open));
+  if (open) button.setAttribute('aria-controls', player.element.id);
+  button.addEventListener('click', () => {
+    if (player !== null && player.key === button.dataset.player) closePlayer(true);
+    else openPlayer(recordingId, file);
+  });
+  return button;
+}
+
+/** The play button of the open player, as shown now (a refresh of the list makes new buttons). */
+function playerButton() {
+  if (player === null) return null;
+  return [...document.querySelectorAll('.play-button')].find((b) => b.dataset.player === player.key) || null;
+}
+
+function openPlayer(recordingId, file) {
+  const item = items.get(recordingId);
+  if (!item) return;
+  closePlayer(false);
+  const element = ui.playerTemplate.content.firstElementChild.cloneNode(true);
+  const what = playWords(file);
+  element.id = `player-${Date.now()}`;
+  element.setAttribute('aria-label', `Player: ${what}`);
+  $('.player-title', element).textContent = what.charAt(0).toUpperCase() + what.slice(1);
+  const video = $('video', element);
+  video.setAttribute('aria-label', what);
+  const error = $('.player-error', element);
+  video.addEventListener('error', () => {
+    error.textContent = 'This browser cannot play this file. Download it instead.';
+    error.hidden = false;
+  });
+  $('.player-close', element).addEventListener('click', () => closePlayer(true));
+  element.addEventListener('keydown', (event) => {
+    if (event.key === 'Escape') {
+      event.preventDefault();
+      closePlayer(true);
+    }
+  });
+  video.src = withToken(file.url);
+  $('.files', item.element).after(element);
+  player = { key: playerKey(recordingId, file), element, video, recordingId };
+  const button = playerButton();
+  if (button) {
+    button.setAttribute('aria-expanded', 'true');
+    button.setAttribute('aria-controls', element.id);
+  }
+  video.focus();
+  // Pressing Play is the user's gesture, so the browser lets it start with sound; if not, its controls do.
+  video.play().catch(() => {});
+}
+
+/** Close the open player; `refocus`: put the focus back on its play button (closed from the keyboard). */
+function closePlayer(refocus) {
+  if (player === null) return;
+  const { element, video } = player;
+  const button = playerButton();
+  player = null;
+  video.pause();
+  // Without its source the element lets go of the connection and the buffered media.
+  video.removeAttribute('src');
+  video.load();
+  element.remove();
+  if (button) {
+    button.setAttribute('aria-expanded', 'false');
+    button.removeAttribute('aria-controls');
+    if (refocus) button.focus();
+  }
 }
 
 function setText(element, text) {
@@ -180,8 +313,10 @@ function renderRecording(recording) {
   const files = Array.isArray(recording.files) ? recording.files : [];
   const signature = JSON.stringify([canDownload, files]);
   if (signature !== item.files) {
-    renderFiles($('.files', element), files);
+    renderFiles($('.files', element), files, recording.id);
     item.files = signature;
+    // A player whose file is gone from the list (or may no longer be downloaded) goes with it.
+    if (player !== null && player.recordingId === recording.id && !playerButton()) closePlayer(false);
   }
   $('.files', element).hidden = files.length === 0;
   const note = $('.files-note', element);
@@ -205,6 +340,7 @@ function render(recordings) {
   }
   for (const [id, item] of items) {
     if (shown.has(id)) continue;
+    if (player !== null && player.recordingId === id) closePlayer(false);
     item.element.remove();
     items.delete(id);
   }

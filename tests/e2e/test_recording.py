@@ -58,6 +58,53 @@ def stored(server: Server, room: str) -> dict | None:
     return next((r for r in listing["recordings"] if r["state"] == "stored"), None)
 
 
+def frames_played(page: Page, player: str) -> int:
+    return (
+        page.get_by_role("region", name=player)
+        .locator("video")
+        .evaluate("v => v.error ? -1 : v.getVideoPlaybackQuality().totalVideoFrames")
+    )
+
+
+def play_in_place(page: Page) -> None:
+    """The recordings page plays a person's camera (WebM) and the speaker view (MP4) where it is: one player
+    at a time, decoding frames, the page's URL unchanged; used with the mouse and with the keyboard."""
+    url = page.url
+    ada = page.get_by_role("button", name="Play Ada's camera")
+    ada.click()
+    wait_for(lambda: frames_played(page, "Player: Ada's camera") > 15, 20, "Ada's camera to play in place")
+    assert page.url == url
+    assert ada.get_attribute("aria-expanded") == "true"
+    assert page.evaluate("document.activeElement.tagName") == "VIDEO"  # ready for space to pause
+
+    # From the keyboard: the speaker view's button, Enter. Ada's player closes: one at a time.
+    speaker_view = page.get_by_role("button", name="Play speaker view")
+    speaker_view.focus()
+    page.keyboard.press("Enter")
+    wait_for(
+        lambda: frames_played(page, "Player: speaker view") > 15, 20, "the speaker view to play in place"
+    )
+    assert page.get_by_role("region", name="Player: Ada's camera").count() == 0
+    assert ada.get_attribute("aria-expanded") == "false"
+    assert page.locator("video").count() == 1
+    played = (
+        page.get_by_role("region", name="Player: speaker view")
+        .locator("video")
+        .evaluate("v => v.currentTime")
+    )
+    assert played > 0.3
+    # Escape closes it and gives the focus back to its button; the close button does the same.
+    page.keyboard.press("Escape")
+    wait_for(lambda: page.locator("video").count() == 0, 5, "the player to close")
+    assert page.evaluate("document.activeElement.textContent") == "Play speaker view"
+    ada.click()
+    page.get_by_role("region", name="Player: Ada's camera").get_by_role("button", name="Close player").click()
+    wait_for(lambda: page.locator("video").count() == 0, 5, "the player to close")
+    assert page.url == url
+    # The download links are still there.
+    assert page.get_by_role("link", name="speaker-view.mp4").count() == 1
+
+
 def test_a_three_person_call_recorded_from_the_page(new_page, server: Server, tmp_path: Path) -> None:
     room = "recorded"
     pages = join(new_page, server, room, ["Ada", "Bob", "Cy"])
@@ -80,6 +127,14 @@ def test_a_three_person_call_recorded_from_the_page(new_page, server: Server, tm
     links = f"li.recording[data-id='{recording['id']}'] a.download"
     wait_for(lambda: listing.locator(links).count() == len(recording["files"]), 15, "the download links")
     assert "speaker-view.mp4" in listing.locator(links).first.get_attribute("href")
+    # Each track file says whose it is, in its name and in the listing.
+    tracks = [f for f in recording["files"] if f["name"].endswith(".webm")]
+    assert sorted((f["participant_name"], f["kind"]) for f in tracks) == sorted(
+        (n, k) for n in ("Ada", "Bob", "Cy") for k in ("audio", "video")
+    )
+    for f in tracks:
+        assert f["name"] == f"{f['participant_name'].lower()}-{f['participant_id']}-{f['kind']}-1.webm"
+    play_in_place(listing)
     for f in recording["files"]:
         with urllib.request.urlopen(server.url + f["url"], timeout=30) as response:
             (tmp_path / f["name"]).write_bytes(response.read())

@@ -1,7 +1,9 @@
 """A participant made of aiortc, the second WebRTC stack: speaks Huddle's protocol in SFU mode.
 
-It publishes aiortc's synthetic video (VP8) and audio (Opus) on its `publish` connection and answers the
-server's offers on its `subscribe` connection, counting the frames it decodes per remote participant.
+It publishes aiortc's synthetic video (VP8) and audio (Opus) on its `publish` connection, and with
+`screen=True` a screen share too (a third track, named in the offer's `sources`), and answers the server's
+offers on its `subscribe` connection, counting the frames it decodes per stream id (a participant's id, or
+`<participant id>~screen` for its screen).
 """
 
 from __future__ import annotations
@@ -13,20 +15,42 @@ from collections import defaultdict
 from typing import Any
 
 import aiohttp
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCBundlePolicy, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import AudioStreamTrack, MediaStreamError, VideoStreamTrack
+from av import VideoFrame
+
+# The screen share's frames: a size and a colour of their own (white, where aiortc's camera is 640x480 and
+# green), so that a test tells them apart wherever they arrive.
+SCREEN_SIZE = (640, 360)
+SCREEN_YUV = (235, 128, 128)
+
+
+class ScreenTrack(VideoStreamTrack):
+    async def recv(self) -> VideoFrame:
+        pts, time_base = await self.next_timestamp()
+        frame = VideoFrame(width=SCREEN_SIZE[0], height=SCREEN_SIZE[1])
+        for plane, value in zip(frame.planes, SCREEN_YUV, strict=True):
+            plane.update(bytes([value]) * plane.buffer_size)
+        frame.pts, frame.time_base = pts, time_base
+        return frame
 
 
 class SfuClient:
-    def __init__(self, base_url: str, room: str, name: str) -> None:
+    def __init__(self, base_url: str, room: str, name: str, *, screen: bool = False) -> None:
         self.base_url = base_url
         self.room = room
         self.name = name
+        self.screen = screen
+        self._screen_transceiver: Any = None
         self.id: str | None = None
         # No ICE servers: aiortc would otherwise default to a public STUN server. The SFU is ICE-lite and
         # reachable on its host candidate, which is all a test on this machine needs.
         config = RTCConfiguration(iceServers=[])
-        self.publish = RTCPeerConnection(config)
+        # Max-bundle for what it sends: with aiortc's default policy a second video track (the screen) shares
+        # the first one's transport, which setting the BUNDLE answer then stops under it (aiortc 1.16).
+        self.publish = RTCPeerConnection(
+            RTCConfiguration(iceServers=[], bundlePolicy=RTCBundlePolicy.MAX_BUNDLE)
+        )
         self.subscribe = RTCPeerConnection(config)
         self.video_frames: dict[str, int] = defaultdict(int)
         self.audio_frames: dict[str, int] = defaultdict(int)
@@ -55,9 +79,29 @@ class SfuClient:
     async def start_publishing(self) -> None:
         self.publish.addTrack(AudioStreamTrack())
         self.publish.addTrack(VideoStreamTrack())
+        if self.screen:
+            sender = self.publish.addTrack(ScreenTrack())
+            self._screen_transceiver = next(t for t in self.publish.getTransceivers() if t.sender is sender)
+        await self._publish_offer()
+
+    async def stop_screen(self) -> None:
+        """Stop sharing as a browser does: the screen's section goes inactive in the next publish offer."""
+        self._screen_transceiver.direction = "inactive"
+        self.screen = False
+        await self._publish_offer()
+
+    async def _publish_offer(self) -> None:
+        self._answered.clear()
         await self.publish.setLocalDescription(await self.publish.createOffer())
-        await self._send({"type": "sfu_offer", "pc": "publish", "sdp": self.publish.localDescription.sdp})
+        message = {"type": "sfu_offer", "pc": "publish", "sdp": self.publish.localDescription.sdp}
+        if self.screen:
+            message["sources"] = {self._screen_transceiver.mid: "screen"}
+        await self._send(message)
         await asyncio.wait_for(self._answered.wait(), 10)
+
+    def stream_ids(self) -> set[str]:
+        """The stream ids of the tracks the server's latest subscribe offer sends this client."""
+        return set(self._owners.values())
 
     async def _send(self, message: dict[str, Any]) -> None:
         assert self._ws is not None

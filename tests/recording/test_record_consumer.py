@@ -127,6 +127,8 @@ def check_recording(
     assert set(files) == {"manifest.json", *(t["file"] for t in tracks.values())}
     for track_id, sent in call.sent.items():
         entry = tracks[track_id]
+        # Named after the person, as the node's own writer names them (these names are plain ASCII).
+        assert entry["file"].startswith(f"{entry['name'].lower()}-{entry['participant_id']}-{entry['kind']}-")
         path = tmp_path / f"check-{uuid.uuid4().hex[:6]}-{entry['file']}"
         path.write_bytes(files[entry["file"]])
         stored = packets(path)

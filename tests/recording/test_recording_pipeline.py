@@ -103,6 +103,15 @@ async def test_a_synthetic_call_recorded_to_composite_and_per_track_files(node: 
         assert "speaker-view.mp4" in names and "manifest.json" in names
         # 3 people throughout and one guest for a while, audio and video each.
         assert len([n for n in names if n.endswith(".webm")]) == 8
+        # Each track file says whose it is, in its name and in the listing. The guest is "synthetic-0"
+        # too (a second loadtest run): the participant id keeps the two apart.
+        listed = {f["name"]: f for f in recording["files"] if f["name"].endswith(".webm")}
+        for name, f in listed.items():
+            assert f["participant_name"].startswith("synthetic-") and f["kind"] in ("audio", "video"), f
+            assert name == f"{f['participant_name']}-{f['participant_id']}-{f['kind']}-1.webm"
+        assert len({f["participant_id"] for f in listed.values()}) == 4
+        composite = next(f for f in recording["files"] if f["name"] == "speaker-view.mp4")
+        assert "participant_name" not in composite
 
         # Download every file back over HTTP: byte for byte what the node wrote (the spool keeps nothing).
         for f in recording["files"]:
@@ -127,6 +136,9 @@ async def test_a_synthetic_call_recorded_to_composite_and_per_track_files(node: 
     assert manifest["recording_id"] == started["id"] and manifest["room"] == room
     tracks = manifest["tracks"]
     assert len(tracks) == 8
+    assert {t["file"]: (t["participant_id"], t["name"], t["kind"]) for t in tracks} == {
+        name: (f["participant_id"], f["participant_name"], f["kind"]) for name, f in listed.items()
+    }
     for track in tracks:
         info = probe(tmp_path / Path(track["file"]).name)
         stream = info["streams"][0]

@@ -201,8 +201,9 @@ async def test_through_the_log_files_decode_and_tracks_line_up(media: Media, tmp
     directory = tmp_path / "rec-main"
     doc = manifest(tmp_path, "rec-main")
     assert paths[-1] == directory / "manifest.json"
+    # Named "<name>-<participant id>-...": these participants' ids are their names in lower case.
     assert sorted(p.name for p in paths[:-1]) == sorted(
-        ["alice-video-1.webm", "alice-audio-1.webm", "bob-video-1.webm", "bob-audio-1.webm"]
+        f"{who}-{who}-{kind}-1.webm" for who in ("alice", "bob") for kind in ("video", "audio")
     )
     assert finished_on == [threading.get_ident()]  # on_finished runs on the event loop's thread
     assert doc["recording_id"] == "rec-main" and doc["room"] == "standup" and doc["complete"] is True
@@ -267,7 +268,7 @@ def test_leave_and_rejoin_make_two_files(media: Media, tmp_path: Path) -> None:
         writer.handle(record)
     doc = manifest(tmp_path, "rec-rejoin")
     files = sorted(t["file"] for t in doc["tracks"])
-    assert files == ["dave-audio-1.webm", "dave-audio-2.webm", "dave-video-1.webm", "dave-video-2.webm"]
+    assert files == [f"dave-dave-{kind}-{n}.webm" for kind in ("audio", "video") for n in (1, 2)]
     for entry in doc["tracks"]:
         check_file(tmp_path / "rec-rejoin", entry, 60 if entry["kind"] == "video" else 100)
         second = entry["file"].endswith("-2.webm")
@@ -347,12 +348,48 @@ async def test_a_recording_whose_stop_was_lost_can_be_finished(media: Media, tmp
         await consumer.wait_finished("rec-lost", timeout=0.2)
     assert await consumer.finish("rec-lost") is True
     paths = await consumer.wait_finished("rec-lost", timeout=5)
-    assert [p.name for p in paths] == ["ivy-audio-1.webm", "manifest.json"]
+    assert [p.name for p in paths] == ["ivy-ivy-audio-1.webm", "manifest.json"]
     doc = manifest(tmp_path, "rec-lost")
     assert doc["complete"] is False
     check_file(tmp_path / "rec-lost", doc["tracks"][0], 100)
     assert await consumer.finish("rec-lost") is False
     await consumer.close()
+
+
+def test_files_are_named_after_their_people_whatever_the_names(media: Media, tmp_path: Path) -> None:
+    call = Call("rec-names")
+    people = [
+        ("p_00000001", "Alice"),
+        ("p_00000002", "Alice"),  # a second Alice: her own files
+        ("p_00000003", "../../etc"),
+        ("p_00000004", "<script>alert(1)</script>"),
+        ("p_00000005", "🎉"),
+        ("p_00000006", "Zoë " * 125),  # 500 characters
+        ("p_00000007", ".."),
+    ]
+    for participant, name in people:
+        call.track(media, participant, name, "audio", 0.5, 50)
+    writer = TrackWriter(tmp_path)
+    for record in call.records(stop_at=2.0):
+        writer.handle(record)
+    directory = tmp_path / "rec-names"
+    doc = manifest(tmp_path, "rec-names")
+    files = {t["participant_id"]: t["file"] for t in doc["tracks"]}
+    assert files == {
+        "p_00000001": "alice-p_00000001-audio-1.webm",
+        "p_00000002": "alice-p_00000002-audio-1.webm",
+        "p_00000003": "etc-p_00000003-audio-1.webm",
+        "p_00000004": "script-alert-1-script-p_00000004-audio-1.webm",
+        "p_00000005": "p_00000005-audio-1.webm",
+        "p_00000006": "zoe-" * 7 + "zoe-p_00000006-audio-1.webm",
+        "p_00000007": "p_00000007-audio-1.webm",
+    }
+    # Every file is where its name says, inside the recording's folder, and plays; the manifest keeps the
+    # name as it was typed.
+    assert sorted(p.name for p in directory.iterdir()) == sorted([*files.values(), "manifest.json"])
+    for entry in doc["tracks"]:
+        check_file(directory, entry, 50)
+    assert {t["participant_id"]: t["name"] for t in doc["tracks"]} == dict(people)
 
 
 def test_duplicates_and_replays_are_not_written_twice(media: Media, tmp_path: Path) -> None:
