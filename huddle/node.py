@@ -181,10 +181,8 @@ class Node:
         )
         await self._runner.setup()
         guard = ConnectionGuard(self.metrics, per_address=s.max_connections_per_address)
-        if certificate is not None:
-            await tls.TlsSite(self._runner, http_socket, guard, certificate.context).start()
-        else:
-            await GuardedSite(self._runner, http_socket, guard).start()
+        context = certificate.context if certificate is not None else None
+        await GuardedSite(self._runner, http_socket, guard, context).start()
         self._reporter = asyncio.get_running_loop().create_task(self._report())
         self.calls.room_closed.append(self._release)
         if s.secret and weak_secret(s.secret):

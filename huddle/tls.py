@@ -7,7 +7,6 @@ call page reached at a LAN address needs TLS even for a try-out.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import datetime
 import ipaddress
@@ -20,7 +19,6 @@ from pathlib import Path
 from typing import Final
 from urllib.parse import urlsplit
 
-from aiohttp import web
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
@@ -29,12 +27,10 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from huddle.config import Settings
 from huddle.logs import event
-from huddle.signaling.connections import BACKLOG, ConnectionGuard, GuardedSite
 
 __all__ = [
     "ServerCertificate",
     "TlsError",
-    "TlsSite",
     "load",
     "self_signed",
     "self_signed_names",
@@ -43,8 +39,6 @@ __all__ = [
 
 log = logging.getLogger("huddle.tls")
 
-# A client that opens a connection and never finishes its handshake holds it this long at most.
-HANDSHAKE_TIMEOUT: Final = 10.0
 SELF_SIGNED_DAYS: Final = 365
 # Made anew at a start this close to expiry, so that a node started today does not lapse during a call.
 RENEW_BEFORE: Final = datetime.timedelta(days=7)
@@ -240,35 +234,6 @@ def self_signed(path: Path, names: tuple[str, ...], now: datetime.datetime | Non
         f.write(pem)
     os.replace(draft, path)
     return True
-
-
-class TlsSite(GuardedSite):
-    """A `GuardedSite` that speaks TLS. The guard sees a connection once its handshake is done; until then
-    HANDSHAKE_TIMEOUT bounds it."""
-
-    __slots__ = ("_context",)
-
-    def __init__(
-        self, runner: web.BaseRunner, sock: socket.socket, guard: ConnectionGuard, context: ssl.SSLContext
-    ) -> None:
-        super().__init__(runner, sock, guard)
-        self._context = context
-
-    @property
-    def name(self) -> str:
-        return "https" + super().name.removeprefix("http")
-
-    async def start(self) -> None:
-        await web.BaseSite.start(self)
-        server = self._runner.server
-        assert server is not None
-        self._server = await asyncio.get_running_loop().create_server(
-            self._guard.protocol_factory(server),
-            sock=self._sock,
-            backlog=BACKLOG,
-            ssl=self._context,
-            ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
-        )
 
 
 def _read(flag: str, path: str) -> bytes:

@@ -158,10 +158,8 @@ class Workers:
             )
             await self._runner.setup()
             guard = ConnectionGuard(self.metrics, per_address=s.max_connections_per_address)
-            if certificate is not None:
-                await tls.TlsSite(self._runner, sock, guard, certificate.context).start()
-            else:
-                await GuardedSite(self._runner, sock, guard).start()
+            context = certificate.context if certificate is not None else None
+            await GuardedSite(self._runner, sock, guard, context).start()
             # Only this machine's processes reach the door, the workers' links above all: no cap per address.
             door_guard = ConnectionGuard(self.metrics, per_address=WORKER_MAX_CONNECTIONS)
             await GuardedSite(self._runner, door, door_guard).start()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -34,6 +35,8 @@ IDLE_TIMEOUT: Final = 30.0
 # Connections the kernel completes while we are busy: beyond it a client's SYN is dropped and it retries
 # only a second later. A call's start brings many joins at once, and a flood must not push them out.
 BACKLOG: Final = 1024
+# A client that opens a TLS connection and never finishes its handshake holds it this long at most.
+HANDSHAKE_TIMEOUT: Final = 10.0
 # Label values of huddle_errors{kind=...}.
 PER_ADDRESS_LIMIT: Final = "http_per_address_limit"
 HEADER_TIMEOUT_KIND: Final = "http_header_timeout"
@@ -243,19 +246,28 @@ def bind_tcp(host: str, port: int) -> socket.socket:
 
 
 class GuardedSite(web.BaseSite):
-    """A TCP site whose connections pass through a `ConnectionGuard` before they reach aiohttp."""
+    """A TCP site whose connections pass through a `ConnectionGuard` before they reach aiohttp; with an SSL
+    context it speaks TLS, and the guard sees a connection once its handshake is done (HANDSHAKE_TIMEOUT
+    bounds it until then)."""
 
-    __slots__ = ("_guard", "_sock")
+    __slots__ = ("_context", "_guard", "_sock")
 
-    def __init__(self, runner: web.BaseRunner, sock: socket.socket, guard: ConnectionGuard) -> None:
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        sock: socket.socket,
+        guard: ConnectionGuard,
+        context: ssl.SSLContext | None = None,
+    ) -> None:
         super().__init__(runner)
         self._sock = sock
         self._guard = guard
+        self._context = context
 
     @property
     def name(self) -> str:
         host, port = self._sock.getsockname()[:2]
-        return f"http://{host}:{port}"
+        return f"{'https' if self._context else 'http'}://{host}:{port}"
 
     @property
     def sockets(self) -> list[Any]:
@@ -265,7 +277,9 @@ class GuardedSite(web.BaseSite):
         await super().start()
         server = self._runner.server
         assert server is not None
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            self._guard.protocol_factory(server), sock=self._sock, backlog=BACKLOG
+        tls: dict[str, Any] = {}
+        if self._context is not None:
+            tls = {"ssl": self._context, "ssl_handshake_timeout": HANDSHAKE_TIMEOUT}
+        self._server = await asyncio.get_running_loop().create_server(
+            self._guard.protocol_factory(server), sock=self._sock, backlog=BACKLOG, **tls
         )
