@@ -21,6 +21,10 @@ from tests.recording.tansu import Tansu
 
 TOPIC = "huddle.recording"
 
+# The slowest single publish() allowed. One that waited for the broker or the disk would take the broker's
+# timeouts (seconds); a few ms is scheduling on a busy 2-core machine. Its cost: bench/kafka_recording.py.
+NEVER_WAITS = 0.05
+
 
 def murmur2_partition(key: bytes, partitions: int) -> int:
     """The Java client's default partitioner (murmur2, then toPositive, modulo the partition count)."""
@@ -182,7 +186,7 @@ async def test_broker_away_for_10_s_publish_stays_cheap_and_every_record_arrives
     stats = log.stats()
     await log.close()
 
-    assert slowest < 0.002, f"slowest publish call {slowest * 1e3:.2f} ms"
+    assert slowest < NEVER_WAITS, f"slowest publish call {slowest * 1e3:.2f} ms"
     assert "buffering" in states and most_buffered > 100
     assert stats["dropped"] == 0 and stats["acked"] == stats["parts"] == i
     assert segments(outbox) == []  # all sent, all deleted
@@ -207,7 +211,7 @@ async def test_beyond_the_disk_bound_records_are_dropped_and_counted(tmp_path: P
     assert log.state == "dropping"
     assert stats["dropped"] > 100 and stats["published"] + stats["dropped"] == 200
     assert stats["buffered_bytes"] <= 64 << 10
-    assert slowest < 0.002
+    assert slowest < NEVER_WAITS, f"slowest publish call {slowest * 1e3:.2f} ms"
     await log.close(flush_timeout=0.2)
     on_disk = sum(p.stat().st_size for p in segments(tmp_path / "outbox"))
     assert 0 < on_disk <= (64 << 10) + (16 << 10) + 1024  # the outbox, and what librdkafka gave back
