@@ -5,13 +5,19 @@
 import { HuddleClient, ROOM_PATTERN } from './client.js';
 import { $ } from './ui/dom.js';
 import { hideCopyLink, initControls, updateLocalState } from './ui/controls.js';
-import { initPanels, nameFormShown, showCall, showLeftPanel, showNameForm } from './ui/panels.js';
+import { initPanels, nameFormShown, showCall, showJoinFailed, showLeftPanel } from './ui/panels.js';
+import { initPrejoin, showPrejoin } from './ui/prejoin.js';
 import { hideRecordingsLink, initRecording, isRecordingError, updateRecording } from './ui/recording.js';
+import { initChat } from './ui/chat.js';
+import { initPeople } from './ui/people.js';
+import { ConnectionMonitor } from './lib/stats.js';
 import { initSettings, storedRelayChoice } from './ui/settings.js';
+import { initScreenShare } from './ui/screen.js';
+import { initShortcuts } from './ui/shortcuts.js';
 import { initStage, layout, noteSpeaker, reportVideoSizes } from './ui/stage.js';
 import {
   ERROR_WORDS, MOVED_WORDS, QUIET_ERRORS, RESTORED_WORDS, errorWords, hideError, initStatus, setStatus,
-  showError, showStatusNotice, updateCount,
+  showError, showStatusNotice, updateCount, watchNetwork,
 } from './ui/status.js';
 import {
   clearRemoteTiles, ensureRemoteTile, localTile as ownTile, playVideo, removeRemoteTile, setTileConnection,
@@ -61,12 +67,20 @@ async function joinCall() {
 initStatus(huddle);
 initStage(huddle);
 initRecording(huddle, { room, token });
+initPrejoin(huddle);
 initSettings(huddle);
+initShortcuts();
 initControls(huddle, { localTile, room });
+// Chat, people, hands, connection quality and the network banner (one getStats sweep a second for the last two).
+const connectionMonitor = new ConnectionMonitor(huddle);
+initChat(huddle);
+initPeople(huddle, connectionMonitor);
+watchNetwork(connectionMonitor);
+initScreenShare(huddle);
 initPanels({
   onRejoin: () => {
     if (displayName || token) joinCall();
-    else showNameForm(displayName);
+    else showPrejoin(displayName);
   },
   onName: (name) => {
     displayName = name;
@@ -92,7 +106,7 @@ huddle.addEventListener('state', (event) => {
     showLeft('You are disconnected', note, 'Rejoin');
   } else if (state === 'error' && !nameFormShown()) {
     clearRemoteTiles();
-    showLeft('Could not join the call', '', 'Try again');
+    showJoinFailed(lastErrorCode, errorWords({ code: lastErrorCode }, token), ROOM_PATTERN.test(room));
   }
 });
 
@@ -168,6 +182,7 @@ huddle.addEventListener('peer-state', (event) => {
 huddle.addEventListener('error', (event) => {
   const detail = event.detail;
   if (isRecordingError(detail)) return; // ui/recording.js answers these
+  if (detail.request === 'chat') return; // ui/chat.js answers these, in its panel
   lastErrorCode = detail.code;
   if (QUIET_ERRORS.has(detail.code)) {
     console.info('huddle:', detail.code, detail.message);
@@ -175,7 +190,7 @@ huddle.addEventListener('error', (event) => {
   }
   if (detail.code === 'invalid_name' && !token) {
     clearRemoteTiles();
-    showNameForm(displayName, ERROR_WORDS.invalid_name);
+    showPrejoin(displayName, ERROR_WORDS.invalid_name);
     return;
   }
   const transient = detail.code === 'peer_error';
@@ -212,5 +227,5 @@ if (!ROOM_PATTERN.test(room)) {
 } else if (displayName || token) {
   joinCall();
 } else {
-  showNameForm(displayName);
+  showPrejoin(displayName);
 }

@@ -16,10 +16,11 @@
 //
 // Protocol: docs/protocol.md (version 1).
 
-import { MEDIA_CONSTRAINTS, captureLocalMedia } from './lib/devices.js';
+import { MEDIA_CONSTRAINTS, captureLocalMedia, withDevices } from './lib/devices.js';
 import { HuddleError, emit } from './lib/errors.js';
 import { Migration } from './lib/migration.js';
 import { MeshTransport } from './lib/p2p.js';
+import { captureScreen, screenOwner } from './lib/screen.js';
 import {
   DEFAULT_RECONNECT_GRACE_S, RECONNECT_DELAYS_MS, Reconnector, joinFollowingRedirects,
 } from './lib/reconnect.js';
@@ -46,6 +47,10 @@ const VIDEO_SIZES_ID_PREFIX = 'video-sizes-';
 // Request ids of `start_recording` / `stop_recording`: the message type, '-', a number. The `error` event of a
 // refused one names the request (detail.request), even when it comes after the request was settled.
 const RECORDING_ID_PATTERN = /^(start_recording|stop_recording)-\d+$/;
+// Request ids of `chat`: an `error` answering one (rate_limited, bad_message) has detail.request 'chat'.
+const CHAT_ID_PREFIX = 'chat-';
+// The chat kept on the page: the server's history (100) and what came since, within reason.
+const CHAT_KEPT = 500;
 
 /** A participant id from the server, or null (for null, missing or malformed ones). */
 function cleanParticipantId(id) {
@@ -88,11 +93,16 @@ function sameSizes(a, b) {
  *                                          they are (or the grace period ends: participant-left, 'timeout')
  *   track               {participantId, stream, track}  stream: everything of that participant's to show
  *   track-removed       {participantId, stream, track}  the track left `stream` (SFU mode)
+ *   screen              {stream}           our screen share started (its stream) or stopped (null)
+ *   screen-track        {participantId, key, stream, track}  someone's screen share: `stream` holds its video
+ *                                          (and audio); key '<participant id>~screen' (its `video_sizes` key)
+ *   screen-track-removed {participantId, key, stream, track}  the track left that screen share's `stream`
  *   peer-state          {participantId, connectionState, iceConnectionState, state}  in SFU mode also for
  *                                          'sfu:publish' and 'sfu:subscribe'; a participant's is the state of
  *                                          the connection their media arrives on
  *   local-stream        {stream}           the local camera/microphone stream (null once released)
- *   local-media         {audio, video}     what this client sends, after setAudioEnabled / setVideoEnabled
+ *   local-media         {audio, video}     what this client sends, after setAudioEnabled / setVideoEnabled,
+ *                                          and when a device stops (unplugged: `mediaError` name 'ended')
  *   active-speaker      {id, previous}     who speaks now (`activeSpeaker`; a participant id, possibly our
  *                                          own, or null), from the server's `active_speaker` and `joined`
  *   publisher-layers    {active}           SFU mode: the camera's simulcast layers some viewer needs (rids)
@@ -103,6 +113,9 @@ function sameSizes(a, b) {
  *                                          'stopped' (someone started or stopped it), 'joined' (`joined` said
  *                                          otherwise, e.g. it changed while we were reconnecting), 'left' (our
  *                                          call ended)
+ *   chat                {message}          a chat message ({id, from, name, text, at}) came, live or (after a
+ *                                          resume) one missed meanwhile. `chat` holds them all, oldest first,
+ *                                          with the history `joined` brought (read it on `joined`)
  *   error               {code, message, source: 'server' | 'local', fatal, requestId, request}  `request`:
  *                                          'start_recording' | 'stop_recording' when the error answers
  *                                          startRecording() / stopRecording() (which also reject)
@@ -140,6 +153,7 @@ export class HuddleClient extends EventTarget {
     this.reconnectGrace = null; // seconds
     this._wantAudio = true;
     this._wantVideo = true;
+    this._chosenDevices = {}; // {audioDeviceId, videoDeviceId} of the last useDevices(): asked for again on rejoin
     this._joinName = null;
     this._signaling = null;
     this._transport = null;
@@ -165,6 +179,9 @@ export class HuddleClient extends EventTarget {
     this._session = 0;
     this.activeSpeaker = null; // participant id (maybe our own) or null
     this.recording = null; // the call's running recording ({id, outputs, started_at, started_by, ...}) or null
+    this.chat = []; // the call's chat messages ({id, from, name, text, at}), oldest first
+    this._chatIds = new Set();
+    this._chatSent = 0;
     this._recordingRequests = new Map(); // request id -> {request, resolve, reject}, oldest first
     this._recordingRequestsSent = 0;
     // Adaptive stream: what the page shows (setVideoSizes), what went out last, and the throttle.
@@ -174,6 +191,7 @@ export class HuddleClient extends EventTarget {
     this._videoSizesDue = false; // send once even if nothing changed (the SFU transport started, or resumed)
     this._videoSizesAt = -Infinity;
     this._videoSizesTimer = null;
+    this.screen = null; // our screen share while it runs: {video, audio, stream} (startScreenShare)
   }
 
   get audioEnabled() {
@@ -217,6 +235,7 @@ export class HuddleClient extends EventTarget {
     }
 
     const session = ++this._session;
+    this._clearChat(); // a new call (a resume keeps it)
     this.room = room;
     this._joinName = displayName;
     this._setState('connecting');
@@ -281,6 +300,42 @@ export class HuddleClient extends EventTarget {
     this._setState('idle');
   }
 
+  /**
+   * Camera and microphone from the devices named (deviceIds; undefined or '' keep a working one, else take the
+   * default). Before joining this captures them now, for a preview: join() then sends this stream, with no
+   * second capture. In a call only what changed is captured, and the new track goes on every sender that
+   * carried the old one (RTCRtpSender.replaceTrack, no renegotiation). Resolves with {stream, error}; `error`
+   * (also `mediaError`, {name, words, kind}) says what could not be captured.
+   */
+  async useDevices({ audioDeviceId, videoDeviceId } = {}) {
+    const ids = { audio: audioDeviceId, video: videoDeviceId };
+    const wanted = {};
+    for (const kind of ['audio', 'video']) {
+      const current = this._localTrack(kind);
+      if (!this.mediaConstraints[kind]) continue;
+      if (current && (!ids[kind] || current.getSettings().deviceId === ids[kind])) continue;
+      wanted[kind] = this.mediaConstraints[kind];
+    }
+    if (!wanted.audio && !wanted.video) return { stream: this.localStream, error: this.mediaError };
+    const session = this._session;
+    const { stream, error } = await captureLocalMedia(withDevices(wanted, { audioDeviceId, videoDeviceId }));
+    if (session !== this._session) {
+      // Left, or joined and left, while the browser was asking.
+      for (const track of stream?.getTracks() || []) track.stop();
+      return { stream: null, error: null };
+    }
+    for (const track of stream?.getTracks() || []) {
+      this._chosenDevices[`${track.kind}DeviceId`] = track.getSettings().deviceId;
+      await this._swapLocalTrack(track);
+    }
+    const working = (kind) => kind === 'both' ? this.hasAudio && this.hasVideo : Boolean(this._localTrack(kind));
+    if (error) this.mediaError = error;
+    else if (this.mediaError && working(this.mediaError.kind)) this.mediaError = null;
+    if (stream) emit(this, 'local-stream', { stream: this.localStream });
+    this._applyLocalMedia(true);
+    return { stream: this.localStream, error };
+  }
+
   /** Microphone on or off (track.enabled, no renegotiation); tells the others. Returns the new state. */
   setAudioEnabled(enabled) {
     this._wantAudio = Boolean(enabled);
@@ -331,6 +386,85 @@ export class HuddleClient extends EventTarget {
    */
   stopRecording() {
     return this._recordingRequest({ type: 'stop_recording' });
+  }
+
+  /**
+   * Sends `text` to everyone in the call (docs/protocol.md, "chat"); it comes back, to us too, as a `chat`
+   * event. Returns whether it went out. A refusal (rate_limited, bad_message) is an `error` event with
+   * `request: 'chat'`.
+   */
+  sendChat(text) {
+    if (this.state !== 'connected' || !this._signaling) return false;
+    this._chatSent += 1;
+    return this._signaling.send({ type: 'chat', text: String(text), id: `${CHAT_ID_PREFIX}${this._chatSent}` });
+  }
+
+  /** Whether our hand is raised, as the server last said. */
+  get handRaised() {
+    return this.self?.hand === true;
+  }
+
+  /** Raises or lowers our hand; `participant-updated` (isSelf) follows once the server has it. */
+  setHandRaised(raised) {
+    if (this.state !== 'connected' || !this._signaling) return false;
+    return this._signaling.send({ type: 'hand', raised: Boolean(raised) });
+  }
+
+  /**
+   * Shares a screen, window or tab (the browser asks which), with its audio where the browser gives it, as a
+   * track of its own (event `screen`). Resolves true once shared, false when the person closed the picker or
+   * refused (nothing else happens). The browser's own "Stop sharing" ends it like stopScreenShare().
+   */
+  async startScreenShare() {
+    if (this.screen) return true;
+    if (this.state !== 'connected') return false;
+    const session = this._session;
+    let screen;
+    try {
+      screen = await captureScreen();
+    } catch (err) {
+      this._fail(new HuddleError('screen_unavailable', `the screen could not be shared: ${err.message}`,
+        { cause: err }), false);
+      return false;
+    }
+    if (!screen) return false;
+    if (session !== this._session || this.state !== 'connected' || this.screen) {
+      for (const track of screen.stream.getTracks()) track.stop();
+      return Boolean(this.screen);
+    }
+    this.screen = screen;
+    screen.video.addEventListener('ended', () => {
+      if (this.screen === screen) this.stopScreenShare();
+    });
+    // Before the offer that carries it: a P2P peer tells the screen's stream apart by the id this names.
+    this._announceScreen();
+    this._transport?.setScreen(screen);
+    emit(this, 'screen', { stream: screen.stream });
+    return true;
+  }
+
+  /** Stops sharing the screen (its track ends for everyone). */
+  stopScreenShare() {
+    if (!this.screen) return;
+    this._endScreenShare();
+    this._announceScreen();
+  }
+
+  _endScreenShare() {
+    const screen = this.screen;
+    if (!screen) return;
+    this.screen = null;
+    this._transport?.setScreen(null);
+    for (const track of screen.stream.getTracks()) track.stop();
+    emit(this, 'screen', { stream: null });
+  }
+
+  /** Tells the others whether we share a screen (and, for P2P peers, which of our streams it is). */
+  _announceScreen() {
+    if (this.state !== 'connected' || !this._signaling) return;
+    const message = { type: 'media', screen: Boolean(this.screen) };
+    if (this.screen) message.screen_stream = this.screen.stream.id;
+    this._signaling.send(message);
   }
 
   /** The camera's simulcast layers the server wants on (SFU mode; null until it said, meaning all). */
@@ -410,6 +544,9 @@ export class HuddleClient extends EventTarget {
       case 'recording':
         this._onRecording(message.recording);
         break;
+      case 'chat':
+        this._addChat(message.message, true);
+        break;
       case 'resume_token':
         // What the call's state is now (a recording started or stopped), for whichever node resumes us.
         if (typeof message.token === 'string') this.resumeToken = message.token;
@@ -444,6 +581,7 @@ export class HuddleClient extends EventTarget {
       : DEFAULT_RECONNECT_GRACE_S;
     this.participants = new Map();
     for (const participant of message.participants || []) this.participants.set(participant.id, { ...participant });
+    for (const chat of Array.isArray(message.chat) ? message.chat : []) this._addChat(chat, false);
     this._clearAbsent();
     this._reconnector.setDoors(message, this._signaling?.url);
     this._checkRelay();
@@ -569,7 +707,9 @@ export class HuddleClient extends EventTarget {
     }
     const sizes = {};
     // Only people in the call: a tile the page has not removed yet must not name someone who left.
-    for (const [id, size] of Object.entries(this._videoSizes)) if (this.participants.has(id)) sizes[id] = size;
+    for (const [id, size] of Object.entries(this._videoSizes)) {
+      if (this.participants.has(id) || this.participants.has(screenOwner(id))) sizes[id] = size;
+    }
     if (!this._videoSizesDue && sameSizes(sizes, this.lastVideoSizes)) return;
     const wait = this._videoSizesAt + VIDEO_SIZES_INTERVAL_MS - performance.now();
     if (wait > 0) {
@@ -665,6 +805,32 @@ export class HuddleClient extends EventTarget {
     emit(this, 'recording', { recording, previous, reason });
   }
 
+  // --- chat (docs/protocol.md, "chat") ---
+
+  /** Keeps a chat message from the server once (by id); `announce`: as a `chat` event. */
+  _addChat(message, announce) {
+    if (message === null || typeof message !== 'object' || typeof message.id !== 'string'
+      || typeof message.text !== 'string' || this._chatIds.has(message.id)) {
+      return;
+    }
+    const kept = {
+      id: message.id,
+      from: typeof message.from === 'string' ? message.from : null,
+      name: typeof message.name === 'string' ? message.name : '',
+      text: message.text,
+      at: Number.isFinite(message.at) ? message.at : Date.now() / 1000,
+    };
+    this.chat.push(kept);
+    this._chatIds.add(kept.id);
+    if (this.chat.length > CHAT_KEPT) this._chatIds.delete(this.chat.shift().id);
+    if (announce) emit(this, 'chat', { message: kept });
+  }
+
+  _clearChat() {
+    this.chat = [];
+    this._chatIds = new Set();
+  }
+
   _onServerError(message) {
     const fatalCodes = ['unauthorized', 'token_expired', 'wrong_room', 'invalid_room', 'invalid_name',
       'room_full', 'already_joined', 'not_joined'];
@@ -675,6 +841,7 @@ export class HuddleClient extends EventTarget {
     };
     const recordingRequest = typeof message.id === 'string' && message.id.match(RECORDING_ID_PATTERN);
     if (recordingRequest) detail.request = recordingRequest[1];
+    else if (typeof message.id === 'string' && message.id.startsWith(CHAT_ID_PREFIX)) detail.request = 'chat';
     emit(this, 'error', detail);
   }
 
@@ -776,7 +943,10 @@ export class HuddleClient extends EventTarget {
     if ('recording' in message) this.recording = cleanRecording(message.recording);
     this._setState('connected');
     emit(this, 'resumed', { ...this._joinedDetail(), restored, moved });
+    // Messages posted while we were away; those we have already are not shown twice.
+    for (const chat of Array.isArray(message.chat) ? message.chat : []) this._addChat(chat, true);
     this._applyLocalMedia(true);
+    if (Boolean(this.self.screen) !== Boolean(this.screen)) this._announceScreen(); // a rebuilt seat forgot it
     if ('active_speaker' in message) this._setActiveSpeaker(message.active_speaker);
     if (this.recording?.id !== previousRecording?.id) {
       emit(this, 'recording', { recording: this.recording, previous: previousRecording, reason: 'joined' });
@@ -797,6 +967,11 @@ export class HuddleClient extends EventTarget {
       permissions: this.permissions,
       send: (msg) => (this._signaling ? this._signaling.send(msg) : false),
       events: this._transportEvents(() => transport),
+      screen: this.screen,
+      screenStreamOf: (participantId) => {
+        const participant = this.participants.get(participantId);
+        return participant?.screen === true ? participant.screen_stream || null : null;
+      },
     };
     transport = mode === 'sfu' ? new SfuTransport(options) : new MeshTransport(options);
     return transport;
@@ -806,6 +981,10 @@ export class HuddleClient extends EventTarget {
     return {
       track: (participantId, stream, track) => {
         const transport = transportOf();
+        if (screenOwner(participantId) !== null) {
+          this._onScreenTrack('screen-track', transport, participantId, stream, track);
+          return;
+        }
         if (transport === this._migration?.mesh) {
           // Late P2P media of someone still waiting for their SFU media.
           if (this._migration.waitsFor(participantId)) emit(this, 'track', { participantId, stream, track });
@@ -815,6 +994,10 @@ export class HuddleClient extends EventTarget {
         // SFU media of someone still on P2P: shown once it flows (lib/migration.js).
       },
       trackRemoved: (participantId, stream, track) => {
+        if (screenOwner(participantId) !== null) {
+          this._onScreenTrack('screen-track-removed', transportOf(), participantId, stream, track);
+          return;
+        }
         if (transportOf() === this._transport && !this._waitsForSfu(participantId)) {
           emit(this, 'track-removed', { participantId, stream, track });
         }
@@ -828,6 +1011,16 @@ export class HuddleClient extends EventTarget {
         if (transportOf() === this._transport) this._fail(error, false);
       },
     };
+  }
+
+  /**
+   * A screen share's track came or went. While the call moves p2p -> sfu, the P2P copy counts only until the
+   * SFU's comes (the share is on the stage at once, rather than after the migration).
+   */
+  _onScreenTrack(type, transport, key, stream, track) {
+    const current = transport === this._transport;
+    const retiring = transport === this._migration?.mesh && !this._transport?.streams?.has(key);
+    if (current || retiring) emit(this, type, { participantId: screenOwner(key), key, stream, track });
   }
 
   /**
@@ -943,7 +1136,9 @@ export class HuddleClient extends EventTarget {
 
   async _ensureLocalMedia(session) {
     if (this._localTrack('audio') || this._localTrack('video')) return;
-    const { stream, error } = await captureLocalMedia(this.mediaConstraints);
+    // The devices chosen before (useDevices) if they are still there, else the default ones.
+    const constraints = withDevices(this.mediaConstraints, this._chosenDevices, { ideal: true });
+    const { stream, error } = await captureLocalMedia(constraints);
     if (session !== this._session) {
       // Left while the browser was asking for the camera.
       for (const track of stream?.getTracks() || []) track.stop();
@@ -951,6 +1146,7 @@ export class HuddleClient extends EventTarget {
     }
     this.localStream = stream;
     this.mediaError = error;
+    for (const track of stream?.getTracks() || []) this._watchTrack(track);
     if (stream) {
       const audio = this._localTrack('audio');
       const video = this._localTrack('video');
@@ -962,6 +1158,48 @@ export class HuddleClient extends EventTarget {
       const what = stream ? 'joining without it' : 'joining without sending audio or video';
       this._fail(new HuddleError('media_unavailable', `${error.words}; ${what}`), false, { mediaError: error.name });
     }
+  }
+
+  /**
+   * `track` in place of our track of its kind: in `localStream` (a new MediaStream, so that video elements
+   * showing it pick the change up), on every sender of the old one, and in the transports' local tracks (for
+   * connections made later). The old track is stopped.
+   */
+  async _swapLocalTrack(track) {
+    const kind = track.kind;
+    const old = this.localStream ? this.localStream.getTracks().filter((t) => t.kind === kind) : [];
+    const others = this.localStream ? this.localStream.getTracks().filter((t) => t.kind !== kind) : [];
+    this.localStream = new MediaStream([...others, track]);
+    track.enabled = kind === 'audio' ? this._wantAudio : this._wantVideo;
+    this._watchTrack(track);
+    const replaced = [];
+    for (const { pc } of this.peerConnections()) {
+      for (const sender of pc.getSenders()) {
+        if (sender.track && old.includes(sender.track)) replaced.push(sender.replaceTrack(track));
+      }
+    }
+    const transports = [this._transport, this._migration?.mesh].filter((t) => t?.localTracks);
+    for (const transport of transports) transport.localTracks[kind] = track;
+    try {
+      await Promise.all(replaced);
+    } catch (err) {
+      this._fail(new HuddleError('peer_error', `could not switch the ${kind} device: ${err.message}`), false);
+    }
+    // No sender carried this kind (the device came after the call started): the SFU publishes it anew.
+    if (!replaced.length && this._transport instanceof SfuTransport) {
+      this._transport.setLocalTracks(this._localTracks());
+    }
+    for (const t of old) t.stop();
+  }
+
+  /** A device unplugged (or taken by the system) ends its track: say so, and tell the others it is off. */
+  _watchTrack(track) {
+    track.addEventListener('ended', () => {
+      if (!this.localStream?.getTracks().includes(track)) return; // replaced or released on purpose
+      this.mediaError = { name: 'ended', words: `the ${track.kind === 'audio' ? 'microphone' : 'camera'} stopped`,
+        kind: track.kind };
+      this._applyLocalMedia(true);
+    });
   }
 
   _releaseLocalMedia() {
@@ -995,6 +1233,7 @@ export class HuddleClient extends EventTarget {
     this._reconnector.stop();
     this._clearAbsent();
     this._stopVideoSizes();
+    this._endScreenShare();
     this._closeTransports();
     if (this._signaling) {
       const signaling = this._signaling;

@@ -150,7 +150,7 @@ def test_a_tile_scrolled_out_of_view_gets_no_packets_and_comes_back(new_page, se
     # Cy large on Bob's page, in a window so short that the strip beside the stage shows one thumbnail (his
     # own, the first) and Ada's, below it, is scrolled out of view.
     _pin(bob, "Cy")
-    bob.set_viewport_size({"width": 1280, "height": 260})
+    bob.set_viewport_size({"width": 1280, "height": 150})
     wait_for(lambda: not bob.evaluate(IN_STRIP_VIEW_JS, ada_id), 5, "Ada's thumbnail out of the strip's view")
     time.sleep(1.5)
     before = video_from(bob, ada_id)["packets"]

@@ -61,7 +61,8 @@ def test_leave_button_and_mute_state(new_page, server: Server) -> None:
     wait_for(
         lambda: ada.is_visible('.tile.remote[data-name="Bob"] .muted-indicator'), 5, "Ada to see Bob muted"
     )
-    assert bob.get_attribute("#toggle-audio", "aria-pressed") == "true"
+    assert bob.get_attribute("#toggle-audio", "data-active") == "true"
+    assert bob.get_by_role("button", name="Unmute", exact=True).count() == 1
     bob.click("#toggle-audio")
     wait_for(
         lambda: not ada.is_visible('.tile.remote[data-name="Bob"] .muted-indicator'),

@@ -115,7 +115,7 @@ def test_a_three_person_call_recorded_from_the_page(new_page, server: Server, tm
     pages[0].click("#toggle-recording")
     for page in pages:  # everyone is told, not only who pressed the button
         wait_for(lambda page=page: indicator_shown(page), 10, "the recording indicator")
-    assert pages[0].get_attribute("#toggle-recording", "aria-pressed") == "true"
+    assert pages[0].get_attribute("#toggle-recording", "data-active") == "true"
     time.sleep(10)
     pages[0].click("#toggle-recording")
     for page in pages:

@@ -1,16 +1,24 @@
 // "p2p" mode: browser to browser, one RTCPeerConnection per remote participant.
 
 import { HuddleError } from './errors.js';
+import { SCREEN_MAX_BITRATE, screenKey, setScreenDegradation } from './screen.js';
 import { MAX_ICE_RESTARTS, Transport, direction } from './transport.js';
 
 /**
- * One RTCPeerConnection to one remote participant. The `initiator` (the later joiner) sends the offers; the
- * other side answers. Every incoming signal goes through one queue, so descriptions and candidates are applied
- * in the order they arrived; candidates that come before a remote description wait for it.
+ * One RTCPeerConnection to one remote participant. The `initiator` (the later joiner) sends the first offer
+ * and the ICE restarts; either side offers again to add or retire its screen share. When both offered at once,
+ * the initiator's offer wins: the other side rolls its own back, answers, and offers again. Every incoming
+ * signal goes through one queue, so descriptions and candidates are applied in the order they arrived;
+ * candidates that come before a remote description wait for it.
+ *
+ * Screen share: ours goes on transceivers of our own (one encoding, made on the first share, inactive between
+ * shares); theirs is told apart from their camera by its stream id (`screenStreamOf(participantId)`, which
+ * their `media` message gave before their offer) and reported under the key `<participant id>~screen`.
  */
 class PeerLink {
   constructor({
     participantId, initiator, iceServers, iceTransportPolicy, localTracks, publish, subscribe, send, events,
+    screen, screenStreamOf,
   }) {
     this.participantId = participantId;
     this.initiator = initiator;
@@ -20,6 +28,11 @@ class PeerLink {
     this.send = send;
     this.events = events;
     this.remoteStream = new MediaStream();
+    this.screen = screen; // ours: {video, audio, stream} or null
+    this.screenStreamOf = screenStreamOf;
+    this.remoteScreen = new MediaStream(); // theirs
+    this._screenTransceivers = { video: null, audio: null };
+    this._offerDue = false; // our screen changed while an offer was out (or before the first one came)
     this.pendingCandidates = [];
     this.iceRestarts = 0;
     this.closed = false;
@@ -36,11 +49,64 @@ class PeerLink {
 
   /** The initiator sets up its transceivers and sends the first offer. */
   start() {
-    if (!this.initiator) return;
+    if (!this.initiator) {
+      if (this.screen) this.setScreen(this.screen); // offered once their first offer is answered
+      return;
+    }
     this._enqueue(async () => {
       await this._addInitiatorTransceivers();
+      await this._syncScreenTransceivers();
       await this._sendOffer(false);
     });
+  }
+
+  /** Our screen share starts ({video, audio, stream}) or stops (null): an offer adds or retires it. */
+  setScreen(screen) {
+    this.screen = screen;
+    this._enqueue(async () => {
+      if (!(await this._syncScreenTransceivers())) return;
+      this._offerDue = true;
+      // The side that did not initiate offers only after the first offer is answered (no early collision).
+      if (this.initiator || this.pc.remoteDescription) await this._offerIfDue();
+    });
+  }
+
+  _isOwnScreen(transceiver) {
+    return transceiver === this._screenTransceivers.video || transceiver === this._screenTransceivers.audio;
+  }
+
+  /** Puts our screen's tracks on their transceivers (sendonly), or takes them off; true when that changed. */
+  async _syncScreenTransceivers() {
+    let changed = false;
+    for (const kind of ['video', 'audio']) {
+      const track = this.publish ? this.screen?.[kind] || null : null;
+      let transceiver = this._screenTransceivers[kind];
+      if (!transceiver) {
+        if (!track) continue;
+        const init = { direction: 'sendonly', streams: [this.screen.stream] };
+        if (kind === 'video') init.sendEncodings = [{ maxBitrate: SCREEN_MAX_BITRATE }];
+        transceiver = this.pc.addTransceiver(track, init);
+        this._screenTransceivers[kind] = transceiver;
+        if (kind === 'video') await setScreenDegradation(transceiver.sender);
+        changed = true;
+        continue;
+      }
+      if (transceiver.sender.track !== track) await transceiver.sender.replaceTrack(track);
+      // A new share is a new stream: its id is the one our `media` message names.
+      if (track && transceiver.sender.setStreams) transceiver.sender.setStreams(this.screen.stream);
+      const wanted = track ? 'sendonly' : 'inactive';
+      if (transceiver.direction !== wanted) {
+        transceiver.direction = wanted;
+        changed = true;
+      }
+    }
+    return changed;
+  }
+
+  async _offerIfDue() {
+    if (!this._offerDue || this.retired || this.pc.signalingState !== 'stable') return;
+    this._offerDue = false;
+    await this._sendOffer(false);
   }
 
   async _addInitiatorTransceivers() {
@@ -89,7 +155,7 @@ class PeerLink {
     this.pc.onicecandidate = this.pc.ontrack = null;
     this.pc.onconnectionstatechange = this.pc.oniceconnectionstatechange = null;
     this.pc.close();
-    for (const track of this.remoteStream.getTracks()) track.stop();
+    for (const track of [...this.remoteStream.getTracks(), ...this.remoteScreen.getTracks()]) track.stop();
     this.events.peerState(this.participantId, {
       connectionState: 'closed', iceConnectionState: 'closed', state: 'closed',
     });
@@ -117,8 +183,11 @@ class PeerLink {
 
   async _onOffer(sdp) {
     if (this.pc.signalingState !== 'stable') {
-      // Only the initiator offers, so this is rare (an offer of ours crossed theirs); theirs wins.
+      // Offers crossed (one of them adds or retires a screen share): the initiator's wins; the other side
+      // offers its change again once this one is answered.
+      if (this.initiator) return;
       await this.pc.setLocalDescription({ type: 'rollback' });
+      this._offerDue = true;
     }
     await this.pc.setRemoteDescription({ type: 'offer', sdp });
     await this._configureAnswerTransceivers();
@@ -126,13 +195,25 @@ class PeerLink {
     const answer = await this.pc.createAnswer();
     await this.pc.setLocalDescription(answer);
     this.send({ type: 'answer', to: this.participantId, sdp: this.pc.localDescription.sdp });
+    await this._offerIfDue();
   }
 
-  /** On the answering side: put the local tracks on the transceivers the offer created. */
+  /**
+   * On the answering side: put the local tracks on the transceivers the offer created. The first audio and
+   * video sections are the microphone and camera; later ones are the other side's screen share (received only).
+   */
   async _configureAnswerTransceivers() {
+    const seen = new Set(); // kinds whose microphone/camera section came already
     for (const transceiver of this.pc.getTransceivers()) {
-      if (transceiver.mid === null || transceiver.stopped || transceiver.currentDirection !== null) continue;
+      if (this._isOwnScreen(transceiver)) continue;
       const kind = transceiver.receiver.track.kind;
+      const theirScreen = seen.has(kind);
+      seen.add(kind);
+      if (transceiver.mid === null || transceiver.stopped || transceiver.currentDirection !== null) continue;
+      if (theirScreen) {
+        transceiver.direction = direction(false, this.subscribe);
+        continue;
+      }
       const track = this.publish ? this.localTracks[kind] || null : null;
       if (track) {
         await transceiver.sender.replaceTrack(track);
@@ -148,6 +229,7 @@ class PeerLink {
     if (this.pc.signalingState !== 'have-local-offer') return; // stale or duplicate answer
     await this.pc.setRemoteDescription({ type: 'answer', sdp });
     await this._flushCandidates();
+    await this._offerIfDue();
   }
 
   async _onRemoteCandidate(candidate) {
@@ -186,6 +268,11 @@ class PeerLink {
 
   _onTrack(event) {
     const { track } = event;
+    const msid = event.streams && event.streams[0];
+    if (msid && msid.id === this.screenStreamOf(this.participantId)) {
+      this._onScreenTrack(track, msid);
+      return;
+    }
     if (!this.remoteStream.getTracks().includes(track)) {
       // One stream per participant, whatever stream ids the other side used (or none).
       for (const old of this.remoteStream.getTracks()) {
@@ -194,6 +281,22 @@ class PeerLink {
       this.remoteStream.addTrack(track);
     }
     this.events.track(this.participantId, this.remoteStream, track);
+  }
+
+  _onScreenTrack(track, msid) {
+    if (!this.remoteScreen.getTracks().includes(track)) {
+      for (const old of this.remoteScreen.getTracks()) {
+        if (old.kind === track.kind) this.remoteScreen.removeTrack(old);
+      }
+      this.remoteScreen.addTrack(track);
+      // Their share stopped: its section went inactive, which takes the track out of its msid stream.
+      msid.addEventListener('removetrack', (event) => {
+        if (event.track !== track || !this.remoteScreen.getTracks().includes(track)) return;
+        this.remoteScreen.removeTrack(track);
+        this.events.trackRemoved(screenKey(this.participantId), this.remoteScreen, track);
+      });
+    }
+    this.events.track(screenKey(this.participantId), this.remoteScreen, track);
   }
 
   _onStateChange() {
@@ -220,6 +323,9 @@ export class MeshTransport extends Transport {
     super(options);
     this.links = new Map(); // participant id -> PeerLink
     this.retired = false;
+    this.screen = options.screen || null; // our screen share: {video, audio, stream} or null
+    // participant id -> the stream id of their screen share (their `media.screen_stream`), or null
+    this.screenStreamOf = options.screenStreamOf || (() => null);
   }
 
   get mode() {
@@ -268,6 +374,13 @@ export class MeshTransport extends Transport {
     return [...this.links.values()].map((link) => ({ participantId: link.participantId, pc: link.pc }));
   }
 
+  /** Our screen share starts ({video, audio, stream}) or stops (null), on every link. */
+  setScreen(screen) {
+    this.screen = screen || null;
+    if (this.retired) return; // the SFU carries it now
+    for (const link of this.links.values()) link.setScreen(this.screen);
+  }
+
   /** After our signaling came back: restart ICE on every link we initiated (the later joiner restarts). */
   restartIce(participantId) {
     for (const link of this.links.values()) {
@@ -306,6 +419,8 @@ export class MeshTransport extends Transport {
       subscribe: this.subscribe,
       send: this.send,
       events: this.events,
+      screen: this.screen,
+      screenStreamOf: this.screenStreamOf,
     });
     this.links.set(participantId, link);
     return link;

@@ -1,6 +1,7 @@
 // "sfu" mode: two RTCPeerConnections with the server, publish and subscribe.
 
 import { HuddleError } from './errors.js';
+import { SCREEN_MAX_BITRATE, screenKey, setScreenDegradation } from './screen.js';
 import { mediaArrives } from './stats.js';
 import { MAX_ICE_RESTARTS, Transport } from './transport.js';
 
@@ -37,8 +38,12 @@ export const SFU_SUBSCRIBE_ID = 'sfu:subscribe';
  *
  * Remote tracks are grouped by the stream id of their msid (= the publishing participant's id) into one
  * MediaStream per participant holding their audio and video, reported with the same `track` events as
- * MeshTransport. A track goes again (event `trackRemoved`) when the server's offer makes its m-section
+ * MeshTransport. A screen share's tracks come in a stream of their own, `<participant id>~screen`, reported
+ * under that key. A track goes again (event `trackRemoved`) when the server's offer makes its m-section
  * inactive or rejects it (port 0), when it ends, or when its msid stream loses it.
+ *
+ * Our own screen share (setScreen) is published on transceivers of its own, one encoding, named in the publish
+ * offer's `sources`; when it stops they go inactive (kept for the next share) and are left out of `sources`.
  */
 export class SfuTransport extends Transport {
   constructor(options) {
@@ -59,6 +64,8 @@ export class SfuTransport extends Transport {
     this._layersWanted = null; // Set of rids the server wants on (publisher_layers); null = all of them
     this._layersBusy = false; // a getParameters/setParameters round is running
     this._degraded = new WeakSet(); // senders given SIMULCAST_DEGRADATION
+    this.screen = options.screen || null; // our screen share: {video, audio, stream} or null
+    this._screenTransceivers = { video: null, audio: null }; // kept across shares, inactive in between
   }
 
   get mode() {
@@ -108,8 +115,12 @@ export class SfuTransport extends Transport {
 
   /** The participant left: forget their stream (the server's next offer retires their m-sections). */
   remove(participantId) {
+    const screen = screenKey(participantId);
     this.streams.delete(participantId);
-    for (const [track, owner] of [...this._owners]) if (owner === participantId) this._owners.delete(track);
+    this.streams.delete(screen);
+    for (const [track, owner] of [...this._owners]) {
+      if (owner === participantId || owner === screen) this._owners.delete(track);
+    }
   }
 
   close() {
@@ -163,6 +174,14 @@ export class SfuTransport extends Transport {
     });
   }
 
+  /** Our screen share ({video, audio, stream}) starts, or stops (null): published or retired, offered again. */
+  setScreen(screen) {
+    this.screen = screen || null;
+    this._enqueuePublish(async () => {
+      if (await this._syncScreenTransceivers()) this._negotiatePublish(false);
+    });
+  }
+
   /**
    * Whether media from the SFU is really arriving on `track`: for video at least one decoded frame, for audio
    * at least one packet.
@@ -205,7 +224,7 @@ export class SfuTransport extends Transport {
     for (const kind of ['audio', 'video']) {
       const track = this.publish ? this.localTracks?.[kind] || null : null;
       const transceiver = pc.getTransceivers().find((t) => t.receiver.track.kind === kind
-        && t.currentDirection !== 'stopped' && t.direction !== 'stopped');
+        && !this._isScreenTransceiver(t) && t.currentDirection !== 'stopped' && t.direction !== 'stopped');
       if (!transceiver) {
         if (!track) continue;
         const init = { direction: 'sendonly' };
@@ -228,7 +247,58 @@ export class SfuTransport extends Transport {
         changed = true;
       }
     }
+    if (await this._syncScreenTransceivers()) changed = true;
     return changed;
+  }
+
+  _isScreenTransceiver(transceiver) {
+    return transceiver === this._screenTransceivers.video || transceiver === this._screenTransceivers.audio;
+  }
+
+  /**
+   * Puts our screen share's tracks on their own sendonly transceivers (made on the first share, reused after),
+   * or takes them off (inactive); true when the offer has to change.
+   */
+  async _syncScreenTransceivers() {
+    const pc = this.publishPc;
+    let changed = false;
+    for (const kind of ['video', 'audio']) {
+      const track = this.publish ? this.screen?.[kind] || null : null;
+      let transceiver = this._screenTransceivers[kind];
+      if (!transceiver) {
+        if (!track) continue;
+        const init = { direction: 'sendonly', streams: this.screen.stream ? [this.screen.stream] : [] };
+        if (kind === 'video') init.sendEncodings = [{ maxBitrate: SCREEN_MAX_BITRATE }];
+        transceiver = pc.addTransceiver(track, init);
+        this._screenTransceivers[kind] = transceiver;
+        if (kind === 'video') await setScreenDegradation(transceiver.sender);
+        changed = true;
+        continue;
+      }
+      if (transceiver.sender.track !== track) await transceiver.sender.replaceTrack(track);
+      if (track && this.screen.stream && transceiver.sender.setStreams) {
+        transceiver.sender.setStreams(this.screen.stream);
+      }
+      const wanted = track ? 'sendonly' : 'inactive';
+      if (transceiver.direction !== wanted) {
+        transceiver.direction = wanted;
+        changed = true;
+      }
+    }
+    return changed;
+  }
+
+  /** `sources` of a publish offer: the mids of the screen's sending sections (known once the offer is set). */
+  _screenSources() {
+    const sources = {};
+    for (const [kind, source] of [['video', 'screen'], ['audio', 'screen_audio']]) {
+      const transceiver = this._screenTransceivers[kind];
+      if (transceiver && transceiver.mid !== null && transceiver.direction === 'sendonly'
+        && transceiver.sender.track) {
+        sources[transceiver.mid] = source;
+      }
+    }
+    return sources;
   }
 
   /** The RTCRtpSender of the camera on the publish connection (null when there is none). */
@@ -236,7 +306,7 @@ export class SfuTransport extends Transport {
     const pc = this.publishPc;
     if (!pc || this.closed) return null;
     const transceiver = pc.getTransceivers().find((t) => t.receiver.track.kind === 'video'
-      && t.currentDirection !== 'stopped' && t.direction !== 'stopped');
+      && !this._isScreenTransceiver(t) && t.currentDirection !== 'stopped' && t.direction !== 'stopped');
     return transceiver ? transceiver.sender : null;
   }
 
@@ -297,7 +367,10 @@ export class SfuTransport extends Transport {
       this._offerOut = true;
       this._offers += 1;
       // The id comes back on an `error` (bad_sdp) only; the answer itself carries none.
-      this.send({ type: 'sfu_offer', id: `publish-${this._offers}`, pc: 'publish', sdp: pc.localDescription.sdp });
+      const message = { type: 'sfu_offer', id: `publish-${this._offers}`, pc: 'publish', sdp: pc.localDescription.sdp };
+      const sources = this._screenSources();
+      if (Object.keys(sources).length > 0) message.sources = sources;
+      this.send(message);
       // Not sent (no socket): restartIce() offers again once signaling is back.
     });
   }

@@ -6,6 +6,8 @@ import { playVideo, setTileMedia, tiles } from './tiles.js';
 const ui = {
   audioButton: $('#toggle-audio'),
   videoButton: $('#toggle-video'),
+  audioLabel: $('#toggle-audio .control-label'),
+  videoLabel: $('#toggle-video .control-label'),
   copyLink: $('#copy-link'),
 };
 
@@ -21,9 +23,13 @@ export function updateLocalState() {
   const video = captured ? huddle.videoEnabled : wanted.video;
   if (tile) setTileMedia(tile, { audio, video });
 
-  ui.audioButton.setAttribute('aria-pressed', String(!audio));
+  // The label says what a press does; data-active (the red icon) that the microphone or camera is off. No
+  // aria-pressed: "Unmute, pressed" would contradict the label.
+  ui.audioButton.setAttribute('data-active', String(!audio));
+  ui.audioLabel.textContent = audio ? 'Mute' : 'Unmute';
   ui.audioButton.title = audio ? 'Turn off microphone' : 'Turn on microphone';
-  ui.videoButton.setAttribute('aria-pressed', String(!video));
+  ui.videoButton.setAttribute('data-active', String(!video));
+  ui.videoLabel.textContent = video ? 'Stop video' : 'Start video';
   ui.videoButton.title = video ? 'Turn off camera' : 'Turn on camera';
 
   // Without a device there is nothing to toggle (before the first capture, allow choosing in advance).

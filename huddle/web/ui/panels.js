@@ -41,6 +41,23 @@ export function showLeftPanel(title, note, action, canRejoin) {
   showPanel(ui.leftPanel);
 }
 
+// Refusals that the same link can never get past: the panel says why, and offers no "Try again".
+const HOPELESS_TITLES = {
+  unauthorized: 'This invite link does not work',
+  token_expired: 'This invite link has expired',
+  wrong_room: 'This invite link is for another room',
+  invalid_room: 'This is not a valid room link',
+};
+
+/**
+ * The panel after joining failed with error `code` (null: unknown), saying `why` (the error's words). A retry
+ * is offered only where one can work (a lost network, a full room) and `canRejoin` allows it.
+ */
+export function showJoinFailed(code, why, canRejoin) {
+  const hopeless = code in HOPELESS_TITLES;
+  showLeftPanel(HOPELESS_TITLES[code] || 'Could not join the call', why || '', 'Try again', canRejoin && !hopeless);
+}
+
 /** Asks for a name (`name` filled in, else the one this browser remembers), saying `message` if given. */
 export function showNameForm(name, message) {
   ui.nameInput.value = name || localStorage.getItem(NAME_KEY) || '';

@@ -64,7 +64,7 @@ export function updateRecording() {
   ui.recordButton.disabled = huddle.state !== 'connected';
   // aria-disabled, not disabled, while waiting: a disabled button would drop the keyboard focus.
   ui.recordButton.setAttribute('aria-disabled', String(recordingPending));
-  ui.recordButton.setAttribute('aria-pressed', String(Boolean(recording)));
+  ui.recordButton.setAttribute('data-active', String(Boolean(recording)));
   ui.recordButton.title = recording ? 'Stop recording' : 'Start recording';
 }
 

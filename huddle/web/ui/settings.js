@@ -1,6 +1,9 @@
-// The settings dialog: "Always relay calls" (HuddleClient relayOnly), remembered in this browser.
+// The settings dialog: "Always relay calls" (HuddleClient relayOnly), remembered in this browser; camera,
+// microphone and speaker (ui/prejoin.js switches them); the keyboard shortcuts list (ui/shortcuts.js).
 
 import { $ } from './dom.js';
+import { addDevicePicker, refreshDevices } from './prejoin.js';
+import { showShortcuts } from './shortcuts.js';
 
 // '1' when on. Remembered in this browser, like the name.
 const RELAY_KEY = 'huddle.alwaysRelay';
@@ -10,6 +13,7 @@ const ui = {
   settingsPanel: $('#settings-panel'),
   alwaysRelay: $('#always-relay'),
   alwaysRelayLater: $('#always-relay-later'),
+  showShortcuts: $('#show-shortcuts'),
 };
 
 /** Whether this browser was told to always relay calls (the option for a new HuddleClient). */
@@ -24,12 +28,20 @@ export function storedRelayChoice() {
 function showSettings(open) {
   ui.settingsPanel.hidden = !open;
   ui.settingsButton.setAttribute('aria-expanded', String(open));
+  if (open) refreshDevices(); // devices may have come and gone since
 }
 
 /** The settings of `client` (a HuddleClient), changed in the dialog from now on. */
 export function initSettings(huddle) {
   ui.alwaysRelay.checked = huddle.relayOnly;
   ui.settingsButton.addEventListener('click', () => showSettings(ui.settingsPanel.hidden));
+  addDevicePicker({
+    camera: $('#settings-camera'), microphone: $('#settings-microphone'), speaker: $('#settings-speaker'),
+  });
+  ui.showShortcuts.addEventListener('click', () => {
+    showSettings(false);
+    showShortcuts(true);
+  });
 
   document.addEventListener('keydown', (event) => {
     if (event.key === 'Escape' && !ui.settingsPanel.hidden) {

@@ -8,9 +8,12 @@
 //   of small thumbnails of everyone else, which scrolls when they do not all fit.
 // Until the user picks one (#layout-speaker, #layout-gallery), calls of three or more are in speaker view.
 // Tiles always stay in join order (ours first); the layout only moves them between #grid and #strip.
+// Screen shares: a remote screen is large on the stage (over the speaker) while it is the latest one shared,
+// unless the viewer pinned something else; a share that starts turns gallery view into speaker view. Our own
+// screen's preview is never large unless nothing else is there.
 
 import { $ } from './dom.js';
-import { onTileChange, tiles, updatePinButton } from './tiles.js';
+import { isOwnTile, onTileChange, tiles, updatePinButton } from './tiles.js';
 
 const GALLERY_PAGE_SIZE = 25;
 const THUMB_ASPECT = 16 / 9;
@@ -33,19 +36,21 @@ const view = {
   pinned: null, // participant id
   page: 0, // gallery page
   lastSpeaker: null, // the last remote participant who was the active speaker
+  screens: [], // keys of the remote screens shared, the latest last
 };
 
 function remoteIds() {
-  return [...tiles.keys()].filter((id) => id !== 'local');
+  return [...tiles.keys()].filter((id) => !isOwnTile(id));
 }
 
 function currentLayout() {
-  return view.choice || (remoteIds().length >= 2 ? 'speaker' : 'gallery');
+  return view.choice || (remoteIds().length >= 2 || view.screens.length > 0 ? 'speaker' : 'gallery');
 }
 
-/** Who is large in speaker view: pinned, else speaking (not us), else spoke last, else the first. */
+/** Who is large in speaker view: pinned, else the latest screen, else speaking (not us), else spoke last... */
 function stageId() {
   if (view.pinned && tiles.has(view.pinned)) return view.pinned;
+  if (view.screens.length > 0) return view.screens[view.screens.length - 1];
   const speaker = huddle.activeSpeaker;
   if (speaker && speaker !== huddle.self?.id && tiles.has(speaker)) return speaker;
   if (view.lastSpeaker && tiles.has(view.lastSpeaker)) return view.lastSpeaker;
@@ -236,6 +241,18 @@ export function setLayout(choice) {
   layout();
 }
 
+/**
+ * A remote screen share (its tile's key) started showing: it takes the stage, over the speaker (a pin still
+ * wins), and the viewer's gallery view becomes speaker view so that it is large.
+ */
+export function noteScreen(key) {
+  if (!tiles.has(key)) return;
+  view.screens = view.screens.filter((k) => k !== key);
+  view.screens.push(key);
+  if (view.choice === 'gallery') view.choice = 'speaker';
+  layout();
+}
+
 /** Someone new speaks: remembered, so that they stay large once they stop (and nobody else speaks). */
 export function noteSpeaker(id) {
   if (id && id !== huddle.self?.id && tiles.has(id)) view.lastSpeaker = id;
@@ -294,7 +311,7 @@ function measureVideoSizes() {
   const tabShown = document.visibilityState === 'visible';
   const ratio = window.devicePixelRatio || 1;
   for (const [id, tile] of tiles) {
-    if (id === 'local') continue;
+    if (isOwnTile(id)) continue;
     const video = $('video', tile);
     const inView = tabShown && video.clientWidth > 0 && video.clientHeight > 0 && onScreen(video, clips);
     const w = inView ? Math.round(video.clientWidth * ratio) : 0;
@@ -319,7 +336,7 @@ function queueVideoSizes() {
 }
 
 function onTile(change, id, tile) {
-  if (id !== 'local') {
+  if (!isOwnTile(id)) {
     const video = $('video', tile);
     if (change === 'added') {
       watchVideoSize(video);
@@ -327,6 +344,7 @@ function onTile(change, id, tile) {
       unwatchVideoSize(video);
       if (view.pinned === id) view.pinned = null;
       if (view.lastSpeaker === id) view.lastSpeaker = null;
+      view.screens = view.screens.filter((key) => key !== id);
     }
   }
   layout();

@@ -48,6 +48,7 @@ const ui = {
   error: $('#error'),
   errorText: $('#error .error-text'),
   leaveButton: $('#leave'),
+  networkBanner: $('#network-banner'),
 };
 
 let huddle = null; // the HuddleClient (initStatus)
@@ -134,4 +135,29 @@ export function errorWords({ code, message, mediaError }, token) {
 export function initStatus(client) {
   huddle = client;
   ui.error.querySelector('.dismiss').addEventListener('click', hideError);
+}
+
+// --- the network banner ---
+
+let network = null; // the ConnectionMonitor (watchNetwork)
+
+/**
+ * The banner in the header while our connection is lost: media silent on every connection that carried some
+ * (seen within 2-3 s, lib/stats.js), or the signaling socket being resumed. It sits in the header's flow, so
+ * it never covers tiles, names or buttons, and goes as soon as media flows again.
+ */
+function updateNetworkBanner() {
+  const inCall = huddle.state === 'connected' || huddle.state === 'reconnecting';
+  const lost = inCall && (huddle.state === 'reconnecting' || Boolean(network?.lost));
+  if (ui.networkBanner.hidden !== lost) return;
+  ui.networkBanner.hidden = !lost;
+  document.body.classList.toggle('network-lost', lost);
+}
+
+/** The network banner for `monitor` (a ConnectionMonitor of the client initStatus was given). */
+export function watchNetwork(monitor) {
+  network = monitor;
+  monitor.addEventListener('update', updateNetworkBanner);
+  huddle.addEventListener('state', updateNetworkBanner);
+  updateNetworkBanner();
 }

@@ -1,6 +1,8 @@
 // Tiles: one per person in the call (ours is 'local'), with their video, name, avatar, mute and camera marks,
-// a note on their connection and a pin button. Where a tile goes on the page is the stage's business
-// (stage.js): it hears of every tile added or removed (onTileChange).
+// a note on their connection and a pin button; and one per screen shared (key '<participant id>~screen',
+// "Ada's screen", pinnable like the others; ours is LOCAL_SCREEN, "Your screen", a muted preview). Where a
+// tile goes on the page is the stage's business (stage.js): it hears of every tile added or removed
+// (onTileChange).
 
 import { $ } from './dom.js';
 
@@ -22,8 +24,16 @@ const strip = $('#strip');
 const template = $('#tile-template');
 const soundBlocked = $('#sound-blocked');
 
-/** Participant id (or 'local') -> tile element, in join order (ours first). */
+/** Participant id (or 'local', or a screen share's key) -> tile element, in join order (ours first). */
 export const tiles = new Map();
+
+/** The key of our own screen share's preview tile. */
+export const LOCAL_SCREEN = 'local~screen';
+
+/** Whether the tile under `id` shows something of ours (our camera, our screen): never sized or staged. */
+export function isOwnTile(id) {
+  return id === 'local' || id === LOCAL_SCREEN;
+}
 
 const listeners = [];
 
@@ -41,20 +51,23 @@ function initial(name) {
   return letter ? letter.toUpperCase() : '?';
 }
 
-function createTile({ local, participantId, name }) {
+function createTile({ local, participantId, name, screen = false }) {
   const tile = template.content.firstElementChild.cloneNode(true);
-  tile.classList.add(local ? 'local' : 'remote');
+  // Our screen's preview is neither 'local' (no mirroring) nor 'remote' (never sized or pinned).
+  tile.classList.add(local ? (screen ? 'own-screen' : 'local') : 'remote');
+  if (screen) tile.classList.add('screen');
   const video = $('video', tile);
   if (local) {
-    video.muted = true; // never play our own microphone back
+    video.muted = true; // never play our own microphone (or screen audio) back
     tile.dataset.connection = 'local';
     $('.pin', tile).remove(); // we pin others, not ourselves
   } else {
     tile.dataset.participantId = participantId;
   }
-  setTileName(tile, name, local);
+  if (screen) setScreenTileName(tile, name, local);
+  else setTileName(tile, name, local);
   grid.insertBefore(tile, strip);
-  const id = local ? 'local' : participantId;
+  const id = local ? (screen ? LOCAL_SCREEN : 'local') : participantId;
   tiles.set(id, tile);
   tell('added', id, tile);
   return tile;
@@ -66,6 +79,29 @@ export function setTileName(tile, name, local) {
   $('.name', tile).textContent = local ? `${shown} (you)` : shown;
   $('.avatar', tile).textContent = initial(shown);
   updatePinButton(tile);
+}
+
+function setScreenTileName(tile, ownerName, local) {
+  const shown = local ? 'Your screen' : `${ownerName || 'Guest'}'s screen`;
+  tile.dataset.name = shown;
+  $('.name', tile).textContent = shown;
+  $('.avatar', tile).textContent = initial(ownerName || 'Guest');
+  // A screen has no microphone or camera of its own to be off.
+  $('.muted-indicator', tile).hidden = true;
+  $('.camera-off', tile).hidden = true;
+  updatePinButton(tile);
+}
+
+/**
+ * The tile of a screen share: `key` '<participant id>~screen' for someone's (named after `ownerName`), or
+ * LOCAL_SCREEN for ours. Made when there is none yet.
+ */
+export function ensureScreenTile(key, ownerName) {
+  const local = key === LOCAL_SCREEN;
+  let tile = tiles.get(key);
+  if (!tile) tile = createTile({ local, participantId: key, name: ownerName, screen: true });
+  else setScreenTileName(tile, ownerName, local);
+  return tile;
 }
 
 /** The pin button as data-pinned says (stage.js sets it). */
@@ -137,6 +173,7 @@ export function ensureRemoteTile(participant) {
   return tile;
 }
 
+/** Removes the tile under `participantId` (a participant's, or a screen share's key). */
 export function removeRemoteTile(participantId) {
   const tile = tiles.get(participantId);
   if (!tile) return;
