@@ -39,7 +39,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py huddle/rtc/_fastpath.c
 	scripts/system-deps run
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip

@@ -6,6 +6,9 @@ passes, its address is bound to that transport. Everything else is dropped and c
 ICE-TCP frames each packet with a 2-byte length (RFC 4571); a TCP connection is an address of its own. A
 connection must pass ICE (be bound to a transport) within TCP_ICE_TIMEOUT whatever it sends meanwhile, and one
 client address holds at most `max_connections_per_address` of them.
+While one received datagram is handled (one packet fanned out to every subscriber, say), UDP datagrams sent
+are held in a batch and go out together when it is done, with one sendmmsg(2) per BATCH_SIZE datagrams
+(huddle.rtc.fastpath).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from huddle.metrics import Metrics
+from huddle.rtc import fastpath
 from huddle.rtc.ice import Address, username_ufrag
 from huddle.stun import message as stun
 
@@ -53,6 +57,9 @@ class MediaPort:
         self._by_ufrag: dict[str, WebRtcTransport] = {}
         self._by_addr: dict[Address, WebRtcTransport] = {}
         self._sock: socket.socket | None = None
+        self._batch: fastpath.Batch | None = None
+        # True while a received datagram is handled: UDP sends wait in _batch until flush().
+        self.holding = False
         # When the kernel received the datagram being handled (its SO_TIMESTAMPNS, in µs): transport-wide
         # congestion feedback must report arrival times that the event loop's own delays do not distort,
         # or the publisher's bandwidth estimate reads our scheduling jitter as network congestion.
@@ -65,11 +72,11 @@ class MediaPort:
         self.packets_in = self.packets_out = self.bytes_in = self.bytes_out = 0
         metrics.watch_media_port(self)
 
-    def drop(self, reason: str) -> None:
+    def drop(self, reason: str, count: int = 1) -> None:
         counter = self._dropped.get(reason)
         if counter is None:
             counter = self._dropped[reason] = self.metrics.media_dropped.labels(reason=reason)
-        counter.inc()
+        counter.inc(count)
 
     # -- Life -----------------------------------------------------------------------------------------------
 
@@ -85,6 +92,7 @@ class MediaPort:
             sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         sock.bind(address)
         self._sock = sock
+        self._batch = fastpath.new_batch(sock)
         self.port = sock.getsockname()[1]
         asyncio.get_running_loop().add_reader(sock.fileno(), self._on_readable)
         try:
@@ -127,9 +135,11 @@ class MediaPort:
 
     async def close(self) -> None:
         if self._sock is not None:
+            self.flush()
             asyncio.get_running_loop().remove_reader(self._sock.fileno())
             self._sock.close()
             self._sock = None
+            self._batch = None
         if self._tcp_server is not None:
             self._tcp_server.close()
             for writer in list(self._tcp.values()):
@@ -182,7 +192,11 @@ class MediaPort:
         if transport is None:
             self.drop("dtls_unknown_source" if 19 < data[0] < 64 else "unknown_source")
             return
-        reason = transport.receive(data, addr)
+        self.holding = True
+        try:
+            reason = transport.receive(data, addr)
+        finally:
+            self.flush()
         if reason is not None:
             self.drop(reason)
 
@@ -207,7 +221,8 @@ class MediaPort:
 
     # -- Sending --------------------------------------------------------------------------------------------
 
-    def send_to(self, data: bytes, addr: Address) -> None:
+    def send_to(self, data: bytes | bytearray | memoryview, addr: Address) -> None:
+        """Send a datagram (copied before this returns): now, or with the batch when `holding`."""
         self.packets_out += 1
         self.bytes_out += len(data)
         if len(addr) == 3:
@@ -215,13 +230,37 @@ class MediaPort:
             if writer is not None and not writer.is_closing():
                 writer.write(_LENGTH.pack(len(data)) + data)
             return
-        if self._sock is not None:
+        if self._sock is None:
+            return
+        batch = self._batch
+        if self.holding and batch is not None:
             try:
-                self._sock.sendto(data, addr)
-            except BlockingIOError:
-                self.drop("send_buffer_full")  # UDP: a full buffer means loss, as on the wire
-            except OSError:
-                self.drop("send_error")
+                if batch.add(data, addr) >= fastpath.BATCH_SIZE:
+                    self._send_batch(batch)
+                return
+            except ValueError:
+                # An address or a size the batch does not take: alone, after what is queued.
+                self._send_batch(batch)
+        try:
+            self._sock.sendto(data, addr)
+        except BlockingIOError:
+            self.drop("send_buffer_full")  # UDP: a full buffer means loss, as on the wire
+        except OSError:
+            self.drop("send_error")
+
+    def flush(self) -> None:
+        """Send what is held, and stop holding: the end of handling one received datagram."""
+        self.holding = False
+        batch = self._batch
+        if batch is not None and batch.count:
+            self._send_batch(batch)
+
+    def _send_batch(self, batch: fastpath.Batch) -> None:
+        _sent, blocked, failed = batch.flush()
+        if blocked:
+            self.drop("send_buffer_full", blocked)
+        if failed:
+            self.drop("send_error", failed)
 
     # -- ICE-TCP --------------------------------------------------------------------------------------------
 

@@ -1,0 +1,365 @@
+"""The compiled per-packet path (huddle/rtc/_fastpath.c) against the pure-Python reference it must match.
+
+The same publisher packets, through the real Producer → Consumer → StreamRewriter → SRTP → MediaPort path to
+subscribers on 127.0.0.1, must come out as the same datagrams, byte for byte, in the same order, whichever
+path sends them: across sequence number and timestamp wraps (in and out), simulcast layer switches, dropped
+temporal layers, and both SRTP profiles. And what comes out must be SRTP a subscriber decrypts into one
+continuous stream.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+from types import SimpleNamespace
+
+import pytest
+
+from huddle.metrics import Metrics
+from huddle.rtc import _fastpath, fastpath, srtp
+from huddle.rtc.certificate import Certificate
+from huddle.rtc.port import MediaPort
+from huddle.rtc.rtp import RtpPacket
+from huddle.rtc.srtp import SrtpProfile, SrtpSession
+from huddle.rtc.transport import WebRtcTransport
+from huddle.sfu import offer
+from huddle.sfu import producer as producer_module
+from huddle.sfu.consumer import Consumer
+from huddle.sfu.producer import UNUSED_EXTENSION_ID, Producer
+from huddle.sfu.rewrite import StreamRewriter
+
+CERTIFICATE = Certificate.generate()
+LAYER_SSRCS = (0x11111111, 0x22222222, 0x33333333)
+PUBLISHER_TABLE = bytes(offer.ABS_SEND_TIME_ID if i == 3 else UNUSED_EXTENSION_ID for i in range(16))
+SUBSCRIBERS = 5
+RECEIVE_TIMEOUT = 5.0  # an upper bound only: reading stops as soon as every datagram is in
+
+
+def test_the_compiled_path_is_the_one_in_use() -> None:
+    """`pip install -e .` builds the extension; a build that failed must not pass for a working one."""
+    assert os.environ.get("HUDDLE_FASTPATH", "1") != "0", "HUDDLE_FASTPATH=0 forces the reference path"
+    assert fastpath.COMPILED
+    assert srtp._protect is _fastpath.protect
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        assert isinstance(fastpath.new_batch(sock), _fastpath.Batch)
+    finally:
+        sock.close()
+
+
+# --- the compiled protect against pylibsrtp's own ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("profile", list(SrtpProfile))
+def test_protect_view_gives_pylibsrtps_bytes_across_a_sequence_wrap(profile: SrtpProfile) -> None:
+    material = os.urandom(profile.keying_material_length)
+    compiled = SrtpSession.from_keying(profile, material, True)
+    reference = SrtpSession.from_keying(profile, material, True)
+    receiver = SrtpSession.from_keying(profile, material, False)
+    for i in range(40):
+        seq = (0xFFEC + i) & 0xFFFF  # the ROC goes up mid-way
+        ts = (0xFFFFFF00 + 3000 * i) & 0xFFFFFFFF
+        packet = RtpPacket(
+            payload_type=96, seq=seq, timestamp=ts, ssrc=0xCAFE, payload=os.urandom(100 + 23 * i)
+        ).serialize()
+        out = bytes(compiled.protect_view(packet))
+        assert out == reference.protect(packet)
+        assert receiver.unprotect(out) == packet
+
+
+def test_protect_view_refuses_what_libsrtp_refuses() -> None:
+    session = SrtpSession.from_keying(
+        SrtpProfile.AEAD_AES_128_GCM, bytes(SrtpProfile.AEAD_AES_128_GCM.keying_material_length), True
+    )
+    with pytest.raises(srtp.SrtpError):
+        session.protect_view(bytes(srtp.MAX_PACKET + 1))
+    with pytest.raises(srtp.SrtpError):
+        session.protect_view(b"\x80\x60")  # shorter than an RTP header
+
+
+# --- sendmmsg ----------------------------------------------------------------------------------------------
+
+
+def _sink() -> socket.socket:
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sink.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
+    sink.bind(("127.0.0.1", 0))
+    sink.settimeout(RECEIVE_TIMEOUT)
+    return sink
+
+
+def _receive(sink: socket.socket, count: int) -> list[bytes]:
+    return [sink.recv(4096) for _ in range(count)]
+
+
+def _nothing_more(sink: socket.socket) -> bool:
+    sink.settimeout(0.05)
+    try:
+        sink.recv(4096)
+    except TimeoutError:
+        return True
+    return False
+
+
+def test_one_flush_delivers_every_datagram_in_order() -> None:
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sink = _sink()
+    try:
+        batch = _fastpath.Batch(sender.fileno(), fastpath.BATCH_SIZE, fastpath.SLOT)
+        datagrams = [i.to_bytes(2, "big") + os.urandom(i * 31 % 1400) for i in range(fastpath.BATCH_SIZE)]
+        for i, data in enumerate(datagrams):
+            assert batch.add(data, sink.getsockname()) == i + 1
+        with pytest.raises(OverflowError):
+            batch.add(b"one too many", sink.getsockname())
+        assert batch.flush() == (fastpath.BATCH_SIZE, 0, 0)
+        assert batch.count == 0
+        assert _receive(sink, len(datagrams)) == datagrams
+        assert _nothing_more(sink)
+    finally:
+        sender.close()
+        sink.close()
+
+
+def test_a_refused_datagram_does_not_stop_the_ones_after_it() -> None:
+    """sendmmsg stops at the first datagram the kernel refuses; the batch goes on past it, as a loop of
+    sendto would (here: a broadcast address without SO_BROADCAST, refused with EACCES)."""
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sink = _sink()
+    try:
+        batch = _fastpath.Batch(sender.fileno(), 8, fastpath.SLOT)
+        batch.add(b"first", sink.getsockname())
+        batch.add(b"refused", ("255.255.255.255", 9))
+        batch.add(b"refused too", ("255.255.255.255", 9))
+        batch.add(b"second", sink.getsockname())
+        assert batch.flush() == (2, 0, 2)
+        assert _receive(sink, 2) == [b"first", b"second"]
+        with pytest.raises(ValueError):
+            batch.add(b"x", ("not-an-address", 9))
+        with pytest.raises(ValueError):
+            batch.add(bytes(fastpath.SLOT + 1), sink.getsockname())
+        assert batch.count == 0
+    finally:
+        sender.close()
+        sink.close()
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "reference"])
+async def test_the_port_sends_what_it_held_in_order_and_counts_refusals(
+    monkeypatch: pytest.MonkeyPatch, compiled: bool
+) -> None:
+    """More datagrams than one sendmmsg takes, held while one datagram is handled, then all out in order;
+    one refused on the way is counted as a send error and the rest still go."""
+    monkeypatch.setattr(fastpath, "COMPILED", compiled)
+    metrics = Metrics()
+    port = MediaPort(metrics)
+    await port.start("127.0.0.1", 0)
+    sink = _sink()
+    try:
+        datagrams = [i.to_bytes(2, "big") + bytes(1000) for i in range(2 * fastpath.BATCH_SIZE + 7)]
+        port.holding = True
+        for i, data in enumerate(datagrams):
+            port.send_to(memoryview(bytearray(data)), sink.getsockname())
+            if i == 70:
+                port.send_to(b"refused", ("255.255.255.255", 9))
+            if i == 5:
+                port.send_to(b"not numeric: sent alone", ("localhost", sink.getsockname()[1]))
+        port.flush()
+        assert not port.holding
+        received = _receive(sink, len(datagrams) + 1)
+        assert received[6] == b"not numeric: sent alone"
+        assert received[:6] + received[7:] == datagrams
+        assert metrics.registry.get_sample_value("huddle_media_dropped_total", {"reason": "send_error"}) == 1
+    finally:
+        sink.close()
+        await port.close()
+
+
+# --- the whole forwarding path, compiled against the reference ---------------------------------------------
+
+
+class _Publisher:
+    def __init__(self) -> None:
+        self.participant = SimpleNamespace(id="publisher")
+        self.router = SimpleNamespace(layer_started=lambda producer: None)
+
+    def send_pli(self, media_ssrc: int) -> bool:
+        return True
+
+
+class _Clock:
+    """time.monotonic and time.time for the Producer, the same in both runs (switches rebase timestamps by
+    the wall time between packets)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        self.now += 0.0011
+        return self.now
+
+    def time(self) -> float:
+        return self.monotonic()
+
+
+def _vp8(layer: int, i: int, *, keyframe: bool) -> bytes:
+    """Packet `i` of a simulcast layer: 15-bit picture ids and TL0PICIDX near their wraps, three temporal
+    layers, three packets a frame; sequence numbers and timestamps wrap within the stream."""
+    frame, part = divmod(i, 3)
+    tid = (0, 2, 1, 2)[frame % 4]
+    picture_id = (0x7FF0 + frame + 1000 * layer) & 0x7FFF
+    descriptor = bytes(
+        (
+            0x90 if part == 0 else 0x80,
+            0xE0,
+            0x80 | (picture_id >> 8),
+            picture_id & 0xFF,
+            (250 + frame // 4) & 0xFF,
+            (tid << 6) | (0x20 if tid == 0 else 0),
+        )
+    )
+    body = bytes.fromhex("5002009d012a8002e001") if keyframe and part == 0 else b"\x31\x02\x00"
+    return RtpPacket(
+        payload_type=100,
+        seq=(0xFFD0 + 7000 * layer + i) & 0xFFFF,
+        timestamp=(0xFFFF0000 + 3000 * frame + 12345 * layer) & 0xFFFFFFFF,
+        ssrc=LAYER_SSRCS[layer],
+        marker=part == 2,
+        extensions={3: b"\x00\x00\x00"},
+        payload=descriptor + body + bytes((i * 7) % 256 for _ in range(300 + 50 * layer + i % 5)),
+    ).serialize()
+
+
+def _script() -> list[tuple[str, int, int]]:
+    """What happens, in order: ("packet", layer, i) (a keyframe every 24 packets of each layer),
+    ("target", consumer index, layer) and ("max_tid", consumer index, tid)."""
+    steps: list[tuple[str, int, int]] = []
+    for i in range(150):
+        for layer in range(3):
+            steps.append(("packet", layer, i))
+        if i == 30:
+            steps += [("target", 1, 2), ("target", 2, 1), ("max_tid", 3, 0)]
+        if i == 80:
+            steps += [("target", 1, 0), ("target", 2, 2), ("max_tid", 3, 1), ("target", 4, 2)]
+        if i == 110:
+            steps += [("max_tid", 3, 2), ("target", 0, 1)]
+    return steps
+
+
+async def _forward(profile: SrtpProfile, material: bytes, monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """Run the script through the real path; returns every datagram the subscribers' address received."""
+    monkeypatch.setattr(producer_module, "time", _Clock())
+    port = MediaPort(Metrics())
+    await port.start("127.0.0.1", 0)
+    sink = _sink()
+    try:
+        producer = Producer(_Publisher(), "video", "0", {100: offer.VP8_PT}, PUBLISHER_TABLE, ["q", "h", "f"])  # type: ignore[arg-type]
+        for layer, ssrc in enumerate(LAYER_SSRCS):
+            producer.add_ssrc(ssrc, layer)
+        for n in range(SUBSCRIBERS):
+            transport = WebRtcTransport(
+                port, CERTIFICATE, label=f"s{n}", on_rtp=lambda t, d: None, on_rtcp=lambda t, d: None
+            )
+            transport.srtp = SrtpSession.from_keying(profile, material, True)
+            transport.ice.selected = sink.getsockname()
+            consumer = Consumer(producer, SimpleNamespace(participant=SimpleNamespace(id=f"s{n}")))  # type: ignore[arg-type]
+            # Output counters just below their wraps, the same in both runs.
+            consumer.ssrc = 0x5000 + n
+            consumer.rewriter = StreamRewriter(
+                consumer.ssrc,
+                seq_start=0xFFF0 - 40 * n,
+                ts_start=0xFFFFF000 - n,
+                picture_id_start=0x7FFA,
+                tl0picidx_start=0xFE,
+            )
+            consumer.transport = transport
+            consumer.ready = True
+            producer.consumers.append(consumer)
+        sent = 0
+        for what, a, b in _script():
+            if what == "packet":
+                keyframe = b % 24 == 0 or b % 24 == 1 or b % 24 == 2
+                port.holding = True
+                sent += producer.receive(_vp8(a, b, keyframe=keyframe), a)
+                port.flush()
+            elif what == "target":
+                producer.consumers[a].set_target(b)
+            else:
+                producer.consumers[a].max_tid = b
+        received = _receive(sink, sent)
+        assert _nothing_more(sink)
+        return received
+    finally:
+        sink.close()
+        await port.close()
+
+
+@pytest.mark.parametrize("profile", list(SrtpProfile))
+async def test_compiled_and_reference_paths_send_the_same_bytes(
+    monkeypatch: pytest.MonkeyPatch, profile: SrtpProfile
+) -> None:
+    material = os.urandom(profile.keying_material_length)
+    compiled = await _forward(profile, material, monkeypatch)
+    with monkeypatch.context() as reference_path:
+        reference_path.setattr(fastpath, "COMPILED", False)
+        reference_path.setattr(srtp, "_protect", None)
+        reference = await _forward(profile, material, monkeypatch)
+    assert len(compiled) > 600  # five subscribers, 150 packets of the layer each sees, less dropped frames
+    assert compiled == reference
+
+    # And it is what a subscriber can use: each one's stream decrypts, with sequence numbers that go up by
+    # one (through 0xFFFF → 0) across every layer switch and dropped temporal layer.
+    receivers = {0x5000 + n: SrtpSession.from_keying(profile, material, False) for n in range(SUBSCRIBERS)}
+    seqs: dict[int, list[int]] = {ssrc: [] for ssrc in receivers}
+    for datagram in compiled:
+        ssrc = int.from_bytes(datagram[8:12], "big")
+        packet = RtpPacket.parse(receivers[ssrc].unprotect(datagram))
+        seqs[ssrc].append(packet.seq)
+    for ssrc, numbers in seqs.items():
+        assert numbers, ssrc
+        assert all((b - a) & 0xFFFF == 1 for a, b in itertools.pairwise(numbers)), ssrc
+    assert any(0xFFFF in numbers and 0 in numbers for numbers in seqs.values())
+
+
+def test_the_script_switches_layers() -> None:
+    """A guard on the test above: its script really moves consumers between layers."""
+    targets = {(a, b) for what, a, b in _script() if what == "target"}
+    assert {b for _, b in targets} == {0, 1, 2}
+
+
+async def test_holding_ends_with_the_datagram_that_started_it() -> None:
+    """A datagram from an unknown source is dropped without leaving the port holding sends back."""
+    port = MediaPort(Metrics())
+    await port.start("127.0.0.1", 0)
+    try:
+        port.receive(b"\x80" + bytes(20), ("127.0.0.1", 1))
+        assert not port.holding
+    finally:
+        await port.close()
+
+
+async def test_a_datagram_handled_by_a_transport_sends_its_replies_before_the_next(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What a transport sends while handling a received datagram leaves when the handling is over, before
+    the port reads on: nothing waits for a later datagram."""
+    port = MediaPort(Metrics())
+    await port.start("127.0.0.1", 0)
+    sink = _sink()
+    try:
+        transport = WebRtcTransport(
+            port, CERTIFICATE, label="t", on_rtp=lambda t, d: None, on_rtcp=lambda t, d: None
+        )
+
+        def answer(data: bytes, addr: object) -> None:
+            assert port.holding
+            port.send_to(b"reply to " + data, sink.getsockname())
+
+        monkeypatch.setattr(transport, "receive", answer)
+        port.bind(("127.0.0.1", 7), transport)
+        port.receive(b"\x80hello", ("127.0.0.1", 7))
+        assert not port.holding
+        assert _receive(sink, 1) == [b"reply to \x80hello"]
+    finally:
+        sink.close()
+        await port.close()
