@@ -93,10 +93,13 @@ def new_page(browser: Browser) -> Iterator[Callable[..., Page]]:
     """Each page in its own context, as separate people on separate machines would be."""
     contexts = []
 
-    def make(url: str, **context_options: Any) -> Page:
-        """`context_options` for Browser.new_context, e.g. device_scale_factor for a high-density screen."""
+    def make(url: str, init_script: str | None = None, **context_options: Any) -> Page:
+        """`context_options` for Browser.new_context, e.g. device_scale_factor for a high-density screen;
+        `init_script` runs in the page before its own scripts."""
         context = browser.new_context(**{"viewport": {"width": 1000, "height": 700}, **context_options})
         contexts.append(context)
+        if init_script:
+            context.add_init_script(init_script)
         page = context.new_page()
         page.on("pageerror", lambda exc: print(f"[page error] {exc}"))
         page.goto(url)

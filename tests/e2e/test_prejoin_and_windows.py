@@ -5,12 +5,12 @@ Real Chromium through the real page. Chromium's fake devices: one camera, three 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from playwright.sync_api import Browser, Page
+from playwright.sync_api import Page
 
 from .conftest import Server, remote_tiles, wait_decoding, wait_for
 
@@ -57,22 +57,13 @@ GEOMETRY_JS = """
 
 
 @pytest.fixture
-def open_page(browser: Browser) -> Iterator[Any]:
+def open_page(new_page: Callable[..., Page]) -> Callable[..., Page]:
     """A page in its own context (a separate person), counting its captures from the first script on."""
-    contexts = []
 
     def make(url: str, width: int = 1000, height: int = 700) -> Page:
-        context = browser.new_context(viewport={"width": width, "height": height})
-        contexts.append(context)
-        context.add_init_script(COUNT_CAPTURES)
-        page = context.new_page()
-        page.on("pageerror", lambda exc: print(f"[page error] {exc}"))
-        page.goto(url)
-        return page
+        return new_page(url, init_script=COUNT_CAPTURES, viewport={"width": width, "height": height})
 
-    yield make
-    for context in contexts:
-        context.close()
+    return make
 
 
 def overlap(a: list[float], b: list[float]) -> float:
