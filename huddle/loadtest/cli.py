@@ -58,6 +58,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="every this many seconds someone leaves (every third vanishes, as a closed tab) and a newcomer "
         "takes the seat, from the warm-up to the end (default 0: nobody leaves)",
     )
+    parser.add_argument(
+        "--no-simulcast",
+        dest="simulcast",
+        action="store_false",
+        help="publishers send one video stream without simulcast (the 640x360 layer, h), as a browser "
+        "without simulcast does; every shown video is then expected at that layer, whatever its size",
+    )
+    parser.add_argument(
+        "--no-audio",
+        dest="audio",
+        action="store_false",
+        help="publishers send no audio (no audio m-section is offered)",
+    )
     parser.add_argument("--json", type=Path, help="also write the full results to this JSON file")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
@@ -78,6 +91,8 @@ def main(args: argparse.Namespace) -> int:
         connect_timeout=args.connect_timeout,
         decrypt_every=args.decrypt_every,
         churn=args.churn,
+        simulcast=args.simulcast,
+        audio=args.audio,
     )
     try:
         config.validate()

@@ -5,7 +5,7 @@
 - `gallery`: the first page of up to 25 tiles in a 1920x1080 window, all the same size.
 
 `expected_layer` is the layer the SFU should forward for a size: the smallest that covers it
-(docs/protocol.md, huddle.sfu.allocation).
+(docs/protocol.md, huddle.sfu.allocation), or the one a publisher without simulcast sends.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from huddle.loadtest.media import SINGLE_LAYER
 from huddle.sfu.allocation import Request, wanted_layer
 
 __all__ = ["GALLERY_PAGE", "LAYOUTS", "MAX_THUMBNAILS", "STAGE", "THUMBNAIL", "expected_layer", "video_sizes"]
@@ -50,7 +51,12 @@ def video_sizes(layout: str, others: Sequence[str], stage: str | None) -> dict[s
     return sizes
 
 
-def expected_layer(size: tuple[int, int] | None) -> int | None:
+def expected_layer(size: tuple[int, int] | None, *, simulcast: bool = True) -> int | None:
+    """The library layer (huddle.loadtest.media.LAYERS, as trailers name it) a video shown at `size` should
+    arrive at; None when it is not shown. Without simulcast its publisher sends one layer, whatever the size:
+    the SFU's only layer (its layer 0) is the library's SINGLE_LAYER."""
     if size is None:
         return None
+    if not simulcast:
+        return SINGLE_LAYER
     return wanted_layer(Request(None, size[0], size[1]))

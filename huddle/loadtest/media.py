@@ -29,6 +29,7 @@ __all__ = [
     "FPS",
     "LAYERS",
     "MAX_CHUNK",
+    "SINGLE_LAYER",
     "TEMPORAL_PATTERN",
     "TRAILER",
     "TRAILER_MAGIC",
@@ -59,6 +60,8 @@ LAYERS = (
     LayerSpec("f", 1280, 720, 1_500_000),
 )
 AUDIO_LAYER = 3  # the trailer's layer byte for audio
+# The library layer a camera without simulcast sends (h, 640x360); its trailers name it, as any layer's do.
+SINGLE_LAYER = 1
 FPS = 30
 CLIP_SECONDS = 2  # also the keyframe interval
 TEMPORAL_PATTERN = (0, 2, 1, 2)  # TID of frame i is TEMPORAL_PATTERN[i % 4]

@@ -3,7 +3,8 @@
 - `publish_offer`: what Chromium offers for a microphone and a simulcast camera: audio (Opus) with an SSRC
   line, video (VP8 + RTX) with rids q, h, f and `a=simulcast:send q;h;f` and no SSRC lines, the MID, RID,
   repaired-RID, abs-send-time, audio level and transport-cc extensions under Chromium's ids, and
-  `a=setup:actpass`.
+  `a=setup:actpass`. Either kind may be left out, and the camera offered without simulcast (one SSRC line,
+  no rids), as a browser without simulcast offers it.
 - `read_publish_answer`: the server's transport (ICE credentials, fingerprint, UDP candidate), and per kind
   the mid, payload type, agreed extension ids and accepted rids.
 - `subscribe_answer`: the answer to the server's subscribe offer: every m-section mirrored in order,
@@ -101,7 +102,10 @@ def publish_offer(
     audio: bool = True,
     video: bool = True,
     rids: tuple[str, ...] = ("q", "h", "f"),
+    video_ssrc: int | None = None,
 ) -> str:
+    """`video_ssrc`: offer the camera without simulcast, as one stream named by an SSRC line (as a browser
+    without simulcast does: Firefox, aiortc); `rids` are then not offered."""
     desc = sdp.SessionDescription(
         origin=sdp.Origin("-", session_id, 2, "IN", "IP4", "127.0.0.1"),
         attributes=[sdp.Attribute("msid-semantic", f"WMS {stream_id}")],
@@ -149,10 +153,15 @@ def publish_offer(
             direction="sendonly",
             extmaps=list(VIDEO_EXTENSIONS),
             msids=[sdp.Msid(stream_id, f"{stream_id}-video")],
-            rids=[sdp.Rid(rid, "send") for rid in rids],
-            simulcast=sdp.Simulcast(send=[[sdp.RidChoice(rid)] for rid in rids]),
             candidates=[candidate],
         )
+        if video_ssrc is None:
+            media.rids = [sdp.Rid(rid, "send") for rid in rids]
+            media.simulcast = sdp.Simulcast(send=[[sdp.RidChoice(rid)] for rid in rids])
+        else:
+            media.ssrcs = [
+                sdp.Ssrc(video_ssrc, {"cname": stream_id, "msid": f"{stream_id} {stream_id}-video"})
+            ]
         _common(media, ufrag, pwd, fingerprint, "actpass")
         desc.media.append(media)
     desc.groups = [sdp.Group("BUNDLE", [m.mid for m in desc.media if m.mid is not None])]

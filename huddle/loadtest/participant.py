@@ -1,10 +1,11 @@
 """A synthetic participant: Huddle's signaling protocol in SFU mode, spoken by a program that measures.
 
 It joins over the WebSocket, publishes (if it is a publisher) a microphone and a three-layer simulcast camera
-on its `publish` connection (it offers; `sfu_offer`), answers the server's offers on its `subscribe`
-connection, says what it shows in `video_sizes` for its layout, follows `active_speaker` (the speaker layout
-puts the active speaker on the stage) and `publisher_layers` (dynacast: paused layers are not sent). What
-arrives is counted by a `huddle.loadtest.stats.Receiver`.
+(or, as `Shared` says, no microphone, or a camera without simulcast) on its `publish` connection (it offers;
+`sfu_offer`), answers the server's offers on its `subscribe` connection, says what it shows in `video_sizes`
+for its layout, follows `active_speaker` (the speaker layout puts the active speaker on the stage) and
+`publisher_layers` (dynacast: paused layers are not sent). What arrives is counted by a
+`huddle.loadtest.stats.Receiver`.
 
 Many participants share one process: one `Shared` holds the HTTP session, the DTLS certificate, the encoded
 media and the pacing loop; the process-wide ticker calls `tick()` on every participant.
@@ -111,6 +112,10 @@ class Shared:
     layout: str = "speaker"
     speaker: int = 0  # index of the participant who talks (loud audio levels)
     decrypt_every: int = 1
+    # What publishers offer: a simulcast camera (False: one stream of the library's SINGLE_LAYER, as a
+    # browser without simulcast sends), and a microphone.
+    simulcast: bool = True
+    audio: bool = True
     participants: list[SyntheticParticipant] = field(default_factory=list)
     index_of: dict[str, int] = field(default_factory=dict)  # participant id → index, once joined
 
@@ -157,6 +162,7 @@ class SyntheticParticipant:
         self.video: VideoSender | None = None
         self.audio: AudioSender | None = None
         self.audio_ssrc = random.getrandbits(32) or 1
+        self.video_ssrc = random.getrandbits(32) or 1  # named in the offer only without simulcast
         self.session_id = random.getrandbits(62)
         self.keyframe_requests = 0
         self.offers = 0
@@ -417,6 +423,7 @@ class SyntheticParticipant:
         self.receiver.srtp = None
         self.receiver.retire(())
         self.audio_ssrc = random.getrandbits(32) or 1
+        self.video_ssrc = random.getrandbits(32) or 1
 
     def _await_media(self, drop: Reconnection) -> None:
         """Time the first media packet after `drop` on whichever subscribe connection brings it (the one we
@@ -469,7 +476,8 @@ class SyntheticParticipant:
 
     def _open_publish(self, connection_class: type[MediaConnection], stream_id: str) -> str:
         """Open the publish connection (of `connection_class`, for servers that need their own) and return
-        the offer for it."""
+        the offer for it: the camera with or without simulcast, and the microphone or not, as `shared`
+        says."""
         self.publish = connection_class(
             self.shared.certificate,
             label=f"{self.name}/publish",
@@ -485,6 +493,8 @@ class SyntheticParticipant:
             session_id=self.session_id,
             stream_id=stream_id,
             audio_ssrc=self.audio_ssrc,
+            audio=self.shared.audio,
+            video_ssrc=None if self.shared.simulcast else self.video_ssrc,
         )
 
     async def _start_publishing(self) -> None:
@@ -509,6 +519,7 @@ class SyntheticParticipant:
                 rids=answer.video.rids or ["q"],
                 ids=answer.video.ids,
                 tseq=tseq,
+                ssrc=None if self.shared.simulcast else self.video_ssrc,
             )
             pacer.add(self.video, random.uniform(0, VideoSender.interval))
         if answer.audio is not None and self.audio is None:
@@ -604,7 +615,9 @@ class SyntheticParticipant:
         for track in self.tracks.values():
             if track.kind == "video":
                 stream = self.receiver.stream(track.ssrc)
-                stream.expected_layer = layouts.expected_layer(self.sizes.get(track.publisher))
+                stream.expected_layer = layouts.expected_layer(
+                    self.sizes.get(track.publisher), simulcast=self.shared.simulcast
+                )
         if self.sizes != self._sent_sizes:
             self._schedule_sizes()
 

@@ -72,6 +72,12 @@ class LoadtestConfig:
     connect_timeout: float = 30.0
     decrypt_every: int = 1  # decrypt 1 packet in this many per stream (1: all)
     churn: float = 0.0  # seconds between one leaving and a newcomer taking the seat (0: nobody leaves)
+    # False: each publisher's camera sends one stream without simulcast (the library's middle layer, h), as
+    # a browser without simulcast does, and every shown video is expected at that layer. With `audio` False
+    # too, an SFU has no layer to choose and no loudest three to pick: two SFUs can be measured forwarding
+    # the same packets (bench/run.py).
+    simulcast: bool = True
+    audio: bool = True  # False: publishers offer no microphone, and nobody expects audio
 
     def validate(self) -> None:
         if not 1 <= self.participants <= MAX_PARTICIPANTS:
@@ -341,6 +347,8 @@ async def _run(config: LoadtestConfig, say: Callable[[str], None]) -> LoadtestRe
             layout=config.layout,
             speaker=config.speaker,
             decrypt_every=config.decrypt_every,
+            simulcast=config.simulcast,
+            audio=config.audio,
         )
         crowd = Crowd(shared, config.participants, config.publisher_count)
         crowd.start()
@@ -476,7 +484,9 @@ def format_summary(result: LoadtestResult, *, rows: int = 20) -> str:
     sent, received = result.packets_sent, result.packets_received
     lines = [
         f"huddle loadtest: {result.participants} participants ({result.publishers} publishing) in room "
-        f"{config['room']!r}, layout {config['layout']}, {result.window_seconds:.1f} s measured",
+        f"{config['room']!r}, layout {config['layout']}, {result.window_seconds:.1f} s measured"
+        + ("" if config.get("simulcast", True) else ", camera without simulcast")
+        + ("" if config.get("audio", True) else ", no audio"),
         f"  joined {result.joined}/{result.participants} in {result.join_seconds:.1f} s, "
         f"connected {result.connected}/{result.participants} after {result.connect_seconds:.1f} s",
         f"  sent      {sent:>10,} RTP packets  {sent / window:>9,.0f} /s  "

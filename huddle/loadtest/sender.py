@@ -1,13 +1,14 @@
 """The publishing side of a synthetic participant: RTP streams built from templates patched in place.
 
-Each outgoing stream (the microphone, and each simulcast layer of the camera) owns one buffer. Its header
-(fixed part with the SSRC, and the header extension block) is built once when the publish answer says which
-extension ids were agreed, in two variants: with MID and RID (a stream's first `MID_RID_PACKETS` packets, as
-Chromium sends them until it can assume the SFU learned the SSRC) and without. Per packet the header and the
-pre-packetized payload are copied into the buffer and the per-packet fields written where they lie:
-sequence number, timestamp, marker, abs-send-time, transport-wide sequence number, audio level, VP8 picture
-id and TL0PICIDX, and the trailer (sender index, layer, send time). The one copy out of the buffer is the
-`bytes` that libsrtp takes.
+Each outgoing stream (the microphone, and each simulcast layer of the camera, or its one stream without
+simulcast) owns one buffer. Its header (fixed part with the SSRC, and the header extension block) is built
+once when the publish answer says which extension ids were agreed, in two variants: with MID and RID (a
+stream's first `MID_RID_PACKETS` packets, as Chromium sends them until it can assume the SFU learned the
+SSRC; a stream without simulcast has no RID) and without. Per packet the header and the pre-packetized
+payload are copied into the buffer and the per-packet fields written where they lie: sequence number,
+timestamp, marker, abs-send-time, transport-wide sequence number, audio level, VP8 picture id and TL0PICIDX,
+and the trailer (sender index, layer, send time). The one copy out of the buffer is the `bytes` that libsrtp
+takes.
 
 Senders are paced by `huddle.loadtest.pacer.Pacer`, one loop for the whole process: `VideoSender.fire()`
 sends one frame of every active layer, `AudioSender.fire()` one 20 ms packet.
@@ -25,6 +26,7 @@ from huddle.loadtest.media import (
     AUDIO_LAYER,
     FPS,
     LAYERS,
+    SINGLE_LAYER,
     TRAILER,
     TRAILER_MAGIC,
     MediaLibrary,
@@ -231,7 +233,8 @@ class TransportSeq:
 
 
 class VideoSender:
-    """The camera: one RtpStream per simulcast layer, one frame per layer per `fire()` (30 fps)."""
+    """The camera: one RtpStream per simulcast layer (or one without simulcast), one frame per layer per
+    `fire()` (30 fps)."""
 
     interval = 1.0 / FPS
 
@@ -246,21 +249,32 @@ class VideoSender:
         rids: Sequence[str],
         ids: ExtensionIds,
         tseq: TransportSeq,
+        ssrc: int | None = None,
     ) -> None:
+        """`ssrc`: send no simulcast but one stream, the SSRC the offer named, of the library's SINGLE_LAYER
+        and without RID (`rids` is then not used)."""
         self.connection = connection
         self.library = library
         self.index = index
         self.tseq = tseq
-        # The clip of each rid the server receives (q, h, f: the library's sizes, low to high); the trailer
-        # names the library's layer, so that a receiver knows the size whatever the server accepted.
-        known = {spec.rid: i for i, spec in enumerate(LAYERS)}
-        library_layers = [known.get(rid, min(i, len(LAYERS) - 1)) for i, rid in enumerate(rids)]
+        if ssrc is None:
+            # The clip of each rid the server receives (q, h, f: the library's sizes, low to high); the
+            # trailer names the library's layer, so that a receiver knows the size whatever the server
+            # accepted.
+            known = {spec.rid: i for i, spec in enumerate(LAYERS)}
+            library_layers = [known.get(rid, min(i, len(LAYERS) - 1)) for i, rid in enumerate(rids)]
+            self.streams = [
+                RtpStream(pt, random.getrandbits(32) or 1, mid, rid, ids, "video", layer)
+                for rid, layer in zip(rids, library_layers, strict=True)
+            ]
+            self.rids = list(rids)
+        else:
+            library_layers = [SINGLE_LAYER]
+            self.streams = [RtpStream(pt, ssrc, mid, None, ids, "video", SINGLE_LAYER)]
+            # Named after the layer it is, for `layers_sent`; the SFU sends no `publisher_layers` for a
+            # track without simulcast, so nothing pauses it.
+            self.rids = [LAYERS[SINGLE_LAYER].rid]
         self.clips = [library.video[i] for i in library_layers]
-        self.streams = [
-            RtpStream(pt, random.getrandbits(32) or 1, mid, rid, ids, "video", layer)
-            for rid, layer in zip(rids, library_layers, strict=True)
-        ]
-        self.rids = list(rids)
         self.active = [True] * len(self.streams)
         # Per layer: the clip frame to send next, and whether the layer restarts with a keyframe.
         self.position = [random.randrange(len(clip)) for clip in self.clips]

@@ -7,6 +7,7 @@ the stage one at layer f and the thumbnail at q, and both others' audio under th
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from huddle.config import Settings
+from huddle.loadtest.cli import add_arguments
 from huddle.loadtest.run import LoadtestConfig, format_summary, run_loadtest
 from huddle.node import Node
 
@@ -95,6 +97,57 @@ async def test_three_synthetic_participants_get_every_stream_at_its_layer_withou
     json.dumps(result.to_dict())  # JSON-able
 
 
+async def test_like_for_like_run_forwards_one_middle_layer_video_and_no_audio_without_loss(
+    node: Node,
+) -> None:
+    producers: list[tuple[str, list[str], list[int | None]]] = []
+
+    def progress(text: str) -> None:
+        # Mid-run, with everyone connected: what the server made of the publishers' offers.
+        if text.startswith("measuring"):
+            producers.extend(
+                (producer.kind, producer.rids, list(producer.ssrcs))
+                for router in node.sfu.routers
+                for peer in router.peers.values()
+                for producer in peer.producers.values()
+            )
+
+    config = LoadtestConfig(
+        url=node.base_url,
+        room="like",
+        participants=4,
+        publishers=2,
+        duration=2.5,
+        warmup=1.0,
+        layout="gallery",
+        simulcast=False,
+        audio=False,
+    )
+    result = await run_loadtest(config, progress=progress)
+    summary = format_summary(result)
+    assert result.complete and not result.errors, summary
+    assert summary.splitlines()[0].endswith("camera without simulcast, no audio"), summary
+    # One video track per publisher, of one layer whose SSRC the server took from the SDP; no audio track.
+    assert len(producers) == 2, producers
+    for kind, rids, ssrcs in producers:
+        assert kind == "video" and rids == [] and len(ssrcs) == 1 and ssrcs[0] is not None, producers
+
+    # Each publisher shows the other one, each viewer both; a 960x540 tile (of 2 publishers in a gallery)
+    # would want layer f from a simulcast camera, and gets h, the only one there is.
+    assert result.videos_expected == 1 + 1 + 2 + 2, summary
+    assert result.videos_at_layer == result.videos_received == result.videos_expected, summary
+    assert result.videos_unexpected == 0 and result.audio_expected == result.audio_received == 0, summary
+    assert result.lost == 0 and result.loss_percent == 0.0 and result.freezes == 0, summary
+    for sub in result.subscribers:
+        assert sub.layers_sent == (["h"] if sub.index < 2 else []), sub
+        assert sub.streams and all(s.kind == "video" for s in sub.streams), sub
+        for stream in sub.streams:
+            assert stream.expected_layer == "h" and stream.layers == {"h": stream.packets}, stream
+            assert stream.wrong_sender == 0 and stream.errors == 0, stream
+    # Every packet sent reaches the three others (the window's edges shift a few by the forwarding delay).
+    assert abs(result.packets_received - 3 * result.packets_sent) <= 0.05 * 3 * result.packets_sent, summary
+
+
 async def test_cli_runs_three_participants_for_two_seconds_and_prints_a_summary(node: Node, tmp_path: Path):
     out = tmp_path / "result.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith("HUDDLE_")}
@@ -127,6 +180,15 @@ async def test_cli_runs_three_participants_for_two_seconds_and_prints_a_summary(
     data = json.loads(out.read_text())
     assert data["complete"] and data["participants"] == 3 and len(data["subscribers"]) == 3
     assert data["packets_received"] > 0 and data["window_seconds"] >= 2
+
+
+def test_cli_flags_turn_simulcast_and_audio_off():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    default = parser.parse_args([])
+    assert (default.simulcast, default.audio) == (True, True)
+    like = parser.parse_args(["--no-simulcast", "--no-audio"])
+    assert (like.simulcast, like.audio) == (False, False)
 
 
 async def test_cli_refuses_runs_beyond_its_bounds():

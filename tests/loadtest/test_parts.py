@@ -7,9 +7,24 @@ import os
 
 from huddle.loadtest.connection import binding_request
 from huddle.loadtest.layout import STAGE, THUMBNAIL, expected_layer, video_sizes
-from huddle.loadtest.media import TRAILER, TRAILER_MAGIC, packetize_vp8
-from huddle.loadtest.negotiation import publish_offer, read_publish_answer, subscribe_answer
-from huddle.loadtest.sender import MID_RID_PACKETS, ExtensionIds, RtpStream, speech_level
+from huddle.loadtest.media import (
+    LAYERS,
+    SINGLE_LAYER,
+    TRAILER,
+    TRAILER_MAGIC,
+    MediaLibrary,
+    VideoFrame,
+    packetize_vp8,
+)
+from huddle.loadtest.negotiation import VIDEO_MID, publish_offer, read_publish_answer, subscribe_answer
+from huddle.loadtest.sender import (
+    MID_RID_PACKETS,
+    ExtensionIds,
+    RtpStream,
+    TransportSeq,
+    VideoSender,
+    speech_level,
+)
 from huddle.loadtest.stats import DelayHistogram, Receiver
 from huddle.rtc import rtp, sdp
 from huddle.rtc.certificate import Certificate
@@ -103,6 +118,90 @@ def test_publish_offer_is_answered_with_simulcast_and_the_extensions_the_sfu_rea
     assert (ids.mid, ids.rid, ids.abs_send_time, ids.transport_cc, ids.audio_level) == (4, 10, 2, 3, 1)
 
 
+VIDEO_SSRC = 0x5EED
+
+
+def _sfu_answer(offer_text: str, fingerprint: str) -> sdp.SessionDescription:
+    """What the SFU checks of a publish offer and answers to it (huddle.sfu.router.on_publish_offer)."""
+    offered = sdp.parse(offer_text, max_media=offer.MAX_PUBLISH_SECTIONS)
+    offer.check_publish_offer(offered)
+    return sdp.build_answer(
+        offered,
+        ice_ufrag="srvu",
+        ice_pwd="s" * 24,
+        fingerprint_sha256=fingerprint,
+        candidates=[sdp.Candidate.host("127.0.0.1", 50000)],
+        supported_extensions=PUBLISH_EXTENSIONS,
+    )
+
+
+def _offer_without_simulcast_or_audio(fingerprint: str) -> str:
+    return publish_offer(
+        ufrag="abcd",
+        pwd="p" * 24,
+        fingerprint=fingerprint,
+        host=("127.0.0.1", 40000),
+        session_id=1,
+        stream_id="p_1",
+        audio_ssrc=42,
+        audio=False,
+        video_ssrc=VIDEO_SSRC,
+    )
+
+
+def test_publish_offer_without_simulcast_names_its_ssrc_and_no_rids_and_the_sfu_answers_it():
+    certificate = Certificate.generate()
+    text = _offer_without_simulcast_or_audio(certificate.fingerprint_sha256)
+    lines = text.splitlines()
+    assert f"a=ssrc:{VIDEO_SSRC} cname:p_1" in lines and f"a=ssrc:{VIDEO_SSRC} msid:p_1 p_1-video" in lines
+    assert not [line for line in lines if line.startswith(("a=rid", "a=simulcast", "m=audio"))]
+    (video,) = sdp.parse(text).media
+    assert video.kind == "video" and [s.ssrc for s in video.ssrcs] == [VIDEO_SSRC]
+    assert not video.rids and video.simulcast is None
+    answer = _sfu_answer(text, certificate.fingerprint_sha256)
+    read = read_publish_answer(sdp.serialize(answer))
+    assert read.audio is None and read.video is not None and read.video.rids == []
+
+
+class _Connection:
+    """What a VideoSender needs of a MediaConnection: keys (any), and where its packets go."""
+
+    srtp = object()
+    closed = False
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    def send_rtp(self, packet: bytes) -> None:
+        self.sent.append(packet)
+
+
+def test_a_camera_without_simulcast_sends_its_offered_ssrc_without_rid_and_names_the_middle_layer():
+    frames = tuple(VideoFrame(n == 0, 0, packetize_vp8(bytes(50), 0)) for n in range(4))
+    library = MediaLibrary(video=(frames,) * len(LAYERS), audio_loud=(), audio_quiet=())
+    connection = _Connection()
+    sender = VideoSender(
+        connection,  # type: ignore[arg-type]
+        library,
+        index=7,
+        pt=96,
+        mid=VIDEO_MID,
+        rids=[],
+        ids=IDS,  # the RID extension agreed (our SFU does not agree it without simulcast; others may)
+        tseq=TransportSeq(),
+        ssrc=VIDEO_SSRC,
+    )
+    for _ in range(MID_RID_PACKETS + 2):
+        sender.fire()
+    assert sender.rids == ["h"] and len(sender.streams) == 1
+    assert {rtp.ssrc(p) for p in connection.sent} == {VIDEO_SSRC}
+    first, last = rtp.RtpPacket.parse(connection.sent[0]), rtp.RtpPacket.parse(connection.sent[-1])
+    assert first.extensions[4] == VIDEO_MID.encode() and 10 not in first.extensions
+    assert 4 not in last.extensions
+    sender_index, layer, magic, _ = TRAILER.unpack_from(connection.sent[-1], len(connection.sent[-1]) - 8)
+    assert (sender_index, layer, magic) == (7, SINGLE_LAYER, TRAILER_MAGIC) and LAYERS[layer].rid == "h"
+
+
 def test_subscribe_answer_mirrors_the_servers_offer_and_names_each_track():
     sections = [
         offer.Section("0", "audio", 111, "p_a", "p_a:0"),
@@ -182,3 +281,6 @@ def test_layouts():
     gallery = video_sizes("gallery", others[:9], None)
     assert len(gallery) == 9 and set(gallery.values()) == {(640, 360)} and expected_layer((640, 360)) == 1
     assert len(video_sizes("gallery", others, None)) == 25
+    # A publisher without simulcast sends its one layer to every tile, whatever its size.
+    sizes_shown = (THUMBNAIL, (640, 360), STAGE, None)
+    assert [expected_layer(s, simulcast=False) for s in sizes_shown] == [SINGLE_LAYER] * 3 + [None]
