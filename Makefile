@@ -17,7 +17,6 @@ test: $(STAMP)
 .PHONY: bench
 bench: $(STAMP)
 	scripts/system-deps test
-	bench/deps
 	scripts/in-netns $(PY) -m bench.run $(BENCH_ARGS)
 
 # A 50-person call for 30 minutes with people coming and going: the server's memory, files and tasks must

@@ -46,7 +46,7 @@ from pathlib import Path
 
 import aiohttp
 
-from bench.run import process_cpu
+from bench.ours import process_cpu
 from huddle.loadtest import MAX_PARTICIPANTS
 from huddle.loadtest.connection import ReceivePoller
 from huddle.loadtest.media import build_library

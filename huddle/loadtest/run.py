@@ -148,6 +148,7 @@ class LoadtestResult:
     cpu_seconds: float = 0.0  # the generator's own (user + system), inside the window
     cpu_percent_per_participant: float = 0.0  # of one core
     pacer: dict[str, float] = field(default_factory=dict)
+    srtp_profiles: list[str] = field(default_factory=list)  # what the media connections negotiated
     errors: list[str] = field(default_factory=list)
     subscribers: list[SubscriberResult] = field(default_factory=list)
 
@@ -438,7 +439,11 @@ def _sent(people: list[SyntheticParticipant]) -> dict[int, tuple[int, int]]:
 
 def _collect(result: LoadtestResult, people: list[SyntheticParticipant]) -> None:
     histogram = DelayHistogram()
+    profiles = set()
     for person in people:
+        for connection in (person.publish, person.subscribe):
+            if connection is not None and connection.srtp is not None:
+                profiles.add(connection.srtp.profile.name)
         result.keyframe_requests += person.keyframe_requests
         result.offer_bytes_max = max(result.offer_bytes_max, person.offer_bytes)
         result.errors.extend(f"{person.name}: {error}" for error in person.errors)
@@ -457,6 +462,7 @@ def _collect(result: LoadtestResult, people: list[SyntheticParticipant]) -> None
         result.videos_unexpected += sub.videos_unexpected
         result.audio_expected += sub.audio_expected
         result.audio_received += sub.audio_received
+    result.srtp_profiles = sorted(profiles)
     drops = [r for sub in result.subscribers for r in sub.reconnections]
     back = sorted(r.media_seconds for r in drops if r.media_seconds is not None)
     result.reconnects = len(drops)

@@ -1,7 +1,7 @@
 """The Janus harness of the benchmark, end to end: aiortc publisher → Janus VideoRoom → aiortc subscriber.
 
 Run inside the tests' namespace (Janus's ICE is pinned to hx0 = 10.77.0.1):
-    scripts/in-netns .venv/bin/pytest tests/bench -m janus -q
+    scripts/in-netns .venv/bin/pytest tests/bench -q
 """
 
 from __future__ import annotations
@@ -19,8 +19,6 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import AudioStreamTrack, MediaStreamError, VideoStreamTrack
 
 from bench.janus.harness import JanusClient, JanusServer, JanusStartError, VideoRoomHandle
-
-pytestmark = pytest.mark.janus
 
 
 def peer() -> RTCPeerConnection:
