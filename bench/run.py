@@ -247,7 +247,7 @@ def _capacity_dict(series: CapacitySeries, sfu: str, capacity: Capacity) -> dict
 def format_capacity(found: dict[str, Any]) -> str:
     lines = [
         "capacity: the largest N with every video at its layer, 0 % loss, p99 < 50 ms (bounded search: "
-        f"{CAPACITY_PROBES} probes at most, N <= {CAPACITY_LIMIT}); CPU % of one core at that N"
+        f"at most {CAPACITY_PROBES} probes, N <= {CAPACITY_LIMIT}); CPU % of one core at that N"
     ]
     for item in found.values():
         largest = f"{item['largest']}" + ("+" if item["bounded"] and item["largest"] else "")

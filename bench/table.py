@@ -174,18 +174,26 @@ class Verdict:
     figure: str
     ratio: float | None
     difference: bool
+    enough_runs: bool = True
 
     def text(self) -> str:
         if self.ratio is None:
             return "-"
+        if not self.enough_runs:
+            return f"{self.ratio:.2f} (under {MIN_RUNS} runs: no verdict)"
         return f"{self.ratio:.2f} ({'difference' if self.difference else 'within noise'})"
+
+
+# A range over fewer runs says little about the spread: one run's "range" is a point, which never overlaps.
+MIN_RUNS = 3
 
 
 def compare(ours: Summary, theirs: Summary, figure: str = "us_per_forwarded") -> Verdict:
     a, b = ours.figures[figure], theirs.figures[figure]
     if a.median is None or b.median is None or b.median == 0:
         return Verdict(figure, None, False)
-    return Verdict(figure, a.median / b.median, not a.overlaps(b))
+    enough = min(a.runs, b.runs) >= MIN_RUNS
+    return Verdict(figure, a.median / b.median, enough and not a.overlaps(b), enough)
 
 
 # (title, Summary attribute or figure, format of a figure)

@@ -87,6 +87,12 @@ def test_a_ratio_is_a_difference_only_when_the_ranges_do_not_overlap(
     assert verdict.text().endswith("(difference)" if difference else "(within noise)")
 
 
+def test_fewer_than_three_runs_give_a_ratio_but_no_verdict() -> None:
+    verdict = compare(summarise([run("huddle", 5.0)] * 2), summarise([run("janus", 10.0)] * 3))
+    assert verdict.ratio == 0.5 and not verdict.difference
+    assert verdict.text() == "0.50 (under 3 runs: no verdict)"
+
+
 def test_the_tables_show_each_server_once_with_the_verdict_under_its_scenario() -> None:
     ours = summarise([run("huddle", v) for v in (4.0, 5.0, 6.0)])
     theirs = summarise([run("janus", v) for v in (9.0, 10.0, 11.0)])
