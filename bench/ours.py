@@ -203,6 +203,7 @@ async def run_ours(scenario: Any, say: Any, run: int = 0, workers: str = "1", fa
             connect_timeout=45.0,
             simulcast=scenario.simulcast,
             audio=scenario.audio,
+            decrypt_every=scenario.decrypt_every,
         )
         try:
             result = await run_loadtest(config, progress=progress)

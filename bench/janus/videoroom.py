@@ -201,6 +201,7 @@ async def run_janus(scenario: Any, say: Any, run: int = 0) -> Row:
                 layout=scenario.layout,
                 simulcast=scenario.simulcast,
                 audio=scenario.audio,
+                decrypt_every=scenario.decrypt_every,
             )
             people = [
                 JanusParticipant(shared, i, publish=i < scenario.publishers)
