@@ -176,7 +176,9 @@ async def test_keepalives_hold_a_session_past_its_timeout() -> None:
         await handles[0].destroy_room(await handles[0].create_room())
         assert kept.failure is None
         assert isinstance(forgotten.failure, ConnectionError), "the session should have expired"
-        assert "timed out" in str(forgotten.failure)  # the long poll got Janus's `timeout` event
+        # Either the long poll got Janus's `timeout` event, or the poll after it found the session gone: which
+        # one comes first depends on where the watchdog's 2-s tick falls.
+        assert "timed out" in str(forgotten.failure) or "no such session" in str(forgotten.failure)
         with pytest.raises(ConnectionError):
             await handles[1].create_room()
 
