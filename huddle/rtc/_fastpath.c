@@ -6,11 +6,14 @@
        ints). The cipher is pylibsrtp's libsrtp itself, so the bytes are those of pylibsrtp by
        construction; what this saves is cffi's per-call conversions and the buffer slice assignment.
 
-   Batch(fd, capacity, slot)
+   Batch(fd, capacity, slot, protect=0)
        Datagrams queued with add(data, address) are copied into slots of its own and sent with one
        sendmmsg(2) by flush(). A datagram the kernel refuses does not stop the ones after it: each is tried
        once, in order, as a loop of sendto would, and flush() says how many went, how many found the send
-       buffer full (EAGAIN) and how many failed otherwise.
+       buffer full (EAGAIN) and how many failed otherwise. `packets` and `octets` count what was queued.
+       Other extension modules queue RTP through the table in _fastpath.h: written straight into a slot,
+       protected there with `protect` (srtp_protect's address), and sent as soon as the batch is full (the
+       next flush() reports those sends too).
 
    Nothing here keeps a Python object: addresses are parsed into sockaddrs when queued, and the socket is
    an fd whose owner must flush before closing it. */
@@ -23,6 +26,8 @@
 #include <netinet/in.h>
 #include <string.h>
 #include <sys/socket.h>
+
+#include "_fastpath.h"
 
 typedef int (*protect_fn)(void *session, void *packet, int *length);
 
@@ -77,11 +82,17 @@ typedef struct {
     unsigned capacity;
     unsigned count;
     Py_ssize_t slot;
+    protect_fn protect;
+    /* What sends made by commit() on a full batch did, until flush() reports it. */
+    unsigned sent, blocked, failed;
+    unsigned long long packets, octets;
     char *data;
     struct iovec *iov;
     struct mmsghdr *msgs;
     struct sockaddr_storage *addrs;
 } Batch;
+
+static PyTypeObject BatchType;
 
 static void Batch_free_buffers(Batch *self) {
     PyMem_Free(self->data);
@@ -100,12 +111,19 @@ static void Batch_dealloc(Batch *self) {
 }
 
 static int Batch_init(Batch *self, PyObject *args, PyObject *kwargs) {
-    static char *names[] = {"fd", "capacity", "slot", NULL};
+    static char *names[] = {"fd", "capacity", "slot", "protect", NULL};
     int fd;
     unsigned capacity = 64;
     Py_ssize_t slot = 2048;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "i|In", names, &fd, &capacity, &slot)) return -1;
-    if (capacity == 0 || capacity > 1024 || slot < 64 || slot > 65536) {
+    PyObject *protect = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "i|InO", names, &fd, &capacity, &slot, &protect))
+        return -1;
+    protect_fn function = NULL;
+    if (protect != NULL) {
+        function = (protect_fn)PyLong_AsVoidPtr(protect);
+        if (PyErr_Occurred()) return -1;
+    }
+    if (capacity == 0 || capacity > 1024 || slot < 64 + TRAILER || slot > 65536) {
         PyErr_SetString(PyExc_ValueError, "capacity must be 1-1024 and slot 64-65536 bytes");
         return -1;
     }
@@ -125,6 +143,9 @@ static int Batch_init(Batch *self, PyObject *args, PyObject *kwargs) {
     self->capacity = capacity;
     self->count = 0;
     self->slot = slot;
+    self->protect = function;
+    self->sent = self->blocked = self->failed = 0;
+    self->packets = self->octets = 0;
     self->data = PyMem_Malloc((size_t)capacity * (size_t)slot);
     self->iov = PyMem_Calloc(capacity, sizeof(struct iovec));
     self->msgs = PyMem_Calloc(capacity, sizeof(struct mmsghdr));
@@ -214,12 +235,15 @@ static PyObject *Batch_add(Batch *self, PyObject *const *args, Py_ssize_t nargs)
     PyBuffer_Release(&data);
     self->msgs[i].msg_hdr.msg_namelen = length;
     self->count = i + 1;
+    self->packets++;
+    self->octets += self->iov[i].iov_len;
     return PyLong_FromUnsignedLong(self->count);
 }
 
-/* flush() -> (sent, would_block, failed): every queued datagram tried once, in order; the batch empties. */
-static PyObject *Batch_flush(Batch *self, PyObject *unused) {
-    unsigned count = self->count, at = 0, sent = 0, blocked = 0, failed = 0, interrupted = 0;
+/* Every queued datagram tried once, in order; the batch empties and the outcome adds to what flush()
+   reports next. */
+static void Batch_send(Batch *self) {
+    unsigned count = self->count, at = 0, interrupted = 0;
     self->count = 0;
     while (at < count) {
         int n, error;
@@ -228,7 +252,7 @@ static PyObject *Batch_flush(Batch *self, PyObject *unused) {
         error = errno;
         Py_END_ALLOW_THREADS
         if (n > 0) {
-            sent += (unsigned)n;
+            self->sent += (unsigned)n;
             at += (unsigned)n;
             interrupted = 0;
             continue;
@@ -236,19 +260,69 @@ static PyObject *Batch_flush(Batch *self, PyObject *unused) {
         /* sendmmsg reports an error only for the first datagram it was given: skip that one alone. */
         if (n < 0 && error == EINTR && ++interrupted <= EINTR_RETRIES) continue;
         if (n < 0 && (error == EAGAIN || error == EWOULDBLOCK)) {
-            blocked++;
+            self->blocked++;
         } else {
-            failed++;
+            self->failed++;
         }
         interrupted = 0;
         at++;
     }
-    return Py_BuildValue("(III)", sent, blocked, failed);
 }
+
+/* flush() -> (sent, would_block, failed): every queued datagram tried once, in order; the batch empties.
+   The figures include the sends commit() made since the last flush(). */
+static PyObject *Batch_flush(Batch *self, PyObject *unused) {
+    Batch_send(self);
+    PyObject *result = Py_BuildValue("(III)", self->sent, self->blocked, self->failed);
+    self->sent = self->blocked = self->failed = 0;
+    return result;
+}
+
+static char *Batch_reserve(PyObject *batch, PyObject *address, Py_ssize_t *room) {
+    if (!PyObject_TypeCheck(batch, &BatchType)) {
+        PyErr_SetString(PyExc_TypeError, "a huddle.rtc._fastpath.Batch is needed");
+        return NULL;
+    }
+    Batch *self = (Batch *)batch;
+    if (self->data == NULL || self->protect == NULL) {
+        PyErr_SetString(PyExc_ValueError, "a Batch made without protect cannot take RTP");
+        return NULL;
+    }
+    if (self->count >= self->capacity) Batch_send(self);  /* only if a commit() never came */
+    unsigned i = self->count;
+    socklen_t length = parse_address(self->family, address, &self->addrs[i]);
+    if (length == 0) return NULL;
+    self->msgs[i].msg_hdr.msg_namelen = length;
+    *room = self->slot - TRAILER;
+    return self->iov[i].iov_base;
+}
+
+static int Batch_commit(PyObject *batch, char *slot, void *session, Py_ssize_t length) {
+    Batch *self = (Batch *)batch;
+    unsigned i = self->count;
+    if (i >= self->capacity || slot != self->iov[i].iov_base || length < 0 || length > self->slot - TRAILER) {
+        PyErr_SetString(PyExc_RuntimeError, "commit() of a slot that is not the next free one");
+        return -1;
+    }
+    int size = (int)length;
+    if (self->protect(session, self->iov[i].iov_base, &size)) return 0;
+    self->iov[i].iov_len = (size_t)size;
+    self->count = i + 1;
+    self->packets++;
+    self->octets += (size_t)size;
+    if (self->count >= self->capacity) Batch_send(self);
+    return 1;
+}
+
+static const HuddleFastpathApi api = {Batch_reserve, Batch_commit};
 
 static PyObject *Batch_len(Batch *self, void *closure) { return PyLong_FromUnsignedLong(self->count); }
 
 static PyObject *Batch_capacity(Batch *self, void *closure) { return PyLong_FromUnsignedLong(self->capacity); }
+
+static PyObject *Batch_packets(Batch *self, void *closure) { return PyLong_FromUnsignedLongLong(self->packets); }
+
+static PyObject *Batch_octets(Batch *self, void *closure) { return PyLong_FromUnsignedLongLong(self->octets); }
 
 static PyMethodDef Batch_methods[] = {
     {"add", (PyCFunction)(void (*)(void))Batch_add, METH_FASTCALL,
@@ -261,6 +335,8 @@ static PyMethodDef Batch_methods[] = {
 static PyGetSetDef Batch_getset[] = {
     {"count", (getter)Batch_len, NULL, "datagrams queued", NULL},
     {"capacity", (getter)Batch_capacity, NULL, "datagrams a flush sends at most", NULL},
+    {"packets", (getter)Batch_packets, NULL, "datagrams queued since it was made", NULL},
+    {"octets", (getter)Batch_octets, NULL, "bytes of the datagrams queued since it was made", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -298,6 +374,12 @@ PyMODINIT_FUNC PyInit__fastpath(void) {
     Py_INCREF(&BatchType);
     if (PyModule_AddObject(m, "Batch", (PyObject *)&BatchType) < 0) {
         Py_DECREF(&BatchType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    PyObject *capsule = PyCapsule_New((void *)&api, HUDDLE_FASTPATH_CAPSULE, NULL);
+    if (capsule == NULL || PyModule_AddObject(m, "_C_API", capsule) < 0) {
+        Py_XDECREF(capsule);
         Py_DECREF(m);
         return NULL;
     }

@@ -3,7 +3,9 @@
 Two things per forwarded packet cost more in Python than the work itself: protecting it (cffi's conversions
 around libsrtp's srtp_protect) and sending it (one sendto system call per datagram). The compiled module
 protects with the same libsrtp (pylibsrtp's own, called through its cffi function pointer, so the bytes
-cannot differ) and sends the datagrams one incoming packet fans out to with one sendmmsg(2).
+cannot differ) and sends the datagrams one incoming packet fans out to with one sendmmsg(2). A Consumer's
+compiled StreamRewriter (huddle/sfu/_rewrite.c) writes its packets straight into the batch, which protects
+them there with that same function (see huddle.sfu.consumer).
 
 Which path is in use is decided once, at import: the compiled one whenever the extension was built (every
 `pip install` builds it; setup.py), unless HUDDLE_FASTPATH=0 asks for the reference (to compare the two).
@@ -44,10 +46,17 @@ protect = _fastpath.protect if COMPILED else None  # type: ignore[union-attr]
 
 class Batch(Protocol):
     """Datagrams for one UDP socket, queued by `add` (which returns how many are queued; ValueError for an
-    address or size it does not take) and sent in order by `flush` -> (sent, would_block, failed)."""
+    address or size it does not take) and sent in order by `flush` -> (sent, would_block, failed).
+    `packets` and `octets` count every datagram queued since it was made."""
 
     @property
     def count(self) -> int: ...
+
+    @property
+    def packets(self) -> int: ...
+
+    @property
+    def octets(self) -> int: ...
 
     def add(self, data: bytes | bytearray | memoryview, addr: Address) -> int: ...
 
@@ -57,11 +66,12 @@ class Batch(Protocol):
 class PyBatch:
     """The reference the compiled Batch must match: a copy of each datagram, then a loop of sendto."""
 
-    __slots__ = ("_queue", "_sock")
+    __slots__ = ("_queue", "_sock", "octets", "packets")
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
         self._queue: list[tuple[bytes, Any]] = []
+        self.packets = self.octets = 0
 
     @property
     def count(self) -> int:
@@ -71,6 +81,8 @@ class PyBatch:
         if len(data) > SLOT:
             raise ValueError("datagram longer than a slot")
         self._queue.append((bytes(data), addr))
+        self.packets += 1
+        self.octets += len(data)
         return len(self._queue)
 
     def flush(self) -> tuple[int, int, int]:
@@ -91,5 +103,5 @@ def new_batch(sock: socket.socket, *, compiled: bool = COMPILED) -> Batch:
     if compiled:
         if _fastpath is None:
             raise RuntimeError("huddle.rtc._fastpath is not built (pip install -e .)")
-        return _fastpath.Batch(sock.fileno(), BATCH_SIZE, SLOT)  # type: ignore[no-any-return]
+        return _fastpath.Batch(sock.fileno(), BATCH_SIZE, SLOT, PROTECT)  # type: ignore[no-any-return]
     return PyBatch(sock)

@@ -58,8 +58,9 @@ class MediaPort:
         self._by_addr: dict[Address, WebRtcTransport] = {}
         self._sock: socket.socket | None = None
         self._batch: fastpath.Batch | None = None
-        # True while a received datagram is handled: UDP sends wait in _batch until flush().
-        self.holding = False
+        self._holding = False
+        # The batch while holding (see `holding`): a Consumer's compiled forward queues into it directly.
+        self.held: fastpath.Batch | None = None
         # When the kernel received the datagram being handled (its SO_TIMESTAMPNS, in µs): transport-wide
         # congestion feedback must report arrival times that the event loop's own delays do not distort,
         # or the publisher's bandwidth estimate reads our scheduling jitter as network congestion.
@@ -68,9 +69,30 @@ class MediaPort:
         self._tcp: dict[Address, asyncio.StreamWriter] = {}
         self._tcp_per_host: dict[str, int] = {}
         self.port = 0
-        # Plain integers on the per-packet path; /metrics reads them through a collector.
-        self.packets_in = self.packets_out = self.bytes_in = self.bytes_out = 0
+        # Plain integers on the per-packet path; /metrics reads them through a collector. What goes out
+        # through the batch, the batch counts (the compiled forward queues without a Python frame here).
+        self.packets_in = self.bytes_in = self._packets_out = self._bytes_out = 0
         metrics.watch_media_port(self)
+
+    @property
+    def holding(self) -> bool:
+        """True while a received datagram is handled: UDP sends wait in the batch until flush()."""
+        return self._holding
+
+    @holding.setter
+    def holding(self, value: bool) -> None:
+        self._holding = value
+        self.held = self._batch if value else None
+
+    @property
+    def packets_out(self) -> int:
+        batch = self._batch
+        return self._packets_out + (batch.packets if batch is not None else 0)
+
+    @property
+    def bytes_out(self) -> int:
+        batch = self._batch
+        return self._bytes_out + (batch.octets if batch is not None else 0)
 
     def drop(self, reason: str, count: int = 1) -> None:
         counter = self._dropped.get(reason)
@@ -139,7 +161,10 @@ class MediaPort:
             asyncio.get_running_loop().remove_reader(self._sock.fileno())
             self._sock.close()
             self._sock = None
-            self._batch = None
+            if self._batch is not None:
+                self._packets_out += self._batch.packets
+                self._bytes_out += self._batch.octets
+                self._batch = None
         if self._tcp_server is not None:
             self._tcp_server.close()
             for writer in list(self._tcp.values()):
@@ -223,17 +248,8 @@ class MediaPort:
 
     def send_to(self, data: bytes | bytearray | memoryview, addr: Address) -> None:
         """Send a datagram (copied before this returns): now, or with the batch when `holding`."""
-        self.packets_out += 1
-        self.bytes_out += len(data)
-        if len(addr) == 3:
-            writer = self._tcp.get(addr)
-            if writer is not None and not writer.is_closing():
-                writer.write(_LENGTH.pack(len(data)) + data)
-            return
-        if self._sock is None:
-            return
-        batch = self._batch
-        if self.holding and batch is not None:
+        batch = self.held
+        if batch is not None and len(addr) != 3:
             try:
                 if batch.add(data, addr) >= fastpath.BATCH_SIZE:
                     self._send_batch(batch)
@@ -241,6 +257,15 @@ class MediaPort:
             except ValueError:
                 # An address or a size the batch does not take: alone, after what is queued.
                 self._send_batch(batch)
+        self._packets_out += 1
+        self._bytes_out += len(data)
+        if len(addr) == 3:
+            writer = self._tcp.get(addr)
+            if writer is not None and not writer.is_closing():
+                writer.write(_LENGTH.pack(len(data)) + data)
+            return
+        if self._sock is None:
+            return
         try:
             self._sock.sendto(data, addr)
         except BlockingIOError:

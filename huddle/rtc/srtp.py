@@ -129,11 +129,11 @@ class SrtpSession:
         "_inbound",
         "_out_buffer",
         "_out_data",
-        "_out_handle",
         "_out_length",
         "_out_session",
         "_out_view",
         "_outbound",
+        "handle",
         "profile",
     )
 
@@ -155,8 +155,9 @@ class SrtpSession:
         self._out_buffer = ffi.buffer(self._out_data)
         self._out_view = memoryview(self._out_buffer)
         self._out_length = ffi.new("int *")
-        # The same session for the compiled path (huddle.rtc.fastpath), which takes addresses as ints.
-        self._out_handle = int(ffi.cast("uintptr_t", self._out_session))
+        # The outbound libsrtp session's address, for the compiled paths (huddle.rtc.fastpath, and the
+        # Consumer's compiled forward), which take addresses as ints; valid while this session is alive.
+        self.handle = int(ffi.cast("uintptr_t", self._out_session))
 
     @classmethod
     def from_keying(cls, profile: SrtpProfile, key_material: bytes, is_server: bool) -> SrtpSession:
@@ -180,7 +181,7 @@ class SrtpSession:
         subscriber, so it avoids the copies and allocations of `protect`."""
         if _protect is not None:
             try:
-                return self._out_view[: _protect(_PROTECT, self._out_handle, packet, self._out_buffer)]
+                return self._out_view[: _protect(_PROTECT, self.handle, packet, self._out_buffer)]
             except (ValueError, TypeError) as exc:
                 raise SrtpError(f"protect RTP: {exc}") from exc
         n = len(packet)

@@ -6,6 +6,12 @@ for when needed; until then the current layer goes on. A StreamRewriter keeps se
 VP8 picture ids and TL0PICIDX continuous across layer switches and pauses, since the subscriber's SRTP replay
 window, jitter buffer and decoder depend on it. Sent video packets stay in a ring buffer so that a NACK is
 answered without asking the publisher.
+
+Forwarding a packet is the SFU's innermost loop (once per packet per subscriber), so it has a compiled path:
+the StreamRewriter of huddle/sfu/_rewrite.c, whose forward() copies, rewrites, caches, protects and queues a
+packet in one call, where the reference takes six Python frames. It is in use whenever the media port's
+compiled path is (huddle.rtc.fastpath.COMPILED); the pure-Python StreamRewriter and send path stay the
+reference it is tested against, byte for byte (tests/unit/test_fastpath.py).
 """
 
 from __future__ import annotations
@@ -13,22 +19,33 @@ from __future__ import annotations
 import secrets
 from typing import TYPE_CHECKING
 
+from huddle.rtc import fastpath
 from huddle.rtc.rtcp import SenderReport
+from huddle.rtc.transport import WebRtcTransport
 from huddle.sfu.rewrite import StreamRewriter
 from huddle.sfu.vp8 import Vp8Info
 
+try:
+    from huddle.sfu import _rewrite
+except ImportError:  # a checkout used without `pip install -e .`: the reference path
+    _rewrite = None  # type: ignore[assignment]
+
 if TYPE_CHECKING:
-    from huddle.rtc.transport import WebRtcTransport
     from huddle.sfu.producer import Producer
     from huddle.sfu.router import Peer
 
 # Packets kept per video consumer: 1.7 s of a 1.5 Mbit/s layer, ample for NACKs. Each consumer keeps its own
 # rewritten copies, so this bounds memory: a 100-person call has about 1,000 video consumers.
 CACHE_SIZE = 256
+# Chosen once, like the port's path: the compiled rewriter queues into the compiled batch, so both or neither.
+COMPILED = fastpath.COMPILED and _rewrite is not None
+Rewriter = _rewrite.StreamRewriter if COMPILED else StreamRewriter  # type: ignore[union-attr]
 
 
 class Consumer:
     __slots__ = (
+        "_transport",
+        "_webrtc",
         "audible",
         "cache",
         "current",
@@ -43,7 +60,6 @@ class Consumer:
         "ssrc",
         "subscriber",
         "target",
-        "transport",
         "wanted",
     )
 
@@ -51,11 +67,11 @@ class Consumer:
         self.producer = producer
         self.subscriber = subscriber
         self.ssrc = secrets.randbits(32) or 1
-        self.rewriter = StreamRewriter(self.ssrc)
+        self.rewriter = Rewriter(self.ssrc)
         self.mid: str | None = None
         # Forwarding starts once the subscriber has accepted the offer that announces this SSRC.
         self.ready = False
-        self.transport: WebRtcTransport | None = None
+        self.transport = None
         # The layer wanted (None: not shown, send nothing) and the one being sent (None: none yet/paused).
         # Until the subscriber says what it shows, it gets the lowest layer: cheap, and never blank.
         self.target: int | None = 0
@@ -70,6 +86,18 @@ class Consumer:
         self.octets = 0
         self.retransmits = 0
         self.cache: list[bytearray | None] | None = [None] * CACHE_SIZE if producer.kind == "video" else None
+
+    @property
+    def transport(self) -> WebRtcTransport | None:
+        """Where its packets go: a subscriber's WebRtcTransport, or whatever else takes `send_rtp` (a
+        recorder's tap, say)."""
+        return self._transport
+
+    @transport.setter
+    def transport(self, transport: WebRtcTransport | None) -> None:
+        self._transport = transport
+        # The compiled forward sends through a WebRtcTransport's own port and session, nothing else.
+        self._webrtc = transport if COMPILED and isinstance(transport, WebRtcTransport) else None
 
     @property
     def kind(self) -> str:
@@ -113,7 +141,7 @@ class Consumer:
         now: float,
     ) -> bool:
         """Send one packet of `layer` if this Consumer forwards it (`size`: payload octets, for SRs)."""
-        transport = self.transport
+        transport = self._transport
         if not self.ready or transport is None:
             return False
         if self.cache is not None:  # video
@@ -138,6 +166,33 @@ class Consumer:
             return False
         elif self.rewriter.paused:
             self.rewriter.switch(layer)  # audio: first packet, or back among the loudest
+        webrtc = self._webrtc
+        if webrtc is not None:
+            batch = webrtc.port.held
+            srtp = webrtc.srtp
+            addr = webrtc.ice.selected
+            # UDP while the port holds its sends (always, for packets from a publisher): one call. Otherwise
+            # (ICE-TCP, not connected yet) the rewritten copy goes the reference way below.
+            if batch is not None and srtp is not None and addr is not None and len(addr) != 3:
+                sent = self.rewriter.forward(
+                    packet,
+                    payload_offset,
+                    layer,
+                    seq,
+                    ts,
+                    self.producer.clock_rate,
+                    now,
+                    info,
+                    self.cache,
+                    batch,
+                    srtp.handle,
+                    addr,
+                )
+                if sent is None:
+                    return False
+                self.packets += 1
+                self.octets += size
+                return sent
         out = bytearray(packet)
         if not self.rewriter.rewrite(
             out, payload_offset, layer, seq, ts, self.producer.clock_rate, now, info

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import itertools
 import os
+import random
 import socket
+from collections import Counter
+from collections.abc import Iterator
 from types import SimpleNamespace
 
 import pytest
@@ -20,14 +23,16 @@ from huddle.metrics import Metrics
 from huddle.rtc import _fastpath, fastpath, srtp
 from huddle.rtc.certificate import Certificate
 from huddle.rtc.port import MediaPort
-from huddle.rtc.rtp import RtpPacket
+from huddle.rtc.rtp import RtpPacket, payload_offset
 from huddle.rtc.srtp import SrtpProfile, SrtpSession
 from huddle.rtc.transport import WebRtcTransport
-from huddle.sfu import offer
+from huddle.sfu import _rewrite, offer
+from huddle.sfu import consumer as consumer_module
 from huddle.sfu import producer as producer_module
 from huddle.sfu.consumer import Consumer
 from huddle.sfu.producer import UNUSED_EXTENSION_ID, Producer
-from huddle.sfu.rewrite import StreamRewriter
+from huddle.sfu.rewrite import SEQ_WINDOW, StreamRewriter
+from huddle.sfu.vp8 import parse_descriptor
 
 CERTIFICATE = Certificate.generate()
 LAYER_SSRCS = (0x11111111, 0x22222222, 0x33333333)
@@ -41,6 +46,8 @@ def test_the_compiled_path_is_the_one_in_use() -> None:
     assert os.environ.get("HUDDLE_FASTPATH", "1") != "0", "HUDDLE_FASTPATH=0 forces the reference path"
     assert fastpath.COMPILED
     assert srtp._protect is _fastpath.protect
+    assert consumer_module.COMPILED
+    assert consumer_module.Rewriter is _rewrite.StreamRewriter
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         assert isinstance(fastpath.new_batch(sock), _fastpath.Batch)
@@ -246,8 +253,11 @@ def _script() -> list[tuple[str, int, int]]:
     return steps
 
 
-async def _forward(profile: SrtpProfile, material: bytes, monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
-    """Run the script through the real path; returns every datagram the subscribers' address received."""
+async def _forward(
+    profile: SrtpProfile, material: bytes, monkeypatch: pytest.MonkeyPatch
+) -> tuple[list[bytes], list[object]]:
+    """Run the script through the real path; returns every datagram the subscribers' address received, and
+    the counters and NACK caches (of rewritten packets) that the path keeps on the way."""
     monkeypatch.setattr(producer_module, "time", _Clock())
     port = MediaPort(Metrics())
     await port.start("127.0.0.1", 0)
@@ -265,7 +275,7 @@ async def _forward(profile: SrtpProfile, material: bytes, monkeypatch: pytest.Mo
             consumer = Consumer(producer, SimpleNamespace(participant=SimpleNamespace(id=f"s{n}")))  # type: ignore[arg-type]
             # Output counters just below their wraps, the same in both runs.
             consumer.ssrc = 0x5000 + n
-            consumer.rewriter = StreamRewriter(
+            consumer.rewriter = consumer_module.Rewriter(
                 consumer.ssrc,
                 seq_start=0xFFF0 - 40 * n,
                 ts_start=0xFFFFF000 - n,
@@ -288,7 +298,15 @@ async def _forward(profile: SrtpProfile, material: bytes, monkeypatch: pytest.Mo
                 producer.consumers[a].max_tid = b
         received = _receive(sink, sent)
         assert _nothing_more(sink)
-        return received
+        kept: list[object] = [port.packets_out, port.bytes_out]
+        for consumer in producer.consumers:
+            assert consumer.cache is not None
+            kept += [
+                consumer.packets,
+                consumer.octets,
+                [p if p is None else bytes(p) for p in consumer.cache],
+            ]
+        return received, kept
     finally:
         sink.close()
         await port.close()
@@ -299,13 +317,17 @@ async def test_compiled_and_reference_paths_send_the_same_bytes(
     monkeypatch: pytest.MonkeyPatch, profile: SrtpProfile
 ) -> None:
     material = os.urandom(profile.keying_material_length)
-    compiled = await _forward(profile, material, monkeypatch)
+    compiled, compiled_kept = await _forward(profile, material, monkeypatch)
     with monkeypatch.context() as reference_path:
         reference_path.setattr(fastpath, "COMPILED", False)
         reference_path.setattr(srtp, "_protect", None)
-        reference = await _forward(profile, material, monkeypatch)
+        reference_path.setattr(consumer_module, "COMPILED", False)
+        reference_path.setattr(consumer_module, "Rewriter", StreamRewriter)
+        reference, reference_kept = await _forward(profile, material, monkeypatch)
     assert len(compiled) > 600  # five subscribers, 150 packets of the layer each sees, less dropped frames
     assert compiled == reference
+    assert compiled_kept == reference_kept
+    assert compiled_kept[0] == len(compiled)
 
     # And it is what a subscriber can use: each one's stream decrypts, with sequence numbers that go up by
     # one (through 0xFFFF → 0) across every layer switch and dropped temporal layer.
@@ -363,3 +385,242 @@ async def test_a_datagram_handled_by_a_transport_sends_its_replies_before_the_ne
     finally:
         sink.close()
         await port.close()
+
+
+# --- the compiled StreamRewriter against the reference ----------------------------------------------------
+
+
+class _Layer:
+    """One source of a randomized stream: its own numbers, started near their wraps."""
+
+    def __init__(self, sid: int, rng: random.Random, *, vp8: bool, pid15: bool) -> None:
+        self.sid = sid
+        self.vp8 = vp8
+        self.pid15 = pid15
+        self.seq = (0xFFFF - rng.randrange(300)) & 0xFFFF
+        self.ts = (0xFFFFFFFF - rng.randrange(100_000)) & 0xFFFFFFFF
+        self.pid = ((0x7FFF if pid15 else 0x7F) - rng.randrange(40)) & (0x7FFF if pid15 else 0x7F)
+        self.tl0 = 255 - rng.randrange(20)
+        self.frame = 0
+
+    def next_frame(self, rng: random.Random) -> list[tuple[int, int, int, bytes, int]]:
+        """(source, seq, ts, packet, tid) for each packet of the next frame."""
+        self.frame += 1
+        key = rng.random() < 0.15
+        tid = 0 if key else (0, 2, 1, 2)[self.frame % 4]
+        if tid == 0:
+            self.tl0 = (self.tl0 + 1) & 0xFF
+        out = []
+        for i in range(rng.randint(1, 4)):
+            if self.vp8:
+                desc = bytearray([0x80 | (0x10 if i == 0 else 0), 0xE0])
+                desc += bytes([0x80 | (self.pid >> 8), self.pid & 0xFF]) if self.pid15 else bytes([self.pid])
+                desc += bytes([self.tl0, (tid << 6) | (0x20 if key else 0)])
+                body = bytes.fromhex("5002009d012a8002e001") if key and i == 0 else b"\x31\x02\x00"
+                payload = bytes(desc) + body + bytes(rng.randrange(256) for _ in range(rng.randrange(40)))
+            else:
+                payload = b"\xfc" + bytes(rng.randrange(256) for _ in range(20))
+            packet = RtpPacket(
+                payload_type=96,
+                seq=self.seq,
+                timestamp=self.ts,
+                ssrc=0x1000 + self.sid,
+                marker=i == 0,
+                extensions={3: bytes([self.sid])},
+                payload=payload,
+            ).serialize()
+            out.append((self.sid, self.seq, self.ts, packet, tid))
+            self.seq = (self.seq + 1) & 0xFFFF
+        if rng.random() < 0.01:
+            self.seq = (self.seq + rng.randrange(SEQ_WINDOW, 3 * SEQ_WINDOW)) & 0xFFFF  # a long gap
+        if rng.random() < 0.01:
+            self.ts = (self.ts - rng.randrange(1, 1 << 20)) & 0xFFFFFFFF  # an encoder restart
+        else:
+            self.ts = (self.ts + 3000) & 0xFFFFFFFF
+        self.pid = (self.pid + 1) & (0x7FFF if self.pid15 else 0x7F)
+        return out
+
+
+def _starts(rng: random.Random) -> dict[str, int]:
+    return {
+        "seq_start": 0xFFFF - rng.randrange(500),
+        "ts_start": 0xFFFFFFFF - rng.randrange(100_000),
+        "picture_id_start": 0x7FFF - rng.randrange(50),
+        "tl0picidx_start": 255 - rng.randrange(10),
+    }
+
+
+def _randomized(seed: int, *, vp8: bool, pid15: bool, steps: int) -> Iterator[tuple]:
+    """A seeded stream of what a Consumer does to its rewriter: packets of three sources lost, reordered and
+    duplicated; switches (mostly on keyframes), pauses and resumes; temporal layers dropped; sender
+    reports translated. Yields ("rewrite", source, seq, ts, packet, payload_offset, info, now), ("drop",
+    source, seq, info), ("switch", source), ("pause",), ("resume",) and ("timestamp_for", source, ts)."""
+    rng = random.Random(seed)
+    layers = [_Layer(sid, rng, vp8=vp8, pid15=pid15) for sid in range(3)]
+    in_flight: list[tuple[int, int, int, bytes, int]] = []
+    now = 5000.0
+    max_tid = 2
+    for _ in range(steps):
+        now += rng.choice((0.0, 0.001, 0.01, 0.033)) if rng.random() < 0.99 else rng.uniform(1, 30)
+        roll = rng.random()
+        if roll < 0.02:
+            yield ("switch", rng.randrange(3))
+        elif roll < 0.03:
+            yield ("pause",)
+        elif roll < 0.04:
+            yield ("resume",)
+        elif roll < 0.08:
+            max_tid = rng.randrange(3)
+        elif roll < 0.09:
+            yield ("timestamp_for", rng.randrange(3), rng.randrange(1 << 32))
+        for layer in layers:
+            if rng.random() < 0.5:
+                in_flight.extend(layer.next_frame(rng))
+        while in_flight and rng.random() < 0.8:
+            source, seq, ts, packet, tid = in_flight.pop(rng.randrange(min(len(in_flight), 6)))
+            if rng.random() < 0.03:
+                continue  # lost
+            if rng.random() < 0.05:  # a duplicate, later
+                in_flight.insert(rng.randrange(len(in_flight) + 1), (source, seq, ts, packet, tid))
+            offset = payload_offset(packet)
+            info = parse_descriptor(packet, offset) if vp8 else None
+            if info is not None and info.is_keyframe and rng.random() < 0.5:
+                yield ("switch", source)
+            if info is not None and tid > max_tid:
+                yield ("drop", source, seq, info)
+            else:
+                yield ("rewrite", source, seq, ts, packet, offset, info, now)
+
+
+@pytest.mark.parametrize(
+    ("seed", "vp8", "pid15"),
+    [(1, True, True), (2, True, False), (3, False, False), (4, True, True), (5, True, False)],
+    ids=["vp8-15bit", "vp8-7bit", "audio", "vp8-15bit-2", "vp8-7bit-2"],
+)
+def test_the_compiled_rewriter_matches_the_reference(seed: int, vp8: bool, pid15: bool) -> None:
+    starts = _starts(random.Random(seed))
+    reference = StreamRewriter(0xABCDEF01, **starts)
+    compiled = _rewrite.StreamRewriter(0xABCDEF01, **starts)
+    counts: Counter[str] = Counter()
+    for step in _randomized(seed, vp8=vp8, pid15=pid15, steps=20_000):
+        what = step[0]
+        if what == "rewrite":
+            _, source, seq, ts, packet, offset, info, now = step
+            clock = 90000 if vp8 else 48000
+            a, b = bytearray(packet), bytearray(packet)
+            ok = reference.rewrite(a, offset, source, seq, ts, clock, now, info)
+            assert compiled.rewrite(b, offset, source, seq, ts, clock, now, info) is ok, step
+            assert a == b, step
+            counts["forwarded" if ok else "refused"] += 1
+        elif what == "drop":
+            freed = reference.drop(*step[1:])
+            assert compiled.drop(*step[1:]) is freed, step
+            counts["freed" if freed else "kept"] += 1
+        elif what == "timestamp_for":
+            assert compiled.timestamp_for(*step[1:]) == reference.timestamp_for(*step[1:])
+        else:
+            getattr(reference, what)(*step[1:])
+            getattr(compiled, what)(*step[1:])
+        assert (compiled.paused, compiled.source) == (reference.paused, reference.source)
+        counts[what] += 1
+    # A guard on the stream itself: every kind of step happened, many times.
+    assert counts["forwarded"] > 3000 and counts["refused"] > 300, counts
+    assert counts["switch"] > 100 and counts["pause"] > 50 and counts["resume"] > 50, counts
+    if vp8:
+        assert counts["freed"] > 100 and counts["kept"] > 0, counts
+
+
+def test_the_compiled_rewriter_refuses_a_packet_too_short_for_what_it_writes() -> None:
+    layer = _Layer(0, random.Random(9), vp8=True, pid15=True)
+    source, seq, ts, packet, _tid = layer.next_frame(random.Random(9))[0]
+    offset = payload_offset(packet)
+    info = parse_descriptor(packet, offset)
+    rewriter = _rewrite.StreamRewriter(1)
+    rewriter.switch(source)
+    for short in (packet[:11], packet[: offset + 4]):
+        buf = bytearray(short)
+        assert not rewriter.rewrite(buf, offset, source, seq, ts, 90000, 1.0, info)
+        assert buf == short
+    assert not rewriter.rewrite(bytearray(packet), len(packet), source, seq, ts, 90000, 1.0, info)
+    assert not rewriter.rewrite(bytearray(packet), -1, source, seq, ts, 90000, 1.0, info)
+    assert rewriter.rewrite(bytearray(packet), offset, source, seq, ts, 90000, 1.0, info)
+
+
+@pytest.mark.parametrize("profile", list(SrtpProfile))
+def test_forward_sends_what_the_reference_rewrites_and_protects(profile: SrtpProfile) -> None:
+    """forward() in one call: the reference rewriter's bytes, protected by pylibsrtp, in the same order, the
+    rewritten packet kept in the cache, past the batch's capacity (it sends by itself when full)."""
+    material = os.urandom(profile.keying_material_length)
+    compiled_session = SrtpSession.from_keying(profile, material, True)
+    reference_session = SrtpSession.from_keying(profile, material, True)
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sink = _sink()
+    try:
+        batch = _fastpath.Batch(sender.fileno(), fastpath.BATCH_SIZE, fastpath.SLOT, fastpath.PROTECT)
+        starts = _starts(random.Random(7))
+        compiled = _rewrite.StreamRewriter(0x77, **starts)
+        reference = StreamRewriter(0x77, **starts)
+        cache: list[bytearray | None] = [None] * 16
+        expected = []
+        for step in _randomized(7, vp8=True, pid15=True, steps=400):
+            if step[0] != "rewrite":
+                getattr(reference, step[0])(*step[1:])
+                getattr(compiled, step[0])(*step[1:])
+                continue
+            _, source, seq, ts, packet, offset, info, now = step
+            out = bytearray(packet)
+            ok = reference.rewrite(out, offset, source, seq, ts, 90000, now, info)
+            sent = compiled.forward(
+                packet, offset, source, seq, ts, 90000, now, info, cache, batch, compiled_session.handle,
+                sink.getsockname(),
+            )  # fmt: skip
+            if not ok:
+                assert sent is None
+                continue
+            assert sent is True
+            assert cache[((out[2] << 8) | out[3]) % len(cache)] == out
+            expected.append(reference_session.protect(bytes(out)))
+        assert len(expected) > 2 * fastpath.BATCH_SIZE
+        assert batch.flush() == (len(expected), 0, 0)
+        assert (batch.packets, batch.octets) == (len(expected), sum(map(len, expected)))
+        assert _receive(sink, len(expected)) == expected
+        assert _nothing_more(sink)
+    finally:
+        sender.close()
+        sink.close()
+
+
+def test_forward_refuses_without_queueing() -> None:
+    """A packet the rewriter refuses, or libsrtp does, or one too short for its header, leaves the batch and
+    the cache as they were; an address the batch does not take is an error before anything changes."""
+    profile = SrtpProfile.AEAD_AES_128_GCM
+    session = SrtpSession.from_keying(profile, bytes(profile.keying_material_length), True)
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        batch = _fastpath.Batch(sender.fileno(), fastpath.BATCH_SIZE, fastpath.SLOT, fastpath.PROTECT)
+        rewriter = _rewrite.StreamRewriter(1)
+        cache: list[bytearray | None] = [None] * 4
+        packet = RtpPacket(payload_type=111, seq=5, timestamp=9, ssrc=3, payload=bytes(20)).serialize()
+        address = ("127.0.0.1", 9)
+
+        def forward(data: bytes, source: int = 0, to: object = address) -> bool | None:
+            return rewriter.forward(
+                data, 12, source, 5, 9, 48000, 1.0, None, cache, batch, session.handle, to
+            )  # type: ignore[no-any-return]
+
+        assert forward(packet) is None  # before the first switch
+        rewriter.switch(0)
+        assert forward(packet, source=1) is None
+        assert forward(packet[:11]) is None
+        with pytest.raises(ValueError):
+            forward(packet, to=("not-an-address", 9))
+        with pytest.raises(ValueError):
+            forward(bytes(fastpath.SLOT))
+        assert batch.count == 0 and cache == [None] * 4
+        assert forward(packet) is True
+        assert batch.count == 1
+        # libsrtp refuses a packet shorter than its header says (a CSRC count of 15): not queued.
+        assert forward(b"\x8f" + packet[1:16]) is False
+        assert batch.count == 1
+    finally:
+        sender.close()

@@ -1,5 +1,8 @@
 """StreamRewriter: simulcast sources with unrelated bases switched on keyframes, temporal layers dropped,
-pauses, upstream loss and reordering, wrap-around of every counter, all as one continuous stream out."""
+pauses, upstream loss and reordering, wrap-around of every counter, all as one continuous stream out.
+
+Every test runs twice: on the pure-Python reference (huddle/sfu/rewrite.py) and on the compiled one
+(huddle/sfu/_rewrite.c), which tests/unit/test_fastpath.py also holds byte for byte against the reference."""
 
 from __future__ import annotations
 
@@ -9,12 +12,22 @@ from collections import Counter
 from dataclasses import dataclass
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from huddle.rtc.rtp import ExtendedSeq, ExtendedTimestamp, RtpPacket, payload_offset
+from huddle.sfu import _rewrite, rewrite
 from huddle.sfu.rewrite import PICTURE_ID_WINDOW, SEQ_WINDOW, StreamRewriter
 from huddle.sfu.vp8 import Vp8Info, parse_descriptor
+
+IMPLEMENTATIONS = {"reference": rewrite.StreamRewriter, "compiled": _rewrite.StreamRewriter}
+
+
+@pytest.fixture(autouse=True, params=list(IMPLEMENTATIONS))
+def implementation(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tests below name `StreamRewriter`: this makes it one implementation, then the other."""
+    monkeypatch.setitem(globals(), "StreamRewriter", IMPLEMENTATIONS[request.param])
+
 
 CLOCK = 90_000
 FPS = 30
@@ -912,7 +925,7 @@ def simulate(sc):
     return sink, lost, late_drops, refused, newest_flags
 
 
-@settings(max_examples=250, deadline=None)
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(sc=scenarios())
 def test_generated_operations(sc):
     sink, lost, late_drops, refused, newest_flags = simulate(sc)
@@ -946,7 +959,7 @@ def test_generated_operations(sc):
     assert all(b >= a for a, b in itertools.pairwise(in_order))
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(sc=scenarios())
 def test_generated_without_loss_or_reordering_is_gapless(sc):
     sc = {**sc, "loss": 0.0, "window": 0, "dup": 0.0}

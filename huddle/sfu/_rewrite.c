@@ -1,0 +1,725 @@
+/* StreamRewriter in C: huddle/sfu/rewrite.py's StreamRewriter, state for state and byte for byte (that
+   file explains the mapping; this one follows it line by line, and tests/unit/test_fastpath.py holds the
+   two side by side), plus forward(), a Consumer's whole per-packet send in one call.
+
+   The Python version keeps its counters as unbounded ints; here they are int64, which a stream cannot
+   outgrow (one step per packet or frame). A ring slot of the Python version holds an offset or None (a
+   number given to no packet); here DROPPED stands for None.
+
+   forward(packet, payload_offset, source, seq, ts, clock_rate, now, info, cache, batch, session, address)
+       Copy the RTP packet straight into the next slot of `batch` (huddle.rtc._fastpath.Batch, through
+       _fastpath.h), rewrite it there, keep a copy of the rewritten packet in `cache` (a list, at its
+       sequence number modulo the list's length; None: no copy), and protect and queue it for `address`
+       with the libsrtp session at address `session`. None when the rewriter refuses the packet, else
+       whether it was queued (False: libsrtp refused to protect it).
+
+   A packet too short for what is written into it (the RTP header, and the picture id and TL0PICIDX that
+   `info` says are there) is refused like a packet of another source: nothing is read or written outside
+   the buffer. Nothing here keeps a Python object: the batch, the cache and the session are used within the
+   call only. */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/random.h>
+
+#include "../rtc/_fastpath.h"
+
+#define SEQ_WINDOW 1024
+#define PICTURE_ID_WINDOW 256
+#define SEQ_MASK (SEQ_WINDOW - 1)
+#define PID_MASK (PICTURE_ID_WINDOW - 1)
+#define NOT_YET ((int64_t)1 << 62)
+#define DROPPED INT64_MIN
+#define REBASE 1
+#define CONTINUE 2
+#define RTP_HEADER 12
+
+static const HuddleFastpathApi *fastpath;
+
+static PyObject *str_picture_id, *str_picture_id_15bit, *str_tl0picidx, *str_tid, *str_start_of_partition,
+    *str_partition_index;
+
+typedef struct {
+    PyObject_HEAD
+    long long ssrc;
+    int has_source;
+    long long source;
+    int live;  /* == has_source and not paused */
+    int rebase;
+
+    int64_t in_hi, sent_hi, seq_off, seq_off0, in_base;
+    int64_t *ring;
+    int ringed;
+    int64_t ring_from;
+
+    int64_t ts_off, ts_last;
+    int has_last_now;
+    double last_now;
+    int has_ts_source;
+    long long ts_source;
+
+    int pid_pending;
+    int64_t pid_hi, pid_sent_hi, pid_off, pid_off0, pid_base;
+    int64_t *pid_ring;
+    int pid_ringed;
+    int64_t pid_from;
+
+    int tl0_pending;
+    int64_t tl0_off, tl0_last;
+} Rewriter;
+
+/* The VP8 descriptor fields rewrite() reads from a Vp8Info. */
+typedef struct {
+    int has_pid;
+    int64_t pid;
+    int m15;
+    int has_tl0;
+    int64_t tl0;
+} Vp8Fields;
+
+static int64_t unwrap16(int64_t hi, int64_t value) { return hi + (((value - hi + 0x8000) & 0xFFFF) - 0x8000); }
+
+static int64_t ts_diff(int64_t a, int64_t b) { return ((a - b + 0x80000000LL) & 0xFFFFFFFFLL) - 0x80000000LL; }
+
+static int64_t unwrap_pid(int64_t hi, int64_t pid, int m15) {
+    if (m15) return hi + (((pid - hi + 0x4000) & 0x7FFF) - 0x4000);
+    return hi + (((pid - hi + 0x40) & 0x7F) - 0x40);
+}
+
+static int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+
+/* An int attribute of `info` that may be None: 1 with *value, 0 for None, -1 on error. */
+static int optional_int(PyObject *info, PyObject *name, int64_t *value) {
+    PyObject *v = PyObject_GetAttr(info, name);
+    if (v == NULL) return -1;
+    if (v == Py_None) {
+        Py_DECREF(v);
+        return 0;
+    }
+    long long x = PyLong_AsLongLong(v);
+    Py_DECREF(v);
+    if (x == -1 && PyErr_Occurred()) return -1;
+    *value = x;
+    return 1;
+}
+
+static int truth(PyObject *info, PyObject *name) {
+    PyObject *v = PyObject_GetAttr(info, name);
+    if (v == NULL) return -1;
+    int result = PyObject_IsTrue(v);
+    Py_DECREF(v);
+    return result;
+}
+
+static int read_fields(PyObject *info, Vp8Fields *f) {
+    f->has_pid = f->has_tl0 = f->m15 = 0;
+    if (info == Py_None) return 0;
+    if ((f->has_pid = optional_int(info, str_picture_id, &f->pid)) < 0) return -1;
+    if (f->has_pid && (f->m15 = truth(info, str_picture_id_15bit)) < 0) return -1;
+    if ((f->has_tl0 = optional_int(info, str_tl0picidx, &f->tl0)) < 0) return -1;
+    return 0;
+}
+
+static int64_t *new_ring(Py_ssize_t size) {
+    int64_t *ring = PyMem_Malloc((size_t)size * sizeof(int64_t));
+    if (ring == NULL) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < size; i++) ring[i] = DROPPED;
+    return ring;
+}
+
+/* --- the ring helpers of rewrite.py (_cover_seqs and friends), same names ------------------------------ */
+
+static int cover_seqs(Rewriter *self, int64_t lo) {
+    if (self->ring == NULL && (self->ring = new_ring(SEQ_WINDOW)) == NULL) return -1;
+    if (!self->ringed) {
+        self->ringed = 1;
+        self->ring_from = self->in_hi + 1;
+    }
+    int64_t start = self->ring_from;
+    if (lo < start) {
+        for (int64_t e = max64(lo, self->in_hi - SEQ_WINDOW + 1); e < start; e++)
+            self->ring[e & SEQ_MASK] = self->seq_off0;
+        self->ring_from = lo;
+    }
+    return 0;
+}
+
+static void fill_seqs(Rewriter *self, int64_t hi, int64_t ext, int64_t off) {
+    for (int64_t e = max64(hi + 1, ext - SEQ_WINDOW); e < ext; e++) self->ring[e & SEQ_MASK] = off;
+    self->ring[ext & SEQ_MASK] = off;
+}
+
+static int cover_pids(Rewriter *self, int64_t lo) {
+    if (self->pid_ring == NULL && (self->pid_ring = new_ring(PICTURE_ID_WINDOW)) == NULL) return -1;
+    if (!self->pid_ringed) {
+        self->pid_ringed = 1;
+        self->pid_from = self->pid_hi + 1;
+    }
+    int64_t start = self->pid_from;
+    if (lo < start) {
+        for (int64_t e = max64(lo, self->pid_hi - PICTURE_ID_WINDOW + 1); e < start; e++)
+            self->pid_ring[e & PID_MASK] = self->pid_off0;
+        self->pid_from = lo;
+    }
+    return 0;
+}
+
+static void fill_pids(Rewriter *self, int64_t hi, int64_t ext, int64_t off) {
+    for (int64_t e = max64(hi + 1, ext - PICTURE_ID_WINDOW); e < ext + 1; e++) self->pid_ring[e & PID_MASK] = off;
+}
+
+static int skip_seqs(Rewriter *self, int64_t hi, int64_t ext) {
+    if (cover_seqs(self, hi + 1) < 0) return -1;
+    for (int64_t e = max64(hi + 1, ext - SEQ_WINDOW); e < ext; e++) self->ring[e & SEQ_MASK] = DROPPED;
+    self->seq_off -= ext - hi - 1;
+    self->in_hi = ext - 1;
+    return 0;
+}
+
+static int skip_pids(Rewriter *self, int64_t hi, int64_t ext) {
+    if (cover_pids(self, hi + 1) < 0) return -1;
+    for (int64_t e = max64(hi + 1, ext - PICTURE_ID_WINDOW); e < ext; e++) self->pid_ring[e & PID_MASK] = DROPPED;
+    self->pid_off -= ext - hi - 1;
+    self->pid_hi = ext - 1;
+    return 0;
+}
+
+/* 1 when the number is given back, 0 when not, -1 on error. */
+static int drop_seq(Rewriter *self, int64_t hi, int64_t ext) {
+    if (ext > hi) {
+        if (cover_seqs(self, hi + 1) < 0) return -1;
+        fill_seqs(self, hi, ext, self->seq_off);
+        self->ring[ext & SEQ_MASK] = DROPPED;
+        self->seq_off -= 1;
+        self->in_hi = ext;
+        return 1;
+    }
+    if (cover_seqs(self, ext) < 0) return -1;
+    int64_t *ring = self->ring;
+    int64_t slot = ext & SEQ_MASK;
+    if (ring[slot] == DROPPED) return 0;
+    ring[slot] = DROPPED;
+    if (ext <= self->sent_hi) return 0;
+    for (int64_t e = ext + 1; e < hi + 1; e++) {
+        if (ring[e & SEQ_MASK] != DROPPED) ring[e & SEQ_MASK] -= 1;
+    }
+    self->seq_off -= 1;
+    return 1;
+}
+
+/* Clock ticks since the newest forwarded packet, at least one, modulo 2**32 (all they are added to is a
+   32-bit timestamp); Python's round() is round-half-even, as nearbyint() is by default. */
+static int wall_ticks(Rewriter *self, long long clock_rate, double now, int64_t *ticks) {
+    if (!self->has_last_now) {
+        *ticks = 1;
+        return 0;
+    }
+    double x = nearbyint((now - self->last_now) * (double)clock_rate);
+    if (isnan(x)) {
+        PyErr_SetString(PyExc_ValueError, "cannot convert float NaN to integer");
+        return -1;
+    }
+    if (isinf(x)) {
+        PyErr_SetString(PyExc_OverflowError, "cannot convert float infinity to integer");
+        return -1;
+    }
+    if (x < 1) x = 1;
+    *ticks = (int64_t)fmod(x, 4294967296.0);
+    return 0;
+}
+
+static int start(Rewriter *self, int64_t seq, int64_t ts, long long clock_rate, double now) {
+    self->rebase = 0;
+    int64_t last_ts = self->ts_last, hi = self->in_hi, ticks;
+    self->tl0_pending = 1;
+    int same_clock = self->has_ts_source && self->ts_source == self->source;
+    if (same_clock) {
+        int64_t ext = unwrap16(hi, seq);
+        if (hi - SEQ_WINDOW < ext && ext <= hi + SEQ_WINDOW) {
+            if (ext - hi > 1 && skip_seqs(self, hi, ext) < 0) return -1;
+            if (ext > hi && ts_diff(ts + self->ts_off, last_ts) < 0) {
+                if (wall_ticks(self, clock_rate, now, &ticks) < 0) return -1;
+                self->ts_off = (last_ts + ticks - ts) & 0xFFFFFFFFLL;
+            }
+            if (!self->pid_pending) self->pid_pending = CONTINUE;
+            return 0;
+        }
+    }
+    int64_t off;
+    if (same_clock && ts_diff(ts + self->ts_off, last_ts) >= 0) {
+        off = self->ts_off;
+    } else if (!self->has_last_now) {
+        off = last_ts + 1 - ts;
+    } else {
+        if (wall_ticks(self, clock_rate, now, &ticks) < 0) return -1;
+        off = last_ts + ticks - ts;
+    }
+    int64_t nxt = hi + self->seq_off + 1;
+    self->in_base = seq;
+    self->in_hi = self->sent_hi = seq - 1;
+    self->seq_off = self->seq_off0 = nxt - seq;
+    self->ringed = 0;
+    self->ring_from = NOT_YET;
+    self->ts_off = off & 0xFFFFFFFFLL;
+    self->has_ts_source = 1;
+    self->ts_source = self->source;
+    self->pid_pending = REBASE;
+    return 0;
+}
+
+static void put16(char *p, uint64_t v) {
+    p[0] = (char)(v >> 8);
+    p[1] = (char)v;
+}
+
+static void put32(char *p, uint64_t v) {
+    p[0] = (char)(v >> 24);
+    p[1] = (char)(v >> 16);
+    p[2] = (char)(v >> 8);
+    p[3] = (char)v;
+}
+
+/* rewrite.py's StreamRewriter.rewrite on `buf`: 1 forwarded, 0 refused (buf untouched), -1 on error. */
+static int rewrite(Rewriter *self, char *buf, Py_ssize_t len, Py_ssize_t payload_offset, long long source,
+                   int64_t seq, int64_t ts, long long clock_rate, double now, PyObject *info) {
+    if (!self->live || source != self->source) return 0;
+    Vp8Fields f;
+    if (read_fields(info, &f) < 0) return -1;
+    Py_ssize_t need = f.has_pid ? (f.m15 ? 4 : 3) : 2;
+    if (f.has_tl0) need += 1;
+    if (len < RTP_HEADER || ((f.has_pid || f.has_tl0) && (payload_offset < 0 || payload_offset > len - need)))
+        return 0;
+    if (self->rebase && start(self, seq, ts, clock_rate, now) < 0) return -1;
+    int64_t hi = self->in_hi;
+    int64_t ext = unwrap16(hi, seq);
+    int newest = ext > hi;
+    int64_t seq_off;
+    if (newest) {
+        seq_off = self->seq_off;
+    } else {
+        if (ext < self->in_base || hi - ext >= SEQ_WINDOW) return 0;
+        if (ext < self->ring_from) {
+            seq_off = self->seq_off0;
+        } else {
+            seq_off = self->ring[ext & SEQ_MASK];
+            if (seq_off == DROPPED) return 0;
+        }
+    }
+
+    int new_frame = 0;
+    int64_t pext = 0, pid_off = 0;
+    if (f.has_pid) {
+        int64_t pid = f.pid;
+        int pending = self->pid_pending;
+        if (pending && (pending == REBASE || !f.m15)) {
+            int64_t nxt = self->pid_hi + self->pid_off + 1;
+            self->pid_hi = self->pid_sent_hi = pid - 1;
+            self->pid_base = pid;
+            self->pid_off = self->pid_off0 = nxt - pid;
+            self->pid_ringed = 0;
+            self->pid_from = NOT_YET;
+            self->pid_pending = pending = 0;
+        }
+        int64_t phi = self->pid_hi;
+        pext = unwrap_pid(phi, pid, f.m15);
+        if (pext > phi) {
+            new_frame = 1;
+            if (pending) {
+                self->pid_pending = 0;
+                if (pext - phi > 1) {
+                    if (skip_pids(self, phi, pext) < 0) return -1;
+                    phi = pext - 1;
+                }
+            }
+            pid_off = self->pid_off;
+            if (self->pid_ringed) fill_pids(self, phi, pext, pid_off);
+            self->pid_hi = self->pid_sent_hi = pext;
+        } else {
+            if (pext < self->pid_base || phi - pext >= PICTURE_ID_WINDOW) {
+                pid_off = DROPPED;
+            } else if (pext < self->pid_from) {
+                pid_off = self->pid_off0;
+            } else {
+                pid_off = self->pid_ring[pext & PID_MASK];
+            }
+            if (pid_off == DROPPED) {
+                if (drop_seq(self, hi, ext) < 0) return -1;
+                return 0;
+            }
+            if (pext > self->pid_sent_hi) self->pid_sent_hi = pext;
+        }
+    }
+
+    if (newest) {
+        if (self->ringed) {
+            if (ext - hi == 1) {
+                self->ring[ext & SEQ_MASK] = seq_off;
+            } else {
+                fill_seqs(self, hi, ext, seq_off);
+            }
+        }
+        self->in_hi = self->sent_hi = ext;
+    } else if (ext > self->sent_hi) {
+        self->sent_hi = ext;
+    }
+    int64_t out_ts = ts + self->ts_off;
+    put16(buf + 2, (uint64_t)(ext + seq_off));
+    put32(buf + 4, (uint64_t)out_ts);
+    put32(buf + 8, (uint64_t)self->ssrc);
+    if (newest) {
+        self->ts_last = out_ts & 0xFFFFFFFFLL;
+        self->has_last_now = 1;
+        self->last_now = now;
+    }
+    Py_ssize_t i = payload_offset + 2;
+    if (f.has_pid) {
+        int64_t out = pext + pid_off;
+        if (f.m15) {
+            buf[i] = (char)(0x80 | ((out >> 8) & 0x7F));
+            buf[i + 1] = (char)(out & 0xFF);
+            i += 2;
+        } else {
+            buf[i] = (char)(out & 0x7F);
+            i += 1;
+        }
+    }
+    if (f.has_tl0) {
+        if (self->tl0_pending && newest) {
+            self->tl0_pending = 0;
+            if (!f.has_pid) {
+                int s = truth(info, str_start_of_partition);
+                if (s < 0) return -1;
+                int part = s ? truth(info, str_partition_index) : 0;
+                if (part < 0) return -1;
+                new_frame = s && !part;
+            }
+            int base = 1;
+            if (new_frame) {
+                int t = truth(info, str_tid);
+                if (t < 0) return -1;
+                base = !t;
+            }
+            self->tl0_off = self->tl0_last + (new_frame && base ? 1 : 0) - f.tl0;
+        }
+        int64_t out = (f.tl0 + self->tl0_off) & 0xFF;
+        buf[i] = (char)out;
+        if (newest) self->tl0_last = out;
+    }
+    return 1;
+}
+
+/* --- the type ------------------------------------------------------------------------------------------- */
+
+static void Rewriter_dealloc(Rewriter *self) {
+    PyMem_Free(self->ring);
+    PyMem_Free(self->pid_ring);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* A start given or a random one: `bits` random bits when None. */
+static int start_value(PyObject *given, int bits, long long mask, int64_t *out) {
+    if (given == NULL || given == Py_None) {
+        uint64_t r = 0;
+        if (getrandom(&r, sizeof(r), 0) != (ssize_t)sizeof(r)) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            return -1;
+        }
+        *out = (int64_t)(r & ((1ULL << bits) - 1));
+        return 0;
+    }
+    long long v = PyLong_AsLongLong(given);
+    if (v == -1 && PyErr_Occurred()) return -1;
+    *out = mask ? (v & mask) : v;
+    return 0;
+}
+
+static int Rewriter_init(Rewriter *self, PyObject *args, PyObject *kwargs) {
+    static char *names[] = {"ssrc", "seq_start", "ts_start", "picture_id_start", "tl0picidx_start", NULL};
+    long long ssrc;
+    PyObject *seq_start = NULL, *ts_start = NULL, *pid_start = NULL, *tl0_start = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "L|$OOOO", names, &ssrc, &seq_start, &ts_start, &pid_start,
+                                     &tl0_start))
+        return -1;
+    int64_t seq0, ts0, pid0, tl00;
+    if (start_value(seq_start, 15, 0xFFFF, &seq0) < 0 || start_value(ts_start, 32, 0, &ts0) < 0 ||
+        start_value(pid_start, 15, 0x7FFF, &pid0) < 0 || start_value(tl0_start, 8, 0, &tl00) < 0)
+        return -1;
+    int64_t *ring = self->ring, *pid_ring = self->pid_ring;
+    memset((char *)self + offsetof(Rewriter, ssrc), 0, sizeof(Rewriter) - offsetof(Rewriter, ssrc));
+    /* A second __init__ starts afresh but keeps the rings it allocated (their contents are never read
+       before they are covered again). */
+    self->ring = ring;
+    self->pid_ring = pid_ring;
+    self->ssrc = ssrc;
+    self->in_hi = self->sent_hi = -1;
+    self->seq_off = self->seq_off0 = seq0;
+    self->ring_from = NOT_YET;
+    self->ts_last = (ts0 - 1) & 0xFFFFFFFFLL;
+    self->pid_pending = REBASE;
+    self->pid_hi = self->pid_sent_hi = -1;
+    self->pid_off = self->pid_off0 = pid0;
+    self->pid_from = NOT_YET;
+    self->tl0_pending = 1;
+    self->tl0_last = tl00 - 1;
+    return 0;
+}
+
+static int source_arg(PyObject *arg, long long *out) {
+    *out = PyLong_AsLongLong(arg);
+    return (*out == -1 && PyErr_Occurred()) ? -1 : 0;
+}
+
+static PyObject *Rewriter_switch(Rewriter *self, PyObject *source) {
+    long long s;
+    if (source_arg(source, &s) < 0) return NULL;
+    self->has_source = 1;
+    self->source = s;
+    self->live = 1;
+    self->rebase = 1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Rewriter_pause(Rewriter *self, PyObject *unused) {
+    self->live = 0;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Rewriter_resume(Rewriter *self, PyObject *unused) {
+    if (self->has_source) {
+        self->live = 1;
+        self->rebase = 1;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *Rewriter_timestamp_for(Rewriter *self, PyObject *const *args, Py_ssize_t nargs) {
+    long long source, ts;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "timestamp_for(source, ts)");
+        return NULL;
+    }
+    if (source_arg(args[0], &source) < 0 || source_arg(args[1], &ts) < 0) return NULL;
+    if (!self->has_ts_source || source != self->ts_source || !self->has_source || source != self->source)
+        Py_RETURN_NONE;
+    return PyLong_FromLongLong((ts + self->ts_off) & 0xFFFFFFFFLL);
+}
+
+/* The arguments rewrite() and forward() share, from args[0]: payload_offset, source, seq, ts, clock_rate,
+   now, info. */
+typedef struct {
+    Py_ssize_t payload_offset;
+    long long source, seq, ts, clock_rate;
+    double now;
+    PyObject *info;
+} PacketArgs;
+
+static int packet_args(PyObject *const *args, PacketArgs *a) {
+    a->payload_offset = PyLong_AsSsize_t(args[0]);
+    if (a->payload_offset == -1 && PyErr_Occurred()) return -1;
+    if (source_arg(args[1], &a->source) < 0 || source_arg(args[2], &a->seq) < 0 ||
+        source_arg(args[3], &a->ts) < 0 || source_arg(args[4], &a->clock_rate) < 0)
+        return -1;
+    a->now = PyFloat_AsDouble(args[5]);
+    if (a->now == -1.0 && PyErr_Occurred()) return -1;
+    a->info = args[6];
+    return 0;
+}
+
+static PyObject *Rewriter_rewrite(Rewriter *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 8) {
+        PyErr_SetString(PyExc_TypeError, "rewrite(buf, payload_offset, source, seq, ts, clock_rate, now, info)");
+        return NULL;
+    }
+    PacketArgs a;
+    if (packet_args(args + 1, &a) < 0) return NULL;
+    Py_buffer buf;
+    if (PyObject_GetBuffer(args[0], &buf, PyBUF_WRITABLE) < 0) return NULL;
+    int r = rewrite(self, buf.buf, buf.len, a.payload_offset, a.source, a.seq, a.ts, a.clock_rate, a.now, a.info);
+    PyBuffer_Release(&buf);
+    if (r < 0) return NULL;
+    return PyBool_FromLong(r);
+}
+
+static PyObject *Rewriter_drop(Rewriter *self, PyObject *args, PyObject *kwargs) {
+    static char *names[] = {"source", "seq", "info", NULL};
+    long long source, seq;
+    PyObject *info = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "LL|O", names, &source, &seq, &info)) return NULL;
+    if (!self->live || source != self->source || self->rebase) Py_RETURN_FALSE;
+    int64_t hi = self->in_hi;
+    int64_t ext = unwrap16(hi, seq);
+    int freed = 0;
+    if (ext >= self->in_base && hi - ext < SEQ_WINDOW && (freed = drop_seq(self, hi, ext)) < 0) return NULL;
+    int64_t pid = 0;
+    int has_pid = info == Py_None ? 0 : optional_int(info, str_picture_id, &pid);
+    if (has_pid < 0) return NULL;
+    if (has_pid && !self->pid_pending) {
+        int m15 = truth(info, str_picture_id_15bit);
+        if (m15 < 0) return NULL;
+        int64_t phi = self->pid_hi;
+        int64_t pext = unwrap_pid(phi, pid, m15);
+        if (pext > phi) {
+            if (cover_pids(self, phi + 1) < 0) return NULL;
+            fill_pids(self, phi, pext, self->pid_off);
+            self->pid_ring[pext & PID_MASK] = DROPPED;
+            self->pid_off -= 1;
+            self->pid_hi = pext;
+        } else if (pext >= self->pid_base && phi - pext < PICTURE_ID_WINDOW) {
+            if (cover_pids(self, pext) < 0) return NULL;
+            int64_t *ring = self->pid_ring;
+            if (ring[pext & PID_MASK] != DROPPED && pext > self->pid_sent_hi) {
+                for (int64_t e = pext + 1; e < phi + 1; e++) {
+                    if (ring[e & PID_MASK] != DROPPED) ring[e & PID_MASK] -= 1;
+                }
+                self->pid_off -= 1;
+            }
+            ring[pext & PID_MASK] = DROPPED;
+        }
+    }
+    return PyBool_FromLong(freed);
+}
+
+static PyObject *Rewriter_forward(Rewriter *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 12) {
+        PyErr_SetString(PyExc_TypeError,
+                        "forward(packet, payload_offset, source, seq, ts, clock_rate, now, info, cache, batch,"
+                        " session, address)");
+        return NULL;
+    }
+    PacketArgs a;
+    if (packet_args(args + 1, &a) < 0) return NULL;
+    PyObject *cache = args[8], *batch = args[9];
+    if (cache != Py_None && (!PyList_CheckExact(cache) || PyList_GET_SIZE(cache) == 0)) {
+        PyErr_SetString(PyExc_TypeError, "cache must be a non-empty list or None");
+        return NULL;
+    }
+    void *session = PyLong_AsVoidPtr(args[10]);
+    if (session == NULL) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "null session");
+        return NULL;
+    }
+    Py_buffer packet;
+    if (PyObject_GetBuffer(args[0], &packet, PyBUF_SIMPLE) < 0) return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t room;
+    char *slot = fastpath->reserve(batch, args[11], &room);
+    if (slot == NULL) goto done;
+    if (packet.len > room) {
+        PyErr_Format(PyExc_ValueError, "packet of %zd bytes is longer than %zd", packet.len, room);
+        goto done;
+    }
+    memcpy(slot, packet.buf, (size_t)packet.len);
+    int r = rewrite(self, slot, packet.len, a.payload_offset, a.source, a.seq, a.ts, a.clock_rate, a.now, a.info);
+    if (r < 0) goto done;
+    if (r == 0) {
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
+    if (cache != Py_None) {
+        PyObject *copy = PyByteArray_FromStringAndSize(slot, packet.len);
+        if (copy == NULL) goto done;
+        Py_ssize_t at = (((unsigned char)slot[2] << 8) | (unsigned char)slot[3]) % PyList_GET_SIZE(cache);
+        PyObject *old = PyList_GET_ITEM(cache, at);
+        PyList_SET_ITEM(cache, at, copy);
+        Py_XDECREF(old);
+    }
+    int queued = fastpath->commit(batch, slot, session, packet.len);
+    if (queued >= 0) result = PyBool_FromLong(queued);
+done:
+    PyBuffer_Release(&packet);
+    return result;
+}
+
+static PyObject *Rewriter_get_paused(Rewriter *self, void *closure) { return PyBool_FromLong(!self->live); }
+
+static PyObject *Rewriter_get_source(Rewriter *self, void *closure) {
+    if (!self->has_source) Py_RETURN_NONE;
+    return PyLong_FromLongLong(self->source);
+}
+
+static PyObject *Rewriter_get_ssrc(Rewriter *self, void *closure) { return PyLong_FromLongLong(self->ssrc); }
+
+static PyMethodDef Rewriter_methods[] = {
+    {"switch", (PyCFunction)Rewriter_switch, METH_O, "switch(source): forward `source` from its next packet"},
+    {"pause", (PyCFunction)Rewriter_pause, METH_NOARGS, "pause(): forward nothing until switch() or resume()"},
+    {"resume", (PyCFunction)Rewriter_resume, METH_NOARGS, "resume(): switch() back to the current source"},
+    {"timestamp_for", (PyCFunction)(void (*)(void))Rewriter_timestamp_for, METH_FASTCALL,
+     "timestamp_for(source, ts) -> the output timestamp, or None"},
+    {"rewrite", (PyCFunction)(void (*)(void))Rewriter_rewrite, METH_FASTCALL,
+     "rewrite(buf, payload_offset, source, seq, ts, clock_rate, now, info) -> whether it goes"},
+    {"drop", (PyCFunction)(void (*)(void))Rewriter_drop, METH_VARARGS | METH_KEYWORDS,
+     "drop(source, seq, info=None) -> whether its number was given back"},
+    {"forward", (PyCFunction)(void (*)(void))Rewriter_forward, METH_FASTCALL,
+     "forward(packet, payload_offset, source, seq, ts, clock_rate, now, info, cache, batch, session, address)"
+     " -> None (refused) or whether it was queued"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Rewriter_getset[] = {
+    {"paused", (getter)Rewriter_get_paused, NULL, "True while nothing is forwarded", NULL},
+    {"source", (getter)Rewriter_get_source, NULL, "the source forwarded (or waited for, or paused)", NULL},
+    {"ssrc", (getter)Rewriter_get_ssrc, NULL, "the output SSRC", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject RewriterType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "huddle.sfu._rewrite.StreamRewriter",
+    .tp_basicsize = sizeof(Rewriter),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "huddle.sfu.rewrite.StreamRewriter, compiled; forward() sends as well.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Rewriter_init,
+    .tp_dealloc = (destructor)Rewriter_dealloc,
+    .tp_methods = Rewriter_methods,
+    .tp_getset = Rewriter_getset,
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "huddle.sfu._rewrite",
+    .m_doc = "Compiled StreamRewriter and a Consumer's per-packet send.",
+    .m_size = -1,
+};
+
+PyMODINIT_FUNC PyInit__rewrite(void) {
+    /* PyCapsule_Import walks attributes from the package down: the submodule must be imported first. */
+    PyObject *rtc = PyImport_ImportModule("huddle.rtc._fastpath");
+    if (rtc == NULL) return NULL;
+    Py_DECREF(rtc);
+    fastpath = PyCapsule_Import(HUDDLE_FASTPATH_CAPSULE, 0);
+    if (fastpath == NULL) return NULL;
+    struct {
+        PyObject **slot;
+        const char *text;
+    } names[] = {
+        {&str_picture_id, "picture_id"},
+        {&str_picture_id_15bit, "picture_id_15bit"},
+        {&str_tl0picidx, "tl0picidx"},
+        {&str_tid, "tid"},
+        {&str_start_of_partition, "start_of_partition"},
+        {&str_partition_index, "partition_index"},
+    };
+    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
+        if (*names[i].slot == NULL && (*names[i].slot = PyUnicode_InternFromString(names[i].text)) == NULL)
+            return NULL;
+    }
+    if (PyType_Ready(&RewriterType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) return NULL;
+    Py_INCREF(&RewriterType);
+    if (PyModule_AddObject(m, "StreamRewriter", (PyObject *)&RewriterType) < 0) {
+        Py_DECREF(&RewriterType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
