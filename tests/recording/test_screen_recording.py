@@ -25,7 +25,8 @@ from huddle.recording.records import (
 )
 from huddle.recording.tracks import TrackWriter
 
-WIDTH, HEIGHT, FPS = 1280, 720, 30
+# Small and slow enough to encode quickly, with a frame at every instant the test looks at.
+WIDTH, HEIGHT, FPS = 640, 360, 10
 VIDEO_CLOCK = 90_000
 RED = (81, 90, 240)  # Y, U, V: Alice's camera
 GREEN = (145, 54, 34)  # Bob's camera
@@ -75,13 +76,13 @@ def near(colour: tuple[float, float, float], expected: tuple[int, int, int], tol
 
 
 def test_the_latest_screen_takes_the_main_area_and_the_speaker_leads_the_strip(tmp_path: Path) -> None:
-    alice = Person("alice", "Alice", (640, 360), RED, tone=330.0)
-    bob = Person("bob", "Bob", (640, 360), GREEN, tone=220.0)
+    alice = Person("alice", "Alice", (320, 180), RED, tone=330.0)
+    bob = Person("bob", "Bob", (320, 180), GREEN, tone=220.0)
     call = synthetic_call([alice, bob], 6.0, [(0.2, "alice")], fps=FPS)
     # Bob shares from 1 s to 5 s; Alice shares too, from 2 s to 3 s: hers is the latest while it lasts.
     shares = [
-        *screen_records(replace(bob, id="bob", colour=BLUE, video=(1280, 720)), 1.0, 5.0),
-        *screen_records(replace(alice, id="alice", colour=YELLOW, video=(960, 540)), 2.0, 3.0),
+        *screen_records(replace(bob, id="bob", colour=BLUE, video=(640, 360)), 1.0, 5.0),
+        *screen_records(replace(alice, id="alice", colour=YELLOW, video=(480, 270)), 2.0, 3.0),
     ]
     shares.sort(key=_time)
     path = tmp_path / "screen.mp4"
