@@ -8,15 +8,17 @@
 
    forward(packet, payload_offset, source, seq, ts, clock_rate, now, info, cache, batch, session, address)
        Copy the RTP packet straight into the next slot of `batch` (huddle.rtc._fastpath.Batch, through
-       _fastpath.h), rewrite it there, keep a copy of the rewritten packet in `cache` (a list, at its
-       sequence number modulo the list's length; None: no copy), and protect and queue it for `address`
-       with the libsrtp session at address `session`. None when the rewriter refuses the packet, else
-       whether it was queued (False: libsrtp refused to protect it).
+       _fastpath.h), rewrite it there, keep the rewritten packet in `cache` (a list, at its sequence number
+       modulo the list's length; None: not kept), and protect and queue it for `address` with the libsrtp
+       session at address `session`. None when the rewriter refuses the packet, else whether it was queued
+       (False: libsrtp refused to protect it). What the cache keeps is (packet, head): `packet` itself,
+       which the caller must not change afterwards, and the rewritten bytes it starts with; the rewritten
+       packet is head + packet[len(head):].
 
    A packet too short for what is written into it (the RTP header, and the picture id and TL0PICIDX that
    `info` says are there) is refused like a packet of another source: nothing is read or written outside
    the buffer. Nothing here keeps a Python object: the batch, the cache and the session are used within the
-   call only. */
+   call only (the cache entries hold their own references). */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -287,9 +289,11 @@ static void put32(char *p, uint64_t v) {
     p[3] = (char)v;
 }
 
-/* rewrite.py's StreamRewriter.rewrite on `buf`: 1 forwarded, 0 refused (buf untouched), -1 on error. */
+/* rewrite.py's StreamRewriter.rewrite on `buf`: 1 forwarded (nothing from `*written` on changed), 0 refused
+   (buf untouched), -1 on error. */
 static int rewrite(Rewriter *self, char *buf, Py_ssize_t len, Py_ssize_t payload_offset, long long source,
-                   int64_t seq, int64_t ts, long long clock_rate, double now, PyObject *info) {
+                   int64_t seq, int64_t ts, long long clock_rate, double now, PyObject *info,
+                   Py_ssize_t *written) {
     if (!self->live || source != self->source) return 0;
     Vp8Fields f;
     if (read_fields(info, &f) < 0) return -1;
@@ -297,6 +301,7 @@ static int rewrite(Rewriter *self, char *buf, Py_ssize_t len, Py_ssize_t payload
     if (f.has_tl0) need += 1;
     if (len < RTP_HEADER || ((f.has_pid || f.has_tl0) && (payload_offset < 0 || payload_offset > len - need)))
         return 0;
+    *written = (f.has_pid || f.has_tl0) ? payload_offset + need : RTP_HEADER;
     if (self->rebase && start(self, seq, ts, clock_rate, now) < 0) return -1;
     int64_t hi = self->in_hi;
     int64_t ext = unwrap16(hi, seq);
@@ -542,7 +547,9 @@ static PyObject *Rewriter_rewrite(Rewriter *self, PyObject *const *args, Py_ssiz
     if (packet_args(args + 1, &a) < 0) return NULL;
     Py_buffer buf;
     if (PyObject_GetBuffer(args[0], &buf, PyBUF_WRITABLE) < 0) return NULL;
-    int r = rewrite(self, buf.buf, buf.len, a.payload_offset, a.source, a.seq, a.ts, a.clock_rate, a.now, a.info);
+    Py_ssize_t written;
+    int r = rewrite(self, buf.buf, buf.len, a.payload_offset, a.source, a.seq, a.ts, a.clock_rate, a.now, a.info,
+                    &written);
     PyBuffer_Release(&buf);
     if (r < 0) return NULL;
     return PyBool_FromLong(r);
@@ -617,18 +624,25 @@ static PyObject *Rewriter_forward(Rewriter *self, PyObject *const *args, Py_ssiz
         goto done;
     }
     memcpy(slot, packet.buf, (size_t)packet.len);
-    int r = rewrite(self, slot, packet.len, a.payload_offset, a.source, a.seq, a.ts, a.clock_rate, a.now, a.info);
+    Py_ssize_t written;
+    int r = rewrite(self, slot, packet.len, a.payload_offset, a.source, a.seq, a.ts, a.clock_rate, a.now, a.info,
+                    &written);
     if (r < 0) goto done;
     if (r == 0) {
         result = Py_NewRef(Py_None);
         goto done;
     }
     if (cache != Py_None) {
-        PyObject *copy = PyByteArray_FromStringAndSize(slot, packet.len);
-        if (copy == NULL) goto done;
+        /* The publisher's packet (one for every subscriber) and this subscriber's rewritten head of it:
+           a kilobyte copied per subscriber into a cache of 256 would cost more than all the rest here. */
+        PyObject *head = PyBytes_FromStringAndSize(slot, written);
+        if (head == NULL) goto done;
+        PyObject *entry = PyTuple_Pack(2, args[0], head);
+        Py_DECREF(head);
+        if (entry == NULL) goto done;
         Py_ssize_t at = (((unsigned char)slot[2] << 8) | (unsigned char)slot[3]) % PyList_GET_SIZE(cache);
         PyObject *old = PyList_GET_ITEM(cache, at);
-        PyList_SET_ITEM(cache, at, copy);
+        PyList_SET_ITEM(cache, at, entry);
         Py_XDECREF(old);
     }
     int queued = fastpath->commit(batch, slot, session, packet.len);

@@ -85,7 +85,11 @@ class Consumer:
         self.packets = 0
         self.octets = 0
         self.retransmits = 0
-        self.cache: list[bytearray | None] | None = [None] * CACHE_SIZE if producer.kind == "video" else None
+        # Sent packets by output sequence number (video only): the rewritten copy (reference path), or
+        # (publisher's packet, rewritten head) from the compiled forward; `cached()` reads either.
+        self.cache: list[bytearray | tuple[bytearray, bytes] | None] | None = (
+            [None] * CACHE_SIZE if producer.kind == "video" else None
+        )
 
     @property
     def transport(self) -> WebRtcTransport | None:
@@ -216,11 +220,23 @@ class Consumer:
             return 0
         sent = 0
         for s in seqs:
-            pkt = self.cache[s % CACHE_SIZE]
-            if pkt is not None and ((pkt[2] << 8) | pkt[3]) == s and self.transport.send_rtp(pkt):
+            pkt = self.cached(s)
+            if pkt is not None and self.transport.send_rtp(pkt):
                 sent += 1
         self.retransmits += sent
         return sent
+
+    def cached(self, seq: int) -> bytes | bytearray | None:
+        """The packet sent with output sequence number `seq`, as it was before SRTP, if still cached."""
+        if self.cache is None:
+            return None
+        entry = self.cache[seq % CACHE_SIZE]
+        if isinstance(entry, tuple):
+            packet, head = entry
+            entry = head + packet[len(head) :]
+        if entry is None or ((entry[2] << 8) | entry[3]) != seq:
+            return None
+        return entry
 
     def send_sender_report(self, layer: int, ntp: int, rtp_ts: int) -> None:
         if self.ready and self.transport is not None:
