@@ -21,7 +21,7 @@ TINY_RUN_TIMEOUT = 300
 
 def test_a_tiny_run_measures_both_servers_on_the_same_packets_and_layers(tmp_path: Path) -> None:
     command = [sys.executable, "-m", "bench.run", "--only", "quick-10", "same-10", "--runs", "1"]
-    command += ["--duration", "3", "--results", str(tmp_path)]
+    command += ["--duration", "2", "--results", str(tmp_path)]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=TINY_RUN_TIMEOUT)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     document = json.loads(next(tmp_path.glob("*.json")).read_text())
