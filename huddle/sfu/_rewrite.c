@@ -1,24 +1,25 @@
 /* StreamRewriter in C: huddle/sfu/rewrite.py's StreamRewriter, state for state and byte for byte (that
    file explains the mapping; this one follows it line by line, and tests/unit/test_fastpath.py holds the
-   two side by side), plus forward(), a Consumer's whole per-packet send in one call.
+   two side by side), plus fanout(), Producer.receive's loop over its consumers in one call.
 
    The Python version keeps its counters as unbounded ints; here they are int64, which a stream cannot
    outgrow (one step per packet or frame). A ring slot of the Python version holds an offset or None (a
    number given to no packet); here DROPPED stands for None.
 
-   forward(packet, payload_offset, source, seq, ts, clock_rate, now, info, cache, batch, session, address)
-       Copy the RTP packet straight into the next slot of `batch` (huddle.rtc._fastpath.Batch, through
-       _fastpath.h), rewrite it there, keep the rewritten packet in `cache` (a list, at its sequence number
-       modulo the list's length; None: not kept), and protect and queue it for `address` with the libsrtp
-       session at address `session`. None when the rewriter refuses the packet, else whether it was queued
-       (False: libsrtp refused to protect it). What the cache keeps is (packet, head): `packet` itself,
-       which the caller must not change afterwards, and the rewritten bytes it starts with; the rewritten
-       packet is head + packet[len(head):].
+   fanout(consumers, packet, payload_offset, layer, seq, ts, clock_rate, now, info, size)
+       Consumer.forward (huddle/sfu/consumer.py) for each consumer, line for line, where it sends the compiled
+       way: the consumer's fields (ConsumerFields, its base class) are read as a struct, the packet is copied
+       straight into the next slot of the port's held batch (huddle.rtc._fastpath.Batch, through
+       _fastpath.h), rewritten there, kept in the consumer's cache and protected in place with the libsrtp
+       session of the consumer's SSRC alone (SrtpSession.stream_handle). Any other consumer (a pipe's, one
+       on ICE-TCP or not connected yet) goes through its own forward(). Returns how many copies went out.
+       What a cache keeps is (packet, head): `packet` itself, which the caller must not change afterwards,
+       and the rewritten bytes it starts with; the rewritten packet is head + packet[len(head):].
 
    A packet too short for what is written into it (the RTP header, and the picture id and TL0PICIDX that
    `info` says are there) is refused like a packet of another source: nothing is read or written outside
-   the buffer. Nothing here keeps a Python object: the batch, the cache and the session are used within the
-   call only (the cache entries hold their own references). */
+   the buffer. The batch, the packet and the transports are used within the call only; the cache entries
+   hold their own references. */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -74,6 +75,8 @@ typedef struct {
     int tl0_pending;
     int64_t tl0_off, tl0_last;
 } Rewriter;
+
+static PyTypeObject RewriterType;
 
 /* The VP8 descriptor fields rewrite() reads from a Vp8Info. */
 typedef struct {
@@ -293,10 +296,13 @@ static void put32(char *p, uint64_t v) {
    (buf untouched), -1 on error. */
 static int rewrite(Rewriter *self, char *buf, Py_ssize_t len, Py_ssize_t payload_offset, long long source,
                    int64_t seq, int64_t ts, long long clock_rate, double now, PyObject *info,
-                   Py_ssize_t *written) {
+                   const Vp8Fields *fields, Py_ssize_t *written) {
     if (!self->live || source != self->source) return 0;
     Vp8Fields f;
-    if (read_fields(info, &f) < 0) return -1;
+    if (fields != NULL)
+        f = *fields; /* read once for every consumer of the packet */
+    else if (read_fields(info, &f) < 0)
+        return -1;
     Py_ssize_t need = f.has_pid ? (f.m15 ? 4 : 3) : 2;
     if (f.has_tl0) need += 1;
     if (len < RTP_HEADER || ((f.has_pid || f.has_tl0) && (payload_offset < 0 || payload_offset > len - need)))
@@ -517,7 +523,7 @@ static PyObject *Rewriter_timestamp_for(Rewriter *self, PyObject *const *args, P
     return PyLong_FromLongLong((ts + self->ts_off) & 0xFFFFFFFFLL);
 }
 
-/* The arguments rewrite() and forward() share, from args[0]: payload_offset, source, seq, ts, clock_rate,
+/* The arguments rewrite() and fanout() share, from args[0]: payload_offset, source, seq, ts, clock_rate,
    now, info. */
 typedef struct {
     Py_ssize_t payload_offset;
@@ -549,38 +555,35 @@ static PyObject *Rewriter_rewrite(Rewriter *self, PyObject *const *args, Py_ssiz
     if (PyObject_GetBuffer(args[0], &buf, PyBUF_WRITABLE) < 0) return NULL;
     Py_ssize_t written;
     int r = rewrite(self, buf.buf, buf.len, a.payload_offset, a.source, a.seq, a.ts, a.clock_rate, a.now, a.info,
-                    &written);
+                    NULL, &written);
     PyBuffer_Release(&buf);
     if (r < 0) return NULL;
     return PyBool_FromLong(r);
 }
 
-static PyObject *Rewriter_drop(Rewriter *self, PyObject *args, PyObject *kwargs) {
-    static char *names[] = {"source", "seq", "info", NULL};
-    long long source, seq;
-    PyObject *info = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "LL|O", names, &source, &seq, &info)) return NULL;
-    if (!self->live || source != self->source || self->rebase) Py_RETURN_FALSE;
+/* drop(): -1 with an exception set, else whether the packet's number was given back. */
+static int drop_packet(Rewriter *self, long long source, long long seq, PyObject *info) {
+    if (!self->live || source != self->source || self->rebase) return 0;
     int64_t hi = self->in_hi;
     int64_t ext = unwrap16(hi, seq);
     int freed = 0;
-    if (ext >= self->in_base && hi - ext < SEQ_WINDOW && (freed = drop_seq(self, hi, ext)) < 0) return NULL;
+    if (ext >= self->in_base && hi - ext < SEQ_WINDOW && (freed = drop_seq(self, hi, ext)) < 0) return -1;
     int64_t pid = 0;
     int has_pid = info == Py_None ? 0 : optional_int(info, str_picture_id, &pid);
-    if (has_pid < 0) return NULL;
+    if (has_pid < 0) return -1;
     if (has_pid && !self->pid_pending) {
         int m15 = truth(info, str_picture_id_15bit);
-        if (m15 < 0) return NULL;
+        if (m15 < 0) return -1;
         int64_t phi = self->pid_hi;
         int64_t pext = unwrap_pid(phi, pid, m15);
         if (pext > phi) {
-            if (cover_pids(self, phi + 1) < 0) return NULL;
+            if (cover_pids(self, phi + 1) < 0) return -1;
             fill_pids(self, phi, pext, self->pid_off);
             self->pid_ring[pext & PID_MASK] = DROPPED;
             self->pid_off -= 1;
             self->pid_hi = pext;
         } else if (pext >= self->pid_base && phi - pext < PICTURE_ID_WINDOW) {
-            if (cover_pids(self, pext) < 0) return NULL;
+            if (cover_pids(self, pext) < 0) return -1;
             int64_t *ring = self->pid_ring;
             if (ring[pext & PID_MASK] != DROPPED && pext > self->pid_sent_hi) {
                 for (int64_t e = pext + 1; e < phi + 1; e++) {
@@ -591,66 +594,368 @@ static PyObject *Rewriter_drop(Rewriter *self, PyObject *args, PyObject *kwargs)
             ring[pext & PID_MASK] = DROPPED;
         }
     }
+    return freed;
+}
+
+static PyObject *Rewriter_drop(Rewriter *self, PyObject *args, PyObject *kwargs) {
+    static char *names[] = {"source", "seq", "info", NULL};
+    long long source, seq;
+    PyObject *info = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "LL|O", names, &source, &seq, &info)) return NULL;
+    int freed = drop_packet(self, source, seq, info);
+    if (freed < 0) return NULL;
     return PyBool_FromLong(freed);
 }
 
-static PyObject *Rewriter_forward(Rewriter *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 12) {
-        PyErr_SetString(PyExc_TypeError,
-                        "forward(packet, payload_offset, source, seq, ts, clock_rate, now, info, cache, batch,"
-                        " session, address)");
-        return NULL;
-    }
-    PacketArgs a;
-    if (packet_args(args + 1, &a) < 0) return NULL;
-    PyObject *cache = args[8], *batch = args[9];
-    if (cache != Py_None && (!PyList_CheckExact(cache) || PyList_GET_SIZE(cache) == 0)) {
-        PyErr_SetString(PyExc_TypeError, "cache must be a non-empty list or None");
-        return NULL;
-    }
-    void *session = PyLong_AsVoidPtr(args[10]);
-    if (session == NULL) {
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "null session");
-        return NULL;
-    }
-    Py_buffer packet;
-    if (PyObject_GetBuffer(args[0], &packet, PyBUF_SIMPLE) < 0) return NULL;
-    PyObject *result = NULL;
+/* One consumer's compiled send of a packet already in hand: -1 with an exception set, 0 refused by the rewriter, 1 queued,
+   2 refused by libsrtp (the slot stays free). */
+static int forward_packet(Rewriter *self, PyObject *packet_obj, const Py_buffer *packet, const PacketArgs *a,
+                          const Vp8Fields *fields, PyObject *cache, PyObject *batch, void *session,
+                          PyObject *address) {
     Py_ssize_t room;
-    char *slot = fastpath->reserve(batch, args[11], &room);
-    if (slot == NULL) goto done;
-    if (packet.len > room) {
-        PyErr_Format(PyExc_ValueError, "packet of %zd bytes is longer than %zd", packet.len, room);
-        goto done;
+    char *slot = fastpath->reserve(batch, address, &room);
+    if (slot == NULL) return -1;
+    if (packet->len > room) {
+        PyErr_Format(PyExc_ValueError, "packet of %zd bytes is longer than %zd", packet->len, room);
+        return -1;
     }
-    memcpy(slot, packet.buf, (size_t)packet.len);
+    memcpy(slot, packet->buf, (size_t)packet->len);
     Py_ssize_t written;
-    int r = rewrite(self, slot, packet.len, a.payload_offset, a.source, a.seq, a.ts, a.clock_rate, a.now, a.info,
-                    &written);
-    if (r < 0) goto done;
-    if (r == 0) {
-        result = Py_NewRef(Py_None);
-        goto done;
-    }
+    int r = rewrite(self, slot, packet->len, a->payload_offset, a->source, a->seq, a->ts, a->clock_rate, a->now,
+                    a->info, fields, &written);
+    if (r <= 0) return r;
     if (cache != Py_None) {
         /* The publisher's packet (one for every subscriber) and this subscriber's rewritten head of it:
            a kilobyte copied per subscriber into a cache of 256 would cost more than all the rest here. */
         PyObject *head = PyBytes_FromStringAndSize(slot, written);
-        if (head == NULL) goto done;
-        PyObject *entry = PyTuple_Pack(2, args[0], head);
+        if (head == NULL) return -1;
+        PyObject *entry = PyTuple_Pack(2, packet_obj, head);
         Py_DECREF(head);
-        if (entry == NULL) goto done;
+        if (entry == NULL) return -1;
         Py_ssize_t at = (((unsigned char)slot[2] << 8) | (unsigned char)slot[3]) % PyList_GET_SIZE(cache);
         PyObject *old = PyList_GET_ITEM(cache, at);
         PyList_SET_ITEM(cache, at, entry);
         Py_XDECREF(old);
     }
-    int queued = fastpath->commit(batch, slot, session, packet.len);
-    if (queued >= 0) result = PyBool_FromLong(queued);
-done:
-    PyBuffer_Release(&packet);
-    return result;
+    int queued = fastpath->commit(batch, slot, session, packet->len);
+    return queued < 0 ? -1 : (queued ? 1 : 2);
 }
+
+static int check_cache(PyObject *cache) {
+    if (cache != Py_None && (!PyList_CheckExact(cache) || PyList_GET_SIZE(cache) == 0)) {
+        PyErr_SetString(PyExc_TypeError, "cache must be a non-empty list or None");
+        return -1;
+    }
+    return 0;
+}
+
+static void *session_arg(PyObject *handle) {
+    void *session = PyLong_AsVoidPtr(handle);
+    if (session == NULL && !PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "null session");
+    return session;
+}
+
+/* Attribute names fanout() reads, interned once. */
+static PyObject *str_port, *str_held, *str_srtp, *str_stream_handle, *str_ice, *str_selected, *str_forward,
+    *str_is_keyframe;
+
+/* Whether `value` (an int, or None or NULL) is the int `n`; -1 with an exception set. */
+static int is_int(PyObject *value, long long n) {
+    if (value == NULL || value == Py_None) return 0;
+    long long v = PyLong_AsLongLong(value);
+    if (v == -1 && PyErr_Occurred()) return -1;
+    return v == n;
+}
+
+/* huddle.sfu.consumer.Consumer's base: the fields its per-packet decision reads, in a C struct, so that
+   fanout() reads them as fields of one object rather than looking up attributes of a thousand (which cost
+   as much as the Python it replaced). Python sees ordinary attributes. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *webrtc, *ready, *rewriter, *cache, *current, *target, *max_tid, *audible;
+    long long packets, octets;
+    /* The libsrtp session of this consumer's SSRC alone (SrtpSession.stream_handle), for `srtp_owner`. */
+    PyObject *srtp_owner;
+    long long session_ssrc;
+    void *session;
+} Fields;
+
+static int Fields_traverse(Fields *self, visitproc visit, void *arg) {
+    Py_VISIT(self->webrtc);
+    Py_VISIT(self->ready);
+    Py_VISIT(self->rewriter);
+    Py_VISIT(self->cache);
+    Py_VISIT(self->current);
+    Py_VISIT(self->target);
+    Py_VISIT(self->max_tid);
+    Py_VISIT(self->audible);
+    Py_VISIT(self->srtp_owner);
+    return 0;
+}
+
+static int Fields_clear(Fields *self) {
+    Py_CLEAR(self->webrtc);
+    Py_CLEAR(self->ready);
+    Py_CLEAR(self->rewriter);
+    Py_CLEAR(self->cache);
+    Py_CLEAR(self->current);
+    Py_CLEAR(self->target);
+    Py_CLEAR(self->max_tid);
+    Py_CLEAR(self->audible);
+    Py_CLEAR(self->srtp_owner);
+    return 0;
+}
+
+static void Fields_dealloc(Fields *self) {
+    PyObject_GC_UnTrack(self);
+    Fields_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMemberDef Fields_members[] = {
+    {"_webrtc", T_OBJECT, offsetof(Fields, webrtc), 0, "the WebRtcTransport the compiled path sends through"},
+    {"ready", T_OBJECT, offsetof(Fields, ready), 0, "forwarding has started"},
+    {"rewriter", T_OBJECT, offsetof(Fields, rewriter), 0, "the StreamRewriter"},
+    {"cache", T_OBJECT, offsetof(Fields, cache), 0, "sent video packets (None: audio)"},
+    {"current", T_OBJECT, offsetof(Fields, current), 0, "the layer being sent"},
+    {"target", T_OBJECT, offsetof(Fields, target), 0, "the layer wanted"},
+    {"max_tid", T_OBJECT, offsetof(Fields, max_tid), 0, "highest temporal layer forwarded"},
+    {"audible", T_OBJECT, offsetof(Fields, audible), 0, "audio: heard now"},
+    {"packets", T_LONGLONG, offsetof(Fields, packets), 0, "packets forwarded"},
+    {"octets", T_LONGLONG, offsetof(Fields, octets), 0, "payload octets forwarded"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject FieldsType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "huddle.sfu._rewrite.ConsumerFields",
+    .tp_basicsize = sizeof(Fields),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "The fields of a Consumer that fanout() reads for every packet.",
+    .tp_new = PyType_GenericNew,
+    .tp_traverse = (traverseproc)Fields_traverse,
+    .tp_clear = (inquiry)Fields_clear,
+    .tp_dealloc = (destructor)Fields_dealloc,
+    .tp_members = Fields_members,
+};
+
+static int truthy(PyObject *value) { return value == NULL ? 0 : PyObject_IsTrue(value); }
+
+/* What fanout() reads once per packet rather than once per consumer. */
+typedef struct {
+    PyObject *packet_obj;
+    Py_buffer packet;
+    PacketArgs a;
+    PyObject *layer_obj, *seq_obj, *ts_obj, *offset_obj, *size_obj, *now_obj;
+    Py_ssize_t size;
+    Vp8Fields fields;
+    int keyframe;
+    int has_tid;
+    int64_t tid;
+} Fanned;
+
+/* What a WebRtcTransport's compiled send needs (its port's held batch, its SrtpSession, the ICE pair's UDP
+   address): 1 with new references in *batch, *srtp and *address, 0 when it has none now (the reference path
+   sends), -1 with an exception set. */
+static int compiled_route(PyObject *webrtc, PyObject **batch, PyObject **srtp, PyObject **address) {
+    *srtp = *address = NULL;
+    PyObject *port = PyObject_GetAttr(webrtc, str_port);
+    if (port == NULL) return -1;
+    *batch = PyObject_GetAttr(port, str_held);
+    Py_DECREF(port);
+    if (*batch == NULL) return -1;
+    int r = 0;
+    PyObject *ice = NULL;
+    if (*batch == Py_None) goto done;
+    if ((*srtp = PyObject_GetAttr(webrtc, str_srtp)) == NULL) goto fail;
+    if (*srtp == Py_None) goto done;
+    if ((ice = PyObject_GetAttr(webrtc, str_ice)) == NULL) goto fail;
+    if ((*address = PyObject_GetAttr(ice, str_selected)) == NULL) goto fail;
+    if (*address == Py_None || (PyTuple_Check(*address) && PyTuple_GET_SIZE(*address) == 3)) goto done;
+    Py_DECREF(ice);
+    return 1;
+fail:
+    r = -1;
+done:
+    Py_CLEAR(*batch);
+    Py_CLEAR(*srtp);
+    Py_CLEAR(*address);
+    Py_XDECREF(ice);
+    return r;
+}
+
+/* The consumer's own libsrtp session from `srtp` (an SrtpSession's stream_handle), asked for once and kept;
+   NULL with an exception set. */
+static void *consumer_session(Fields *c, PyObject *srtp, long long ssrc) {
+    if (srtp == c->srtp_owner && ssrc == c->session_ssrc) return c->session;
+    PyObject *number = PyLong_FromLongLong(ssrc);
+    if (number == NULL) return NULL;
+    PyObject *handle = PyObject_CallMethodOneArg(srtp, str_stream_handle, number);
+    Py_DECREF(number);
+    if (handle == NULL) return NULL;
+    void *session = session_arg(handle);
+    Py_DECREF(handle);
+    if (session == NULL) return NULL;
+    Py_INCREF(srtp);
+    Py_XSETREF(c->srtp_owner, srtp);
+    c->session_ssrc = ssrc;
+    c->session = session;
+    return session;
+}
+
+/* Consumer.forward (huddle/sfu/consumer.py) for one consumer, line for line, where it sends the compiled way;
+   anything else (not a Consumer on a WebRtcTransport, ICE-TCP, not connected yet, a Python rewriter) goes
+   to its own forward(). -1 with an exception set, else whether a packet went out. */
+static int fan_one(PyObject *consumer, Fanned *f) {
+    int route = 0;
+    PyObject *batch = NULL, *srtp = NULL, *address = NULL;
+    void *session = NULL;
+    Fields *c = (Fields *)consumer;
+    if (PyObject_TypeCheck(consumer, &FieldsType) && c->webrtc != NULL && c->webrtc != Py_None) {
+        int ready = truthy(c->ready);
+        if (ready <= 0) return ready;
+        if ((route = compiled_route(c->webrtc, &batch, &srtp, &address)) < 0) return -1;
+        if (route && (c->rewriter == NULL || !Py_IS_TYPE(c->rewriter, &RewriterType))) route = 0;
+        if (route && (session = consumer_session(c, srtp, ((Rewriter *)c->rewriter)->ssrc)) == NULL) route = -1;
+        Py_XDECREF(srtp);
+        if (route <= 0) {
+            Py_XDECREF(batch);
+            Py_XDECREF(address);
+            if (route < 0) return -1;
+        }
+    }
+    if (!route) {
+        PyObject *args[] = {consumer, f->packet_obj, f->layer_obj, f->seq_obj, f->ts_obj,
+                            f->offset_obj, f->a.info, f->size_obj, f->now_obj};
+        PyObject *value = PyObject_VectorcallMethod(str_forward, args, 9 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+        if (value == NULL) return -1;
+        int r = PyObject_IsTrue(value);
+        Py_DECREF(value);
+        return r;
+    }
+    int r = -1;
+    /* Held while this consumer is handled: nothing below runs Python code, but the batch's full-page send
+       releases the GIL. */
+    PyObject *cache = c->cache == NULL ? Py_None : c->cache;
+    Rewriter *rw = (Rewriter *)c->rewriter;
+    Py_INCREF(cache);
+    Py_INCREF(rw);
+    long long layer = f->a.source;
+    if (check_cache(cache) < 0) goto done;
+    if (cache != Py_None) { /* video */
+        int on = is_int(c->current, layer);
+        if (on < 0) goto done;
+        if (!on) {
+            int aimed = is_int(c->target, layer);
+            if (aimed < 0) goto done;
+            if (!aimed || !f->keyframe) {
+                r = 0;
+                goto done;
+            }
+            /* The target layer's keyframe: switch here, so the decoder never sees a broken frame. */
+            rw->has_source = 1;
+            rw->source = layer;
+            rw->live = 1;
+            rw->rebase = 1;
+            Py_INCREF(f->layer_obj);
+            Py_XSETREF(c->current, f->layer_obj);
+        } else if (f->has_tid && c->max_tid != NULL && c->max_tid != Py_None) {
+            long long max_tid = PyLong_AsLongLong(c->max_tid);
+            if (max_tid == -1 && PyErr_Occurred()) goto done;
+            if (f->tid > max_tid) {
+                /* A frame nothing depends on below max_tid: skipped without a gap the subscriber would NACK. */
+                r = drop_packet(rw, layer, f->a.seq, f->a.info) < 0 ? -1 : 0;
+                goto done;
+            }
+        }
+    } else {
+        int audible = truthy(c->audible);
+        if (audible < 0) goto done;
+        if (!audible) {
+            rw->live = 0;
+            r = 0;
+            goto done;
+        }
+        if (!rw->live) { /* audio: first packet, or back among the loudest */
+            rw->has_source = 1;
+            rw->source = layer;
+            rw->live = 1;
+            rw->rebase = 1;
+        }
+    }
+    int sent = forward_packet(rw, f->packet_obj, &f->packet, &f->a, &f->fields, cache, batch, session, address);
+    if (sent < 0) goto done;
+    if (sent == 0) {
+        r = 0;
+        goto done;
+    }
+    c->packets += 1;
+    c->octets += f->size;
+    r = sent == 1;
+done:
+    Py_DECREF(cache);
+    Py_DECREF(rw);
+    Py_XDECREF(batch);
+    Py_XDECREF(address);
+    return r;
+}
+
+static PyObject *fanout(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 10 || !PyList_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "fanout(consumers: list, packet, payload_offset, layer, seq, ts, clock_rate, now, info, size)");
+        return NULL;
+    }
+    Fanned f;
+    f.packet_obj = args[1];
+    f.offset_obj = args[2];
+    f.layer_obj = args[3];
+    f.seq_obj = args[4];
+    f.ts_obj = args[5];
+    f.now_obj = args[7];
+    f.size_obj = args[9];
+    PyObject *packed[] = {args[2], args[3], args[4], args[5], args[6], args[7], args[8]};
+    if (packet_args(packed, &f.a) < 0) return NULL;
+    f.size = PyLong_AsSsize_t(args[9]);
+    if (f.size == -1 && PyErr_Occurred()) return NULL;
+    f.keyframe = 0;
+    f.has_tid = 0;
+    f.tid = 0;
+    if (f.a.info != Py_None) {
+        PyObject *key = PyObject_GetAttr(f.a.info, str_is_keyframe);
+        if (key == NULL) return NULL;
+        f.keyframe = PyObject_IsTrue(key);
+        Py_DECREF(key);
+        if (f.keyframe < 0) return NULL;
+        int has = optional_int(f.a.info, str_tid, &f.tid);
+        if (has < 0) return NULL;
+        f.has_tid = has;
+    }
+    if (read_fields(f.a.info, &f.fields) < 0) return NULL;
+    if (PyObject_GetBuffer(f.packet_obj, &f.packet, PyBUF_SIMPLE) < 0) return NULL;
+    Py_ssize_t sent = 0;
+    PyObject *consumers = args[0];
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(consumers); i++) {
+        PyObject *consumer = PyList_GET_ITEM(consumers, i);
+        Py_INCREF(consumer);
+        int r = fan_one(consumer, &f);
+        Py_DECREF(consumer);
+        if (r < 0) {
+            PyBuffer_Release(&f.packet);
+            return NULL;
+        }
+        sent += r;
+    }
+    PyBuffer_Release(&f.packet);
+    return PyLong_FromSsize_t(sent);
+}
+
+static PyMethodDef module_methods[] = {
+    {"fanout", (PyCFunction)(void (*)(void))fanout, METH_FASTCALL,
+     "fanout(consumers, packet, payload_offset, layer, seq, ts, clock_rate, now, info, size) -> how many sent:"
+     " Producer.receive's loop of Consumer.forward calls, in one"},
+    {NULL, NULL, 0, NULL},
+};
 
 static PyObject *Rewriter_get_paused(Rewriter *self, void *closure) { return PyBool_FromLong(!self->live); }
 
@@ -671,9 +976,6 @@ static PyMethodDef Rewriter_methods[] = {
      "rewrite(buf, payload_offset, source, seq, ts, clock_rate, now, info) -> whether it goes"},
     {"drop", (PyCFunction)(void (*)(void))Rewriter_drop, METH_VARARGS | METH_KEYWORDS,
      "drop(source, seq, info=None) -> whether its number was given back"},
-    {"forward", (PyCFunction)(void (*)(void))Rewriter_forward, METH_FASTCALL,
-     "forward(packet, payload_offset, source, seq, ts, clock_rate, now, info, cache, batch, session, address)"
-     " -> None (refused) or whether it was queued"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -689,7 +991,7 @@ static PyTypeObject RewriterType = {
     .tp_name = "huddle.sfu._rewrite.StreamRewriter",
     .tp_basicsize = sizeof(Rewriter),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "huddle.sfu.rewrite.StreamRewriter, compiled; forward() sends as well.",
+    .tp_doc = "huddle.sfu.rewrite.StreamRewriter, compiled.",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Rewriter_init,
     .tp_dealloc = (destructor)Rewriter_dealloc,
@@ -702,6 +1004,7 @@ static struct PyModuleDef module = {
     .m_name = "huddle.sfu._rewrite",
     .m_doc = "Compiled StreamRewriter and a Consumer's per-packet send.",
     .m_size = -1,
+    .m_methods = module_methods,
 };
 
 PyMODINIT_FUNC PyInit__rewrite(void) {
@@ -721,17 +1024,31 @@ PyMODINIT_FUNC PyInit__rewrite(void) {
         {&str_tid, "tid"},
         {&str_start_of_partition, "start_of_partition"},
         {&str_partition_index, "partition_index"},
+        {&str_port, "port"},
+        {&str_held, "held"},
+        {&str_srtp, "srtp"},
+        {&str_stream_handle, "stream_handle"},
+        {&str_ice, "ice"},
+        {&str_selected, "selected"},
+        {&str_forward, "forward"},
+        {&str_is_keyframe, "is_keyframe"},
     };
     for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
         if (*names[i].slot == NULL && (*names[i].slot = PyUnicode_InternFromString(names[i].text)) == NULL)
             return NULL;
     }
-    if (PyType_Ready(&RewriterType) < 0) return NULL;
+    if (PyType_Ready(&RewriterType) < 0 || PyType_Ready(&FieldsType) < 0) return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
     Py_INCREF(&RewriterType);
     if (PyModule_AddObject(m, "StreamRewriter", (PyObject *)&RewriterType) < 0) {
         Py_DECREF(&RewriterType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(&FieldsType);
+    if (PyModule_AddObject(m, "ConsumerFields", (PyObject *)&FieldsType) < 0) {
+        Py_DECREF(&FieldsType);
         Py_DECREF(m);
         return NULL;
     }

@@ -8,10 +8,12 @@ window, jitter buffer and decoder depend on it. Sent video packets stay in a rin
 answered without asking the publisher.
 
 Forwarding a packet is the SFU's innermost loop (once per packet per subscriber), so it has a compiled path:
-the StreamRewriter of huddle/sfu/_rewrite.c, whose forward() copies, rewrites, caches, protects and queues a
-packet in one call, where the reference takes six Python frames. It is in use whenever the media port's
-compiled path is (huddle.rtc.fastpath.COMPILED); the pure-Python StreamRewriter and send path stay the
-reference it is tested against, byte for byte (tests/unit/test_fastpath.py).
+huddle/sfu/_rewrite.c's fanout() does a publisher's packet for all its consumers in one call (Consumer.forward
+line for line, reading the fields of ConsumerFields, the C base of Consumer, as a struct), and copies,
+rewrites, caches, protects (with a libsrtp session of the consumer's SSRC alone) and queues each copy. It
+is in use whenever the media port's compiled path is (huddle.rtc.fastpath.COMPILED); the pure-Python
+StreamRewriter, Consumer.forward and send path stay the reference it is tested against, byte for byte
+(tests/unit/test_fastpath.py).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ except ImportError:  # a checkout used without `pip install -e .`: the reference
     _rewrite = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:
+    from huddle.sfu.pipe import PipeConsumer
     from huddle.sfu.producer import Producer
     from huddle.sfu.router import Peer
 
@@ -42,24 +45,59 @@ COMPILED = fastpath.COMPILED and _rewrite is not None
 Rewriter = _rewrite.StreamRewriter if COMPILED else StreamRewriter  # type: ignore[union-attr]
 
 
-class Consumer:
+def fan_out(
+    consumers: list[Consumer | PipeConsumer],
+    packet: bytearray,
+    payload_offset: int,
+    layer: int,
+    seq: int,
+    ts: int,
+    clock_rate: int,
+    now: float,
+    info: Vp8Info | None,
+    size: int,
+) -> int:
+    """One publisher's packet to each of its consumers: how many copies went out. Compiled, it is one call
+    (`_rewrite.fanout`, Consumer.forward line for line) in place of a Python frame per subscriber."""
+    if COMPILED:
+        return _rewrite.fanout(  # type: ignore[union-attr]
+            consumers, packet, payload_offset, layer, seq, ts, clock_rate, now, info, size
+        )
+    sent = 0
+    for consumer in consumers:
+        if consumer.forward(packet, layer, seq, ts, payload_offset, info, size, now):
+            sent += 1
+    return sent
+
+
+if _rewrite is not None:
+    # The fields read for every packet, in a C struct that the compiled fan-out reads directly.
+    _Fields = _rewrite.ConsumerFields
+else:
+
+    class _Fields:  # type: ignore[no-redef]
+        __slots__ = (
+            "_webrtc",
+            "audible",
+            "cache",
+            "current",
+            "max_tid",
+            "octets",
+            "packets",
+            "ready",
+            "rewriter",
+            "target",
+        )
+
+
+class Consumer(_Fields):
     __slots__ = (
         "_transport",
-        "_webrtc",
-        "audible",
-        "cache",
-        "current",
-        "max_tid",
         "mid",
-        "octets",
-        "packets",
         "producer",
-        "ready",
         "retransmits",
-        "rewriter",
         "ssrc",
         "subscriber",
-        "target",
         "wanted",
     )
 
@@ -144,7 +182,8 @@ class Consumer:
         size: int,
         now: float,
     ) -> bool:
-        """Send one packet of `layer` if this Consumer forwards it (`size`: payload octets, for SRs)."""
+        """Send one packet of `layer` if this Consumer forwards it (`size`: payload octets, for SRs). The
+        reference path; the compiled fanout() follows it line for line."""
         transport = self._transport
         if not self.ready or transport is None:
             return False
@@ -170,33 +209,6 @@ class Consumer:
             return False
         elif self.rewriter.paused:
             self.rewriter.switch(layer)  # audio: first packet, or back among the loudest
-        webrtc = self._webrtc
-        if webrtc is not None:
-            batch = webrtc.port.held
-            srtp = webrtc.srtp
-            addr = webrtc.ice.selected
-            # UDP while the port holds its sends (always, for packets from a publisher): one call. Otherwise
-            # (ICE-TCP, not connected yet) the rewritten copy goes the reference way below.
-            if batch is not None and srtp is not None and addr is not None and len(addr) != 3:
-                sent = self.rewriter.forward(
-                    packet,
-                    payload_offset,
-                    layer,
-                    seq,
-                    ts,
-                    self.producer.clock_rate,
-                    now,
-                    info,
-                    self.cache,
-                    batch,
-                    srtp.handle,
-                    addr,
-                )
-                if sent is None:
-                    return False
-                self.packets += 1
-                self.octets += size
-                return sent
         out = bytearray(packet)
         if not self.rewriter.rewrite(
             out, payload_offset, layer, seq, ts, self.producer.clock_rate, now, info

@@ -17,6 +17,7 @@ from huddle.rtc import rtp
 from huddle.rtc.rtcp import ReportBlock
 from huddle.sfu import vp8
 from huddle.sfu.allocation import NOMINAL_WIDTHS
+from huddle.sfu.consumer import fan_out
 from huddle.sfu.offer import ABS_SEND_TIME_ID, SCREEN_SOURCES
 
 if TYPE_CHECKING:
@@ -254,12 +255,7 @@ class Producer:
                 width = vp8.keyframe_width(buf, start + info.size, end)
                 if width:
                     self.widths[layer] = width
-        size = end - start
-        sent = 0
-        for consumer in self.consumers:
-            if consumer.forward(buf, layer, seq, ts, start, info, size, now):
-                sent += 1
-        return sent
+        return fan_out(self.consumers, buf, start, layer, seq, ts, self.clock_rate, now, info, end - start)
 
     def tick(self, interval: float) -> None:
         """Once a second: each layer's bitrate, smoothed."""

@@ -254,19 +254,24 @@ def _script() -> list[tuple[str, int, int]]:
 
 
 async def _forward(
-    profile: SrtpProfile, material: bytes, monkeypatch: pytest.MonkeyPatch
+    profile: SrtpProfile,
+    material: bytes,
+    monkeypatch: pytest.MonkeyPatch,
+    subscribers: int = SUBSCRIBERS,
+    steps: list[tuple[str, int, int]] | None = None,
 ) -> tuple[list[bytes], list[object]]:
-    """Run the script through the real path; returns every datagram the subscribers' address received, and
-    the counters and NACK caches (of rewritten packets) that the path keeps on the way."""
+    """Run the script (or `steps`) through the real path; returns every datagram the subscribers' address
+    received, and the counters and NACK caches (of rewritten packets, the first SUBSCRIBERS' only) that the
+    path keeps on the way."""
     monkeypatch.setattr(producer_module, "time", _Clock())
+    producer = Producer(_Publisher(), "video", "0", {100: offer.VP8_PT}, PUBLISHER_TABLE, ["q", "h", "f"])  # type: ignore[arg-type]
     port = MediaPort(Metrics())
     await port.start("127.0.0.1", 0)
     sink = _sink()
     try:
-        producer = Producer(_Publisher(), "video", "0", {100: offer.VP8_PT}, PUBLISHER_TABLE, ["q", "h", "f"])  # type: ignore[arg-type]
         for layer, ssrc in enumerate(LAYER_SSRCS):
             producer.add_ssrc(ssrc, layer)
-        for n in range(SUBSCRIBERS):
+        for n in range(subscribers):
             transport = WebRtcTransport(
                 port, CERTIFICATE, label=f"s{n}", on_rtp=lambda t, d: None, on_rtcp=lambda t, d: None
             )
@@ -285,33 +290,37 @@ async def _forward(
             consumer.transport = transport
             consumer.ready = True
             producer.consumers.append(consumer)
-        sent = 0
-        for what, a, b in _script():
+        received: list[bytes] = []
+        for what, a, b in _script() if steps is None else steps:
             if what == "packet":
                 keyframe = b % 24 == 0 or b % 24 == 1 or b % 24 == 2
                 port.holding = True
-                sent += producer.receive(_vp8(a, b, keyframe=keyframe), a)
+                sent = producer.receive(_vp8(a, b, keyframe=keyframe), a)
                 port.flush()
+                received += _receive(sink, sent)
             elif what == "target":
                 producer.consumers[a].set_target(b)
             else:
                 producer.consumers[a].max_tid = b
-        received = _receive(sink, sent)
         # A NACK from each subscriber for the last packet it got (and one never sent), answered from cache.
         last = {int.from_bytes(d[8:12], "big"): int.from_bytes(d[2:4], "big") for d in received}
         port.holding = True
         resent = sum(consumer.retransmit([last[consumer.ssrc], 0x1234]) for consumer in producer.consumers)
         port.flush()
-        assert resent == SUBSCRIBERS
+        assert resent == subscribers
         received += _receive(sink, resent)
         assert _nothing_more(sink)
         kept: list[object] = [port.packets_out, port.bytes_out]
         for consumer in producer.consumers:
+            kept += [consumer.packets, consumer.octets]
+        for consumer in producer.consumers[:SUBSCRIBERS]:
             cached = [consumer.cached(seq) for seq in range(0x10000)]
-            assert sum(p is not None for p in cached) > 50
-            kept += [consumer.packets, consumer.octets, cached]
+            assert sum(p is not None for p in cached) > (50 if steps is None else 0)
+            kept.append(cached)
         return received, kept
     finally:
+        # Its deferred keyframe requests must not fire into the next run (and read that run's clock).
+        producer.close()
         sink.close()
         await port.close()
 
@@ -345,6 +354,27 @@ async def test_compiled_and_reference_paths_send_the_same_bytes(
         assert numbers, ssrc
         assert all((b - a) & 0xFFFF == 1 for a, b in itertools.pairwise(numbers)), ssrc
     assert any(0xFFFF in numbers and 0 in numbers for numbers in seqs.values())
+
+
+@pytest.mark.parametrize("profile", list(SrtpProfile))
+async def test_a_packet_for_more_subscribers_than_a_batch_holds_reaches_all_as_the_reference_sends_it(
+    monkeypatch: pytest.MonkeyPatch, profile: SrtpProfile
+) -> None:
+    """The batch fills in the middle of one packet's fan-out and sends itself: every subscriber still gets
+    the reference's bytes, in order."""
+    material = os.urandom(profile.keying_material_length)
+    subscribers = fastpath.BATCH_SIZE + 6
+    steps = [("packet", 0, i) for i in range(6)]
+    compiled, compiled_kept = await _forward(profile, material, monkeypatch, subscribers, steps)
+    with monkeypatch.context() as reference_path:
+        reference_path.setattr(fastpath, "COMPILED", False)
+        reference_path.setattr(srtp, "_protect", None)
+        reference_path.setattr(consumer_module, "COMPILED", False)
+        reference_path.setattr(consumer_module, "Rewriter", StreamRewriter)
+        reference, reference_kept = await _forward(profile, material, monkeypatch, subscribers, steps)
+    assert len(compiled) == subscribers * (len(steps) + 1)  # each packet to everyone, then one resent each
+    assert compiled == reference
+    assert compiled_kept == reference_kept
 
 
 def test_the_script_switches_layers() -> None:
@@ -550,82 +580,46 @@ def test_the_compiled_rewriter_refuses_a_packet_too_short_for_what_it_writes() -
     assert rewriter.rewrite(bytearray(packet), offset, source, seq, ts, 90000, 1.0, info)
 
 
-@pytest.mark.parametrize("profile", list(SrtpProfile))
-def test_forward_sends_what_the_reference_rewrites_and_protects(profile: SrtpProfile) -> None:
-    """forward() in one call: the reference rewriter's bytes, protected by pylibsrtp, in the same order, the
-    rewritten packet kept in the cache, past the batch's capacity (it sends by itself when full)."""
-    material = os.urandom(profile.keying_material_length)
-    compiled_session = SrtpSession.from_keying(profile, material, True)
-    reference_session = SrtpSession.from_keying(profile, material, True)
-    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+async def test_a_fan_out_refused_on_the_way_leaves_the_batch_and_the_cache_as_they_were() -> None:
+    """A packet libsrtp refuses (a header longer than the packet) is not queued; an address the batch does not
+    take is an error raised before anything is queued or cached."""
+    profile = SrtpProfile.AEAD_AES_128_GCM
+    producer = Producer(_Publisher(), "video", "0", {100: offer.VP8_PT}, PUBLISHER_TABLE, ["q", "h", "f"])  # type: ignore[arg-type]
+    port = MediaPort(Metrics())
+    await port.start("127.0.0.1", 0)
     sink = _sink()
     try:
-        batch = _fastpath.Batch(sender.fileno(), fastpath.BATCH_SIZE, fastpath.SLOT, fastpath.PROTECT)
-        starts = _starts(random.Random(7))
-        compiled = _rewrite.StreamRewriter(0x77, **starts)
-        reference = StreamRewriter(0x77, **starts)
-        cache: list[tuple[bytes, bytes] | None] = [None] * 16
-        expected = []
-        for step in _randomized(7, vp8=True, pid15=True, steps=400):
-            if step[0] != "rewrite":
-                getattr(reference, step[0])(*step[1:])
-                getattr(compiled, step[0])(*step[1:])
-                continue
-            _, source, seq, ts, packet, offset, info, now = step
-            out = bytearray(packet)
-            ok = reference.rewrite(out, offset, source, seq, ts, 90000, now, info)
-            sent = compiled.forward(
-                packet, offset, source, seq, ts, 90000, now, info, cache, batch, compiled_session.handle,
-                sink.getsockname(),
-            )  # fmt: skip
-            if not ok:
-                assert sent is None
-                continue
-            assert sent is True
-            shared, head = cache[((out[2] << 8) | out[3]) % len(cache)]  # type: ignore[misc]
-            assert shared is packet and head + packet[len(head) :] == out
-            expected.append(reference_session.protect(bytes(out)))
-        assert len(expected) > 2 * fastpath.BATCH_SIZE
-        assert batch.flush() == (len(expected), 0, 0)
-        assert (batch.packets, batch.octets) == (len(expected), sum(map(len, expected)))
-        assert _receive(sink, len(expected)) == expected
-        assert _nothing_more(sink)
+        producer.add_ssrc(LAYER_SSRCS[0], 0)
+        transport = WebRtcTransport(
+            port, CERTIFICATE, label="s", on_rtp=lambda t, d: None, on_rtcp=lambda t, d: None
+        )
+        transport.srtp = SrtpSession.from_keying(profile, bytes(profile.keying_material_length), True)
+        transport.ice.selected = sink.getsockname()
+        consumer = Consumer(producer, SimpleNamespace(participant=SimpleNamespace(id="s")))  # type: ignore[arg-type]
+        consumer.transport = transport
+        consumer.ready = True
+        producer.consumers.append(consumer)
+        port.holding = True
+        assert producer.receive(_vp8(0, 0, keyframe=True), 0) == 1
+        batch = port.held
+        assert batch is not None and batch.count == 1
+
+        def fan_out(packet: bytes) -> int:
+            return consumer_module.fan_out(
+                producer.consumers, bytearray(packet), 12, 0, 1, 0, 90000, 1.0, None, 8
+            )
+
+        too_long = b"\x8f\x64" + bytes(14)  # 15 CSRCs said, none there
+        assert fan_out(too_long) == 0
+        assert batch.count == 1
+        cache = list(consumer.cache or [])  # (it keeps the refused packet, as the reference does)
+        transport.ice.selected = ("not-an-address", 9)
+        with pytest.raises(ValueError):
+            fan_out(RtpPacket(payload_type=100, seq=2, timestamp=0, ssrc=1, payload=bytes(20)).serialize())
+        assert batch.count == 1 and consumer.cache == cache
+        port.flush()
+        assert len(_receive(sink, 1)) == 1
     finally:
-        sender.close()
+        producer.close()
         sink.close()
-
-
-def test_forward_refuses_without_queueing() -> None:
-    """A packet the rewriter refuses, or libsrtp does, or one too short for its header, leaves the batch and
-    the cache as they were; an address the batch does not take is an error before anything changes."""
-    profile = SrtpProfile.AEAD_AES_128_GCM
-    session = SrtpSession.from_keying(profile, bytes(profile.keying_material_length), True)
-    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        batch = _fastpath.Batch(sender.fileno(), fastpath.BATCH_SIZE, fastpath.SLOT, fastpath.PROTECT)
-        rewriter = _rewrite.StreamRewriter(1)
-        cache: list[tuple[bytes, bytes] | None] = [None] * 4
-        packet = RtpPacket(payload_type=111, seq=5, timestamp=9, ssrc=3, payload=bytes(20)).serialize()
-        address = ("127.0.0.1", 9)
-
-        def forward(data: bytes, source: int = 0, to: object = address) -> bool | None:
-            return rewriter.forward(
-                data, 12, source, 5, 9, 48000, 1.0, None, cache, batch, session.handle, to
-            )  # type: ignore[no-any-return]
-
-        assert forward(packet) is None  # before the first switch
-        rewriter.switch(0)
-        assert forward(packet, source=1) is None
-        assert forward(packet[:11]) is None
-        with pytest.raises(ValueError):
-            forward(packet, to=("not-an-address", 9))
-        with pytest.raises(ValueError):
-            forward(bytes(fastpath.SLOT))
-        assert batch.count == 0 and cache == [None] * 4
-        assert forward(packet) is True
-        assert batch.count == 1
-        # libsrtp refuses a packet shorter than its header says (a CSRC count of 15): not queued.
-        assert forward(b"\x8f" + packet[1:16]) is False
-        assert batch.count == 1
-    finally:
-        sender.close()
+        await port.close()
