@@ -33,7 +33,6 @@ except ImportError:  # a checkout used without `pip install -e .`: the reference
     _rewrite = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:
-    from huddle.sfu.pipe import PipeConsumer
     from huddle.sfu.producer import Producer
     from huddle.sfu.router import Peer
 
@@ -43,31 +42,6 @@ CACHE_SIZE = 256
 # Chosen once, like the port's path: the compiled rewriter queues into the compiled batch, so both or neither.
 COMPILED = fastpath.COMPILED and _rewrite is not None
 Rewriter = _rewrite.StreamRewriter if COMPILED else StreamRewriter  # type: ignore[union-attr]
-
-
-def fan_out(
-    consumers: list[Consumer | PipeConsumer],
-    packet: bytearray,
-    payload_offset: int,
-    layer: int,
-    seq: int,
-    ts: int,
-    clock_rate: int,
-    now: float,
-    info: Vp8Info | None,
-    size: int,
-) -> int:
-    """One publisher's packet to each of its consumers: how many copies went out. Compiled, it is one call
-    (`_rewrite.fanout`, Consumer.forward line for line) in place of a Python frame per subscriber."""
-    if COMPILED:
-        return _rewrite.fanout(  # type: ignore[union-attr]
-            consumers, packet, payload_offset, layer, seq, ts, clock_rate, now, info, size
-        )
-    sent = 0
-    for consumer in consumers:
-        if consumer.forward(packet, layer, seq, ts, payload_offset, info, size, now):
-            sent += 1
-    return sent
 
 
 if _rewrite is not None:

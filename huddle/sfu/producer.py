@@ -13,12 +13,16 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Protocol
 
-from huddle.rtc import rtp
+from huddle.rtc import fastpath, rtp
 from huddle.rtc.rtcp import ReportBlock
 from huddle.sfu import vp8
 from huddle.sfu.allocation import NOMINAL_WIDTHS
-from huddle.sfu.consumer import fan_out
 from huddle.sfu.offer import ABS_SEND_TIME_ID, SCREEN_SOURCES
+
+try:
+    from huddle.sfu import _rewrite
+except ImportError:  # a checkout used without `pip install -e .`: the reference path
+    _rewrite = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:
     from huddle.sfu.consumer import Consumer
@@ -33,6 +37,8 @@ KEYFRAME_REQUEST_INTERVAL = 0.5  # seconds between PLIs to one layer of one trac
 RID_ORDER = {"q": 0, "h": 1, "f": 2}
 BITRATE_SMOOTHING = 0.3  # weight of the newest one-second sample in a layer's bitrate
 LAYER_IDLE = 1.0  # seconds without a packet after which a layer counts as stopped
+# Chosen once, like huddle.sfu.consumer's: the compiled fan-out where the port's compiled path is in use.
+COMPILED = fastpath.COMPILED and _rewrite is not None
 # A screen share reaches subscribers as a stream of its own, `<participant id>~screen`, so that they show it
 # apart from the camera and ask for its size under that key (docs/protocol.md).
 SCREEN_STREAM_SUFFIX = "~screen"
@@ -255,7 +261,17 @@ class Producer:
                 width = vp8.keyframe_width(buf, start + info.size, end)
                 if width:
                     self.widths[layer] = width
-        return fan_out(self.consumers, buf, start, layer, seq, ts, self.clock_rate, now, info, end - start)
+        size = end - start
+        if COMPILED:
+            # Every consumer in one call: huddle/sfu/_rewrite.c's fanout(), Consumer.forward line for line.
+            return _rewrite.fanout(  # type: ignore[union-attr, no-any-return]
+                self.consumers, buf, start, layer, seq, ts, self.clock_rate, now, info, size
+            )
+        sent = 0
+        for consumer in self.consumers:
+            if consumer.forward(buf, layer, seq, ts, start, info, size, now):
+                sent += 1
+        return sent
 
     def tick(self, interval: float) -> None:
         """Once a second: each layer's bitrate, smoothed."""

@@ -46,7 +46,8 @@ def test_the_compiled_path_is_the_one_in_use() -> None:
     assert os.environ.get("HUDDLE_FASTPATH", "1") != "0", "HUDDLE_FASTPATH=0 forces the reference path"
     assert fastpath.COMPILED
     assert srtp._protect is _fastpath.protect
-    assert consumer_module.COMPILED
+    assert consumer_module.COMPILED and producer_module.COMPILED
+    assert issubclass(consumer_module.Consumer, _rewrite.ConsumerFields)
     assert consumer_module.Rewriter is _rewrite.StreamRewriter
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
@@ -335,6 +336,7 @@ async def test_compiled_and_reference_paths_send_the_same_bytes(
         reference_path.setattr(fastpath, "COMPILED", False)
         reference_path.setattr(srtp, "_protect", None)
         reference_path.setattr(consumer_module, "COMPILED", False)
+        reference_path.setattr(producer_module, "COMPILED", False)
         reference_path.setattr(consumer_module, "Rewriter", StreamRewriter)
         reference, reference_kept = await _forward(profile, material, monkeypatch)
     assert len(compiled) > 600  # five subscribers, 150 packets of the layer each sees, less dropped frames
@@ -370,6 +372,7 @@ async def test_a_packet_for_more_subscribers_than_a_batch_holds_reaches_all_as_t
         reference_path.setattr(fastpath, "COMPILED", False)
         reference_path.setattr(srtp, "_protect", None)
         reference_path.setattr(consumer_module, "COMPILED", False)
+        reference_path.setattr(producer_module, "COMPILED", False)
         reference_path.setattr(consumer_module, "Rewriter", StreamRewriter)
         reference, reference_kept = await _forward(profile, material, monkeypatch, subscribers, steps)
     assert len(compiled) == subscribers * (len(steps) + 1)  # each packet to everyone, then one resent each
@@ -605,7 +608,7 @@ async def test_a_fan_out_refused_on_the_way_leaves_the_batch_and_the_cache_as_th
         assert batch is not None and batch.count == 1
 
         def fan_out(packet: bytes) -> int:
-            return consumer_module.fan_out(
+            return _rewrite.fanout(  # type: ignore[no-any-return]
                 producer.consumers, bytearray(packet), 12, 0, 1, 0, 90000, 1.0, None, 8
             )
 
