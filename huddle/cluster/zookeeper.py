@@ -489,6 +489,9 @@ class ZooKeeperMembership:
                 self._spawn(self._rejoin())
                 return
             event(log, logging.INFO, "ZooKeeper connection back", node=self.self_id)
+            # A report made while the connection was away, or lost on its way out, was dropped: the calls
+            # that others list for this node must not stay stale until the next change of them.
+            self.report(self._rooms)
             if not self._registered:
                 self._spawn(self._rejoin())
             elif self._slot is None:
@@ -693,7 +696,8 @@ class ZooKeeperMembership:
         try:
             await self._call(client.set_async, self._node_path, self._encoded_me())
         except KazooException as error:
-            # Not registered in this session yet, or the connection went: registration writes it afresh.
+            # Not registered in this session yet (registration writes it afresh), or the connection went (its
+            # return publishes again).
             event(log, logging.DEBUG, "node znode not written", error=repr(error))
 
     def _flush_report(self) -> None:
