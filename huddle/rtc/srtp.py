@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Any
 
 import pylibsrtp
 from pylibsrtp import Policy, Session
@@ -142,8 +143,9 @@ class SrtpSession:
     def __init__(self, keys: SrtpKeys) -> None:
         self.profile = keys.profile
         self.keys = keys
-        # Outgoing SSRCs with a libsrtp session of their own (see stream_handle), and those sessions' handles.
-        self._streams: dict[int, tuple[Session, int]] = {}
+        # Outgoing SSRCs with a libsrtp session of their own (see stream_handle): the session, its srtp_t and
+        # that pointer's address.
+        self._streams: dict[int, tuple[Session, Any, int]] = {}
         try:
             self._outbound = Session(
                 _policy(keys.profile, keys.local_key, keys.local_salt, Policy.SSRC_ANY_OUTBOUND)
@@ -181,8 +183,9 @@ class SrtpSession:
                 session = Session(policy)
             except (pylibsrtp.Error, ValueError, TypeError) as exc:
                 raise SrtpError(f"cannot create SRTP session: {exc}") from exc
-            stream = self._streams[ssrc] = (session, int(ffi.cast("uintptr_t", session._srtp[0])))
-        return stream[1]
+            out = session._srtp[0]
+            stream = self._streams[ssrc] = (session, out, int(ffi.cast("uintptr_t", out)))
+        return stream[2]
 
     @classmethod
     def from_keying(cls, profile: SrtpProfile, key_material: bytes, is_server: bool) -> SrtpSession:
@@ -204,11 +207,11 @@ class SrtpSession:
         """Protect an RTP packet into this session's own buffer: the view is valid until the next call,
         long enough to hand it to `sendto` (which copies). The forwarding path sends every packet once per
         subscriber, so it avoids the copies and allocations of `protect`."""
-        handle = self.handle
+        session, handle = self._out_session, self.handle
         if self._streams:
             stream = self._streams.get(int.from_bytes(packet[8:12], "big"))
             if stream is not None:
-                handle = stream[1]
+                _, session, handle = stream
         if _protect is not None:
             try:
                 return self._out_view[: _protect(_PROTECT, handle, packet, self._out_buffer)]
@@ -220,7 +223,6 @@ class SrtpSession:
         self._out_buffer[0:n] = packet
         length = self._out_length
         length[0] = n
-        session = self._out_session if handle == self.handle else ffi.cast("srtp_t", handle)
         status = lib.srtp_protect(session, self._out_data, length)
         if status:
             raise SrtpError(f"protect RTP: libsrtp error {status}")

@@ -488,13 +488,18 @@ static int source_arg(PyObject *arg, long long *out) {
     return (*out == -1 && PyErr_Occurred()) ? -1 : 0;
 }
 
+/* switch(): forward `source` from its next packet. */
+static void switch_to(Rewriter *self, long long source) {
+    self->has_source = 1;
+    self->source = source;
+    self->live = 1;
+    self->rebase = 1;
+}
+
 static PyObject *Rewriter_switch(Rewriter *self, PyObject *source) {
     long long s;
     if (source_arg(source, &s) < 0) return NULL;
-    self->has_source = 1;
-    self->source = s;
-    self->live = 1;
-    self->rebase = 1;
+    switch_to(self, s);
     Py_RETURN_NONE;
 }
 
@@ -607,8 +612,8 @@ static PyObject *Rewriter_drop(Rewriter *self, PyObject *args, PyObject *kwargs)
     return PyBool_FromLong(freed);
 }
 
-/* One consumer's compiled send of a packet already in hand: -1 with an exception set, 0 refused by the rewriter, 1 queued,
-   2 refused by libsrtp (the slot stays free). */
+/* One consumer's compiled send of a packet already in hand: -1 with an exception set, 0 refused by the
+   rewriter, 1 queued, 2 refused by libsrtp (the slot stays free). */
 static int forward_packet(Rewriter *self, PyObject *packet_obj, const Py_buffer *packet, const PacketArgs *a,
                           const Vp8Fields *fields, PyObject *cache, PyObject *batch, void *session,
                           PyObject *address) {
@@ -853,10 +858,7 @@ static int fan_one(PyObject *consumer, Fanned *f) {
                 goto done;
             }
             /* The target layer's keyframe: switch here, so the decoder never sees a broken frame. */
-            rw->has_source = 1;
-            rw->source = layer;
-            rw->live = 1;
-            rw->rebase = 1;
+            switch_to(rw, layer);
             Py_INCREF(f->layer_obj);
             Py_XSETREF(c->current, f->layer_obj);
         } else if (f->has_tid && c->max_tid != NULL && c->max_tid != Py_None) {
@@ -876,12 +878,7 @@ static int fan_one(PyObject *consumer, Fanned *f) {
             r = 0;
             goto done;
         }
-        if (!rw->live) { /* audio: first packet, or back among the loudest */
-            rw->has_source = 1;
-            rw->source = layer;
-            rw->live = 1;
-            rw->rebase = 1;
-        }
+        if (!rw->live) switch_to(rw, layer); /* audio: first packet, or back among the loudest */
     }
     int sent = forward_packet(rw, f->packet_obj, &f->packet, &f->a, &f->fields, cache, batch, session, address);
     if (sent < 0) goto done;

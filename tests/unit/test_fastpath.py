@@ -326,19 +326,30 @@ async def _forward(
         await port.close()
 
 
-@pytest.mark.parametrize("profile", list(SrtpProfile))
-async def test_compiled_and_reference_paths_send_the_same_bytes(
-    monkeypatch: pytest.MonkeyPatch, profile: SrtpProfile
-) -> None:
-    material = os.urandom(profile.keying_material_length)
-    compiled, compiled_kept = await _forward(profile, material, monkeypatch)
+async def _forward_on_the_reference(
+    profile: SrtpProfile,
+    material: bytes,
+    monkeypatch: pytest.MonkeyPatch,
+    subscribers: int = SUBSCRIBERS,
+    steps: list[tuple[str, int, int]] | None = None,
+) -> tuple[list[bytes], list[object]]:
+    """_forward with every compiled part replaced by its pure-Python reference."""
     with monkeypatch.context() as reference_path:
         reference_path.setattr(fastpath, "COMPILED", False)
         reference_path.setattr(srtp, "_protect", None)
         reference_path.setattr(consumer_module, "COMPILED", False)
         reference_path.setattr(producer_module, "COMPILED", False)
         reference_path.setattr(consumer_module, "Rewriter", StreamRewriter)
-        reference, reference_kept = await _forward(profile, material, monkeypatch)
+        return await _forward(profile, material, monkeypatch, subscribers, steps)
+
+
+@pytest.mark.parametrize("profile", list(SrtpProfile))
+async def test_compiled_and_reference_paths_send_the_same_bytes(
+    monkeypatch: pytest.MonkeyPatch, profile: SrtpProfile
+) -> None:
+    material = os.urandom(profile.keying_material_length)
+    compiled, compiled_kept = await _forward(profile, material, monkeypatch)
+    reference, reference_kept = await _forward_on_the_reference(profile, material, monkeypatch)
     assert len(compiled) > 600  # five subscribers, 150 packets of the layer each sees, less dropped frames
     assert compiled == reference
     assert compiled_kept == reference_kept
@@ -368,13 +379,9 @@ async def test_a_packet_for_more_subscribers_than_a_batch_holds_reaches_all_as_t
     subscribers = fastpath.BATCH_SIZE + 6
     steps = [("packet", 0, i) for i in range(6)]
     compiled, compiled_kept = await _forward(profile, material, monkeypatch, subscribers, steps)
-    with monkeypatch.context() as reference_path:
-        reference_path.setattr(fastpath, "COMPILED", False)
-        reference_path.setattr(srtp, "_protect", None)
-        reference_path.setattr(consumer_module, "COMPILED", False)
-        reference_path.setattr(producer_module, "COMPILED", False)
-        reference_path.setattr(consumer_module, "Rewriter", StreamRewriter)
-        reference, reference_kept = await _forward(profile, material, monkeypatch, subscribers, steps)
+    reference, reference_kept = await _forward_on_the_reference(
+        profile, material, monkeypatch, subscribers, steps
+    )
     assert len(compiled) == subscribers * (len(steps) + 1)  # each packet to everyone, then one resent each
     assert compiled == reference
     assert compiled_kept == reference_kept
