@@ -1,11 +1,11 @@
 """`--part media` or `--part services`: one of the two halves that `make test` runs side by side.
 
-Most of the suite's time is waiting, not computing (a clean run took 1,005 s of wall time for about 390 s of
-CPU): servers killed and restarted, outages of 10 s, timeouts that must expire. scripts/test-parts runs the two
-halves at once, each in a network namespace of its own, so that their ports, addresses and packet filters
-cannot meet. `media` holds what carries real media through browsers and aiortc (tests/e2e, tests/interop) and
-the unit tests; `services` holds the rest. Keeping every browser in one half means one Chromium call at a
-time, as before: two would compete for the two cores and their frame counts with them.
+Most of the suite's time is waiting, not computing (a clean run took 1,005 s of wall time for about 390 s
+of CPU): servers killed and restarted, outages of 10 s, timeouts that must expire. scripts/test-parts runs
+the two halves at once, each in a network namespace of its own, so that their ports, addresses and packet
+filters cannot meet. `media` holds what carries real media through browsers and aiortc (tests/e2e,
+tests/interop) and the unit tests; `services` holds the rest. Keeping every browser in one half means one
+Chromium call at a time, as before: two would compete for the two cores and their frame counts with them.
 """
 
 from __future__ import annotations
