@@ -303,8 +303,11 @@ async def test_calls_go_on_while_zookeeper_restarts(
         ids = [p.id for p in people]
         want = {slot: {room: 2} for slot, room in calls.items()}
 
+        shown: dict[str, Any] = {}
+
         async def listed() -> bool:
-            return await rooms_shown(http, a) == want and await rooms_shown(http, b) == want
+            shown.update(a=await rooms_shown(http, a), b=await rooms_shown(http, b))
+            return shown["a"] == want and shown["b"] == want
 
         await until("both calls in /api/cluster", listed, 5)
         begin = time.monotonic()
@@ -334,7 +337,10 @@ async def test_calls_go_on_while_zookeeper_restarts(
         assert fresh.node == choose("after-restart", ["a", "b"])
         # What each node tells ZooKeeper reaches the others again: every door lists every call.
         want[fresh.node]["after-restart"] = 1
-        await until("the three calls in /api/cluster at both doors", listed, 5)
+        try:
+            await until("the three calls in /api/cluster at both doors", listed, 5)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}: want {want}, the doors listed {shown}") from None
         for person in [*people, fresh]:
             await person.leave()
     finally:
