@@ -197,17 +197,20 @@ class _Publisher:
 
 class _Clock:
     """time.monotonic and time.time for the Producer, the same in both runs (switches rebase timestamps by
-    the wall time between packets)."""
+    the wall time between packets): it moves on by `tick()`, once a packet, so that a path that reads it
+    less often (the compiled one skips a voice nobody hears) still sees the same times."""
 
     def __init__(self) -> None:
         self.now = 1000.0
 
+    def tick(self) -> None:
+        self.now += 0.0033
+
     def monotonic(self) -> float:
-        self.now += 0.0011
         return self.now
 
     def time(self) -> float:
-        return self.monotonic()
+        return self.now
 
 
 def _vp8(layer: int, i: int, *, keyframe: bool) -> bytes:
@@ -238,6 +241,36 @@ def _vp8(layer: int, i: int, *, keyframe: bool) -> bytes:
     ).serialize()
 
 
+def _opus(i: int) -> bytes:
+    """Packet `i` of a voice: 20 ms apart, sequence numbers and timestamps wrapping within the stream."""
+    return RtpPacket(
+        payload_type=111,
+        seq=(0xFFE0 + i) & 0xFFFF,
+        timestamp=(0xFFFFF000 + 960 * i) & 0xFFFFFFFF,
+        ssrc=LAYER_SSRCS[0],
+        marker=i == 0,
+        extensions={3: b"\x00\x00\x00"},
+        payload=bytes((i * 13 + k) % 256 for k in range(60 + i % 40)),
+    ).serialize()
+
+
+def _voice_script() -> list[tuple[str, int, int]]:
+    """A voice that drops out of every subscriber's loudest (for 40 packets, all at once) and comes back, at
+    different times for different subscribers: ("audible", consumer index, 0 or 1) between packets."""
+    steps: list[tuple[str, int, int]] = []
+    for i in range(160):
+        steps.append(("packet", 0, i))
+        if i == 20:
+            steps += [("audible", n, 0) for n in range(SUBSCRIBERS)]
+        if i == 60:
+            steps += [("audible", 1, 1), ("audible", 3, 1)]
+        if i == 90:
+            steps += [("audible", n, 1) for n in range(SUBSCRIBERS)] + [("audible", 2, 0)]
+        if i == 130:
+            steps += [("audible", 2, 1)]
+    return steps
+
+
 def _script() -> list[tuple[str, int, int]]:
     """What happens, in order: ("packet", layer, i) (a keyframe every 24 packets of each layer),
     ("target", consumer index, layer) and ("max_tid", consumer index, tid)."""
@@ -260,18 +293,23 @@ async def _forward(
     monkeypatch: pytest.MonkeyPatch,
     subscribers: int = SUBSCRIBERS,
     steps: list[tuple[str, int, int]] | None = None,
+    kind: str = "video",
 ) -> tuple[list[bytes], list[object]]:
     """Run the script (or `steps`) through the real path; returns every datagram the subscribers' address
     received, and the counters and NACK caches (of rewritten packets, the first SUBSCRIBERS' only) that the
-    path keeps on the way."""
-    monkeypatch.setattr(producer_module, "time", _Clock())
-    producer = Producer(_Publisher(), "video", "0", {100: offer.VP8_PT}, PUBLISHER_TABLE, ["q", "h", "f"])  # type: ignore[arg-type]
+    path keeps on the way. Audio (`kind`) has no NACK cache: its steps are _voice_script()'s."""
+    clock = _Clock()
+    monkeypatch.setattr(producer_module, "time", clock)
+    if kind == "video":
+        producer = Producer(_Publisher(), "video", "0", {100: offer.VP8_PT}, PUBLISHER_TABLE, ["q", "h", "f"])  # type: ignore[arg-type]
+    else:
+        producer = Producer(_Publisher(), "audio", "0", {111: offer.OPUS_PT}, PUBLISHER_TABLE)  # type: ignore[arg-type]
     port = MediaPort(Metrics())
     await port.start("127.0.0.1", 0)
     sink = _sink()
     try:
-        for layer, ssrc in enumerate(LAYER_SSRCS):
-            producer.add_ssrc(ssrc, layer)
+        for layer in range(producer.layers):
+            producer.add_ssrc(LAYER_SSRCS[layer], layer)
         for n in range(subscribers):
             transport = WebRtcTransport(
                 port, CERTIFICATE, label=f"s{n}", on_rtp=lambda t, d: None, on_rtcp=lambda t, d: None
@@ -295,14 +333,22 @@ async def _forward(
         for what, a, b in _script() if steps is None else steps:
             if what == "packet":
                 keyframe = b % 24 == 0 or b % 24 == 1 or b % 24 == 2
+                clock.tick()
                 port.holding = True
-                sent = producer.receive(_vp8(a, b, keyframe=keyframe), a)
+                sent = producer.receive(_vp8(a, b, keyframe=keyframe) if kind == "video" else _opus(b), a)
                 port.flush()
                 received += _receive(sink, sent)
             elif what == "target":
                 producer.consumers[a].set_target(b)
+            elif what == "audible":
+                producer.consumers[a].audible = bool(b)
             else:
                 producer.consumers[a].max_tid = b
+        if kind == "audio":
+            assert _nothing_more(sink)
+            return received, [port.packets_out, port.bytes_out] + [
+                (c.packets, c.octets) for c in producer.consumers
+            ]
         # A NACK from each subscriber for the last packet it got (and one never sent), answered from cache.
         last = {int.from_bytes(d[8:12], "big"): int.from_bytes(d[2:4], "big") for d in received}
         port.holding = True
@@ -332,6 +378,7 @@ async def _forward_on_the_reference(
     monkeypatch: pytest.MonkeyPatch,
     subscribers: int = SUBSCRIBERS,
     steps: list[tuple[str, int, int]] | None = None,
+    kind: str = "video",
 ) -> tuple[list[bytes], list[object]]:
     """_forward with every compiled part replaced by its pure-Python reference."""
     with monkeypatch.context() as reference_path:
@@ -340,7 +387,7 @@ async def _forward_on_the_reference(
         reference_path.setattr(consumer_module, "COMPILED", False)
         reference_path.setattr(producer_module, "COMPILED", False)
         reference_path.setattr(consumer_module, "Rewriter", StreamRewriter)
-        return await _forward(profile, material, monkeypatch, subscribers, steps)
+        return await _forward(profile, material, monkeypatch, subscribers, steps, kind)
 
 
 @pytest.mark.parametrize("profile", list(SrtpProfile))
@@ -385,6 +432,32 @@ async def test_a_packet_for_more_subscribers_than_a_batch_holds_reaches_all_as_t
     assert len(compiled) == subscribers * (len(steps) + 1)  # each packet to everyone, then one resent each
     assert compiled == reference
     assert compiled_kept == reference_kept
+
+
+@pytest.mark.parametrize("profile", list(SrtpProfile))
+async def test_a_voice_that_leaves_and_rejoins_the_loudest_reaches_each_subscriber_as_the_reference_sends_it(
+    monkeypatch: pytest.MonkeyPatch, profile: SrtpProfile
+) -> None:
+    """While nobody hears a voice the compiled path skips its packets before copying them (Producer.receive,
+    _rewrite.taken); what each subscriber then gets is still the reference's bytes, and one stream with no
+    gap in its sequence numbers where the voice was away."""
+    material = os.urandom(profile.keying_material_length)
+    steps = _voice_script()
+    compiled, compiled_kept = await _forward(profile, material, monkeypatch, steps=steps, kind="audio")
+    reference, reference_kept = await _forward_on_the_reference(
+        profile, material, monkeypatch, steps=steps, kind="audio"
+    )
+    # Packets 0-20 to all five; then 61-159 to #1 and #3, 91-159 to #0 and #4, 131-159 to #2.
+    assert len(compiled) == 5 * 21 + 2 * 99 + 2 * 69 + 29
+    assert compiled == reference
+    assert compiled_kept == reference_kept
+    receivers = {0x5000 + n: SrtpSession.from_keying(profile, material, False) for n in range(SUBSCRIBERS)}
+    seqs: dict[int, list[int]] = {ssrc: [] for ssrc in receivers}
+    for datagram in compiled:
+        ssrc = int.from_bytes(datagram[8:12], "big")
+        seqs[ssrc].append(RtpPacket.parse(receivers[ssrc].unprotect(datagram)).seq)
+    for ssrc, numbers in seqs.items():
+        assert all((b - a) & 0xFFFF == 1 for a, b in itertools.pairwise(numbers)), ssrc
 
 
 def test_the_script_switches_layers() -> None:
