@@ -317,7 +317,9 @@ def machine() -> dict[str, Any]:
     janus = ""
     if shutil.which("janus"):
         janus = subprocess.run(["janus", "--version"], capture_output=True, text=True, timeout=10).stdout
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    # "+changes" when the tree measured is not the commit (a result must say what code it measured).
+    describe = ["git", "describe", "--always", "--abbrev=7", "--dirty=+changes"]
+    commit = subprocess.run(describe, capture_output=True, text=True, cwd=ROOT)
     return {
         "cpu": model,
         "cores": os.cpu_count(),
