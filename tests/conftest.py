@@ -6,11 +6,14 @@ the two halves at once, each in a network namespace of its own, so that their po
 filters cannot meet. `media` holds what carries real media through browsers and aiortc (tests/e2e,
 tests/interop) and the unit tests; `services` holds the rest.
 
-Tests that carry media at full rate (browsers, aiortc, synthetic participants) take one lock shared by both
-halves, so that only one of them runs at a time, as in a serial run: two at once overload the two cores, and
-then the frame counts, freezes and speaker changes they assert on fail for want of CPU, not for a bug (seen:
-a synthetic stream froze and a speaker change took over 5 s while a three-page browser call ran beside them).
-What waits (restarts, outages, timeouts) runs beside them.
+The two cores are shared, so a lock (a file both halves flock) keeps the tests apart that must not meet:
+- media at full rate (browsers, aiortc, synthetic participants), whose frame counts, freezes and speaker
+  changes fail for want of CPU, not for a bug, when anything busy runs beside them (seen beside a browser
+  call: a synthetic stream froze and a speaker change took over 5 s; a browser took over 30 s to recover
+  from a thin downlink beside the other half's unlocked tests): the lock alone (`MEDIA`);
+- busy but not timed (unit tests, encoding and Kafka consumers): the lock shared (`BUSY`), so they run beside
+  each other but never beside media;
+- everything else mostly waits (restarts, outages, timeouts): no lock, beside anything.
 """
 
 from __future__ import annotations
@@ -26,14 +29,24 @@ PARTS = {
     "media": ("e2e", "interop", "unit"),
     "services": ("bench", "cluster", "loadtest", "recording", "signaling"),
 }
-FULL_RATE_MEDIA = (
+MEDIA = (
     "e2e/",
     "interop/",
     "loadtest/",
     "bench/",
     "cluster/test_heavy_calls.py",
     "cluster/test_workers.py",
+    "recording/test_kafka_recording.py",
+    "recording/test_recording_pipeline.py",
+    "recording/test_screen_recording.py",
 )
+BUSY = (
+    "unit/",
+    "recording/test_composite.py",
+    "recording/test_record_consumer.py",
+    "recording/test_store.py",
+)
+WAITING = ("unit/test_media_port.py",)  # under unit/, yet it waits out a 10-s timeout
 MEDIA_LOCK = TESTS.parent / ".test-logs" / "media.lock"
 
 
@@ -68,17 +81,26 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         items[:] = kept
 
 
+def lock_mode(path: str) -> int | None:
+    """How a test at `path` (relative to tests/) takes the lock: fcntl.LOCK_EX, LOCK_SH, or None."""
+    if path.startswith(WAITING):
+        return None
+    if path.startswith(MEDIA):
+        return fcntl.LOCK_EX
+    return fcntl.LOCK_SH if path.startswith(BUSY) else None
+
+
 @pytest.fixture(autouse=True)
-def one_media_test_at_a_time(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Held for the whole test (its function-scoped fixtures too) when its file carries media at full rate
-    and the two halves run side by side."""
-    path = Path(request.node.path).relative_to(TESTS).as_posix()
-    if request.config.getoption("--part") is None or not path.startswith(FULL_RATE_MEDIA):
+def cores_shared_fairly(request: pytest.FixtureRequest) -> Iterator[None]:
+    """The lock, held for the whole test (its function-scoped fixtures too) while the halves run side by
+    side."""
+    mode = lock_mode(Path(request.node.path).relative_to(TESTS).as_posix())
+    if request.config.getoption("--part") is None or mode is None:
         yield
         return
     MEDIA_LOCK.parent.mkdir(exist_ok=True)
     with MEDIA_LOCK.open("a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        fcntl.flock(lock, mode)
         try:
             yield
         finally:
