@@ -129,7 +129,7 @@ class Sfu:
             now = time.monotonic()
             for router in list(self.routers):
                 try:
-                    router.tick(now, full=count % REPORT_EVERY == 0)
+                    router.tick(now, count)
                 except Exception:  # one call's bug must not stop the others' feedback
                     log.exception("router tick failed", extra={"fields": {"room": router.room.name}})
 
@@ -192,6 +192,7 @@ class Peer:
         self.dirty = False
         self.publish_ufrag: str | None = None
         self.rtcp_ssrc = secrets.randbits(32) or 1
+        self.slot = 0  # which tick of REPORT_EVERY does its once-a-second work (Router.add_peer)
         self.mid_ext: int | None = None
         self.rid_ext: int | None = None
         self.rrid_ext: int | None = None
@@ -440,6 +441,9 @@ class Router:
         self._speaker_sent: object = None
         self._dynacast_scheduled = False
         self.closed = False
+        # Each peer does its once-a-second work (reports, rates, allocation, consent) at its own one of the
+        # REPORT_EVERY ticks: done for everyone at once, it holds up every packet behind it in a large call.
+        self._next_slot = 0
 
     # -- Membership (called by calls.registry) --------------------------------------------------------------
 
@@ -449,6 +453,8 @@ class Router:
         if participant.id in self.peers:
             return
         peer = self.peers[participant.id] = Peer(self, participant, sink, pipe)
+        peer.slot = self._next_slot
+        self._next_slot = (self._next_slot + 1) % REPORT_EVERY
         for other in self.peers.values():
             if other is not peer:
                 for producer in other.producers.values():
@@ -922,7 +928,9 @@ class Router:
 
     # -- Time -----------------------------------------------------------------------------------------------
 
-    def tick(self, now: float, full: bool) -> None:
+    def tick(self, now: float, count: int) -> None:
+        """Every TICK (`count` of them so far): feedback, the speaker, the audio selection; and for the
+        peers whose slot this is, the once-a-second work."""
         if self.speaker.tick(now):
             self.room.broadcast(outgoing.active_speaker(self.speaker.active_speaker))
             for peer in self.peers.values():
@@ -930,14 +938,16 @@ class Router:
                     peer.sink.active_speaker(self.speaker.active_speaker)
         self._select_audio()
         self._lead_speaker()
-        if full:
-            for peer in self.peers.values():
+        slot = count % REPORT_EVERY
+        for peer in self.peers.values():
+            if peer.slot == slot:
                 for producer in peer.producers.values():
                     producer.tick(REPORT_EVERY * TICK)
                 # Layer bitrates moved and publishers start or stop layers: what fits and flows may differ.
                 self._measure(peer, REPORT_EVERY * TICK)
                 self.reallocate(peer)
         for peer in list(self.peers.values()):
+            full = peer.slot == slot
             peer.tick(now, full)
             if full and peer.consent_expired(now):
                 event(
