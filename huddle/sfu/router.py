@@ -534,7 +534,21 @@ class Router:
 
     def _budget(self, peer: Peer, requests: list[Request], now: float) -> float | None:
         """The bit rate `peer`'s layers may use, from the loss in its latest receiver report (see Budget)."""
+        before = peer.budget.level
         budget = peer.budget.update(now, peer.sent_rate, peer.estimate, peer.loss, rungs(requests))
+        if peer.budget.level != before:
+            # Why a viewer's layers went down or came back: one line per step, at most every few seconds.
+            event(
+                log,
+                logging.DEBUG,
+                "downlink budget",
+                participant=peer.participant.id,
+                rungs=peer.budget.level,
+                rate=budget,
+                loss=round(peer.loss, 3),
+                sent=round(peer.sent_rate),
+                estimate=peer.estimate,
+            )
         peer.loss = 0.0  # acted on; the next report says whether the new layers fit
         return budget
 

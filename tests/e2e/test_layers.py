@@ -41,7 +41,7 @@ async () => {
     if (participantId !== 'sfu:publish') continue;
     (await pc.getStats()).forEach(r => {
       if (r.type === 'outbound-rtp' && r.kind === 'video') {
-        out[r.rid] = [r.framesEncoded || 0, r.frameWidth || 0];
+        out[r.rid] = [r.framesEncoded || 0, r.frameWidth || 0, r.qualityLimitationReason || ''];
       }
     });
   }
@@ -60,7 +60,7 @@ def pid_of(page: Page) -> str:
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[Server]:
-    s = start_server("--sfu-always")
+    s = start_server("--sfu-always", "--log-level", "debug")  # a failure shows the downlink budget's steps
     yield s
     stop_server(s)
 
@@ -127,7 +127,7 @@ def test_layers_follow_the_layout(new_page, server: Server) -> None:
     wait_for(lambda: ada.evaluate(SENT_JS).get("h", [0])[0] > 0, 10, "Ada's middle layer")
     sent = ada.evaluate(SENT_JS)
     assert set(sent) == {"q", "h", "f"}
-    assert all(frames > 0 for frames, _ in sent.values()), sent
+    assert all(frames > 0 for frames, *_ in sent.values()), sent
 
 
 # Whether a remote participant's video shows in the strip's scrolled view (the strip clips its thumbnails).
@@ -261,11 +261,19 @@ def test_a_thin_downlink_settles_on_low_layers_and_recovers(new_page, server: Se
     ada, bob, cy = pages
     ada_id, cy_id = pid_of(ada), pid_of(cy)
     _pin(bob, "Ada")
-    wait_for(
-        lambda: video_from(bob, ada_id)["width"] >= 1280 and video_from(bob, cy_id)["width"] == 640,
-        30,
-        "Ada in HD on Bob's stage and Cy's middle layer in his thumbnail",
-    )
+    try:
+        wait_for(
+            lambda: video_from(bob, ada_id)["width"] >= 1280 and video_from(bob, cy_id)["width"] == 640,
+            30,
+            "Ada in HD on Bob's stage and Cy's middle layer in his thumbnail",
+        )
+    except AssertionError as e:
+        # What each side had, so that a failure says whether the senders or the allocation held back.
+        seen = {"stage": video_from(bob, ada_id), "thumbnail": video_from(bob, cy_id)}
+        raise AssertionError(
+            f"{e}; Bob received {seen}; Ada sent {ada.evaluate(SENT_JS)}, Cy sent "
+            f"{cy.evaluate(SENT_JS)} (rid: [frames, width, limited by])"
+        ) from None
     port = bob.evaluate(SUBSCRIBE_PORT_JS)
 
     def watch(seconds: float) -> list[tuple[float, int, int, int]]:
