@@ -4,10 +4,11 @@ Video is VP8 at the three simulcast sizes of a 1280x720 camera (rid q, h, f), en
 PyAV from a synthetic moving picture (a panned pattern with fresh noise, so that the encoder spends its
 bitrate as on a real camera) at 30 fps, with three temporal layers (pattern 0, 2, 1, 2, as Chromium sends
 them). The clip is `CLIP_SECONDS` long and starts with a keyframe, so looping it gives a keyframe every
-`CLIP_SECONDS`; a keyframe request restarts a layer's clip. Each frame is cut into RTP payloads per RFC 7741
-(a descriptor with a 15-bit picture id, TL0PICIDX and TID), with room for the picture id, TL0PICIDX and the
-trailer to be patched in at send time. Audio is Opus, 20 ms frames: a tone for the speaker and near-silence
-for everyone else, at the packet sizes a microphone gives.
+`CLIP_SECONDS` (each publisher's first loop ends at a random frame, so that publishers' keyframes come at
+phases of their own); a keyframe request restarts a layer's clip. Each frame is cut into RTP payloads per
+RFC 7741 (a descriptor with a 15-bit picture id, TL0PICIDX and TID), with room for the picture id, TL0PICIDX
+and the trailer to be patched in at send time. Audio is Opus, 20 ms frames: a tone for the speaker and
+near-silence for everyone else, at the packet sizes a microphone gives.
 
 Every payload ends with an 8-byte trailer that the receiving synthetic participant reads (the SFU never looks
 at payloads past the VP8 header): who sent it, which layer, and when (`TRAILER`).

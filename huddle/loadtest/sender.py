@@ -279,6 +279,11 @@ class VideoSender:
         # Per layer: the clip frame to send next, and whether the layer restarts with a keyframe.
         self.position = [random.randrange(len(clip)) for clip in self.clips]
         self.restart = [True] * len(self.streams)
+        # Where each layer's clip first wraps (then at its end): a keyframe phase of this publisher's own, as
+        # cameras switched on at different moments have, shared by its layers as one encoder's are.
+        # Publishers who joined together would otherwise send their keyframes together, every CLIP_SECONDS.
+        first_wrap = random.randrange(1, len(self.clips[0]) + 1)
+        self.wrap = [min(first_wrap, len(clip)) for clip in self.clips]
         self.picture_id = [random.getrandbits(15) for _ in self.streams]
         self.tl0picidx = [random.getrandbits(8) for _ in self.streams]
         self.frames = 0
@@ -313,7 +318,10 @@ class VideoSender:
                 self.restart[layer] = False
                 self.position[layer] = 0
             frame = clip[self.position[layer]]
-            self.position[layer] = (self.position[layer] + 1) % len(clip)
+            self.position[layer] += 1
+            if self.position[layer] >= self.wrap[layer]:
+                self.position[layer] = 0
+                self.wrap[layer] = len(clip)
             self._send_frame(layer, stream, frame)
         self.frames += 1
 

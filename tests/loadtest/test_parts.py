@@ -202,6 +202,39 @@ def test_a_camera_without_simulcast_sends_its_offered_ssrc_without_rid_and_names
     assert (sender_index, layer, magic) == (7, SINGLE_LAYER, TRAILER_MAGIC) and LAYERS[layer].rid == "h"
 
 
+def test_publishers_started_together_send_keyframes_at_phases_of_their_own_and_one_period_each():
+    clip = 60  # frames: a 2-second clip at 30 fps, a keyframe first
+    frames = tuple(VideoFrame(n == 0, 0, packetize_vp8(bytes([n > 0]) + bytes(49), 0)) for n in range(clip))
+    library = MediaLibrary(video=(frames,) * len(LAYERS), audio_loud=(), audio_quiet=())
+    phases = set()
+    for index in range(8):
+        connection = _Connection()
+        sender = VideoSender(
+            connection,  # type: ignore[arg-type]
+            library,
+            index=index,
+            pt=96,
+            mid=VIDEO_MID,
+            rids=["q", "h", "f"],
+            ids=IDS,
+            tseq=TransportSeq(),
+        )
+        keyframes: dict[int, list[int]] = {}
+        for tick in range(3 * clip):
+            before = len(connection.sent)
+            sender.fire()
+            for packet in connection.sent[before:]:
+                if rtp.RtpPacket.parse(packet).payload[6] & 0x01 == 0:  # VP8 P bit clear: a keyframe
+                    keyframes.setdefault(rtp.ssrc(packet), []).append(tick)
+        # Each layer starts with a keyframe; its layers keep one phase, a clip apart after the first wrap.
+        ticks = list(keyframes.values())
+        assert len(ticks) == 3 and all(t == ticks[0] for t in ticks), keyframes
+        first, *wraps = ticks[0]
+        assert first == 0 and all(b - a == clip for a, b in itertools.pairwise(wraps)), ticks[0]
+        phases.add(ticks[0][1] % clip)
+    assert len(phases) >= 4, phases  # 8 publishers: the same phase for all is what this guards against
+
+
 def test_subscribe_answer_mirrors_the_servers_offer_and_names_each_track():
     sections = [
         offer.Section("0", "audio", 111, "p_a", "p_a:0"),
