@@ -165,6 +165,7 @@ class SyntheticParticipant:
         self.video_ssrc = random.getrandbits(32) or 1  # named in the offer only without simulcast
         self.session_id = random.getrandbits(62)
         self.keyframe_requests = 0
+        self.rtcp_datagrams = 0  # on the subscribe connection
         self.offers = 0
         self.offer_bytes = 0  # size of the last subscribe offer
         self.closed = False
@@ -219,6 +220,7 @@ class SyntheticParticipant:
             self.id or self.name, self.index, min(LOUDEST, self._audio_publishers())
         )
         result.reconnections = list(self.reconnections)
+        result.rtcp_datagrams = self.rtcp_datagrams
         if self.video is not None:
             result.layers_sent = [
                 rid for rid, on in zip(self.video.rids, self.video.active, strict=True) if on
@@ -545,6 +547,17 @@ class SyntheticParticipant:
                 return sender.tseq
         return TransportSeq()
 
+    def _on_subscribe_rtcp(self, data: bytes) -> None:
+        """The SFU's sender reports on what it forwards us: counted, and kept to check lip sync with."""
+        self.rtcp_datagrams += 1
+        try:
+            packets = rtcp.parse_compound(data)
+        except rtcp.RtcpError:
+            return
+        for packet in packets:
+            if isinstance(packet, rtcp.SenderReport):
+                self.receiver.on_sender_report(packet.ssrc, packet.ntp_timestamp, packet.rtp_timestamp)
+
     def _on_publish_rtcp(self, data: bytes) -> None:
         """Keyframe requests (PLI, FIR) from the SFU; its receiver reports and feedback are not needed."""
         video = self.video
@@ -571,6 +584,7 @@ class SyntheticParticipant:
                 label=f"{self.name}/subscribe",
                 on_rtp=self.receiver.on_rtp if self._media_lost is None else self._on_rtp_after_drop,
                 on_connected=self._on_subscribe_connected,
+                on_rtcp=self._on_subscribe_rtcp,
                 poller=self.shared.poller,
             )
         connection = self.subscribe

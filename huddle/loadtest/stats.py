@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from huddle.loadtest.media import LAYERS, TRAILER, TRAILER_MAGIC
-from huddle.rtc.rtcp import ReportBlock
+from huddle.rtc.rtcp import ReportBlock, ntp_to_unix
 from huddle.rtc.srtp import SrtpError, SrtpSession
 
 __all__ = [
@@ -138,7 +138,11 @@ class ReceiveStream:
         "publisher",
         "publisher_index",
         "received",
+        "reports",
+        "sr_rtp",
+        "sr_us",
         "ssrc",
+        "sync_max",
         "top",
         "wrong_sender",
     )
@@ -156,6 +160,10 @@ class ReceiveStream:
         self.first = -1
         self.count = 0
         self.prior_expected = self.prior_count = 0
+        # The SFU's sender reports: how many, and the latest's mapping (RTP timestamp, publisher's µs).
+        self.reports = 0
+        self.sr_rtp = 0
+        self.sr_us = 0
         self.reset()
 
     def reset(self) -> None:
@@ -170,6 +178,9 @@ class ReceiveStream:
         self.wrong_sender = 0
         self.foreign = 0
         self.auth_errors = 0
+        # Lip sync: how far (µs) a packet's timestamp, read through the latest sender report, put it from
+        # when its publisher stamped it (-1: no report to read it with yet).
+        self.sync_max = -1
         self.base = self.hi + 1 if self.hi >= 0 else -1
         # The highest inside the window: what arrives after it closes (while leaving) is not loss.
         self.top = -1
@@ -212,6 +223,8 @@ class StreamResult:
     delay_max_ms: float | None
     wrong_sender: int = 0
     errors: int = 0
+    reports: int = 0  # sender reports the SFU sent for it
+    sync_max_ms: float | None = None  # see ReceiveStream.sync_max; None: no report came in the window
 
 
 @dataclass
@@ -245,6 +258,7 @@ class SubscriberResult:
     delay_max_ms: float | None = None
     layers_sent: list[str] = field(default_factory=list)  # as a publisher, at the end: rids and "audio"
     reconnections: list[Reconnection] = field(default_factory=list)
+    rtcp_datagrams: int = 0  # what the SFU sent its subscribe connection, from the start
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -374,6 +388,17 @@ class Receiver:
         delay = (arrival_us - sent) & 0xFFFFFFFF
         if delay >= 0x80000000:  # the receive stamp came before the send stamp (clock granularity)
             delay = 0
+        if stream.reports:
+            # 90 or 48 ticks per ms; the trailer's stamp is in µs modulo 2**32, as is the reading.
+            ticks = (
+                ((plain[4] << 24) | (plain[5] << 16) | (plain[6] << 8) | plain[7]) - stream.sr_rtp
+            ) & 0xFFFFFFFF
+            ticks -= (ticks & 0x80000000) << 1
+            at = stream.sr_us + ticks * 1000 // (90 if stream.kind == "video" else 48)
+            off = (at - sent) & 0xFFFFFFFF
+            off = min(off, 0x100000000 - off)
+            if off > stream.sync_max:
+                stream.sync_max = off
         stream.delay_sum += delay
         if delay > stream.delay_max:
             stream.delay_max = delay
@@ -386,6 +411,13 @@ class Receiver:
         histogram.total_us += delay
         if delay > histogram.max_us:
             histogram.max_us = delay
+
+    def on_sender_report(self, ssrc: int, ntp: int, rtp_ts: int) -> None:
+        stream = self.streams.get(ssrc)
+        if stream is not None:
+            stream.reports += 1
+            stream.sr_rtp = rtp_ts
+            stream.sr_us = round(ntp_to_unix(ntp) * 1e6)
 
     def results(self, participant: str, index: int, audio_expected: int) -> SubscriberResult:
         result = SubscriberResult(participant, index, audio_expected=audio_expected)
@@ -412,6 +444,8 @@ class Receiver:
                     delay_max_ms=round(stream.delay_max / 1000, 3) if decrypted else None,
                     wrong_sender=stream.wrong_sender,
                     errors=stream.auth_errors + stream.foreign,
+                    reports=stream.reports,
+                    sync_max_ms=round(stream.sync_max / 1000, 1) if stream.sync_max >= 0 else None,
                 )
             )
             result.packets += stream.received

@@ -69,7 +69,9 @@ class Consumer(_Fields):
         "_transport",
         "mid",
         "producer",
+        "reported",
         "retransmits",
+        "source_report",
         "ssrc",
         "subscriber",
         "wanted",
@@ -97,6 +99,10 @@ class Consumer(_Fields):
         self.packets = 0
         self.octets = 0
         self.retransmits = 0
+        # The publisher's latest sender report for a layer, (layer, NTP time, RTP timestamp), until the
+        # subscriber's next reports carry it on; and `packets` as of the last one sent.
+        self.source_report: tuple[int, int, int] | None = None
+        self.reported = 0
         # Sent packets by output sequence number (video only): the rewritten copy (reference path), or
         # (publisher's packet, rewritten head) from the compiled forward; `cached()` reads either.
         self.cache: list[bytearray | tuple[bytearray, bytes] | None] | None = (
@@ -224,11 +230,23 @@ class Consumer(_Fields):
             return None
         return entry
 
-    def send_sender_report(self, layer: int, ntp: int, rtp_ts: int) -> None:
-        if self.ready and self.transport is not None:
-            report = self.sender_report(layer, ntp, rtp_ts)
-            if report is not None:
-                self.transport.send_rtcp(report.serialize())
+    def on_sender_report(self, layer: int, ntp: int, rtp_ts: int) -> None:
+        """Kept for the subscriber's next reports (`report`), not sent at once: a publisher's report would
+        otherwise become a datagram to each of its viewers, 99 in a 100-person call. Video: the layer
+        being forwarded only (a publisher reports all its layers at once)."""
+        if self.cache is None or layer == self.current:
+            self.source_report = (layer, ntp, rtp_ts)
+
+    def report(self) -> SenderReport | None:
+        """Our sender report, from the publisher's latest, when packets went out since the last one."""
+        source = self.source_report
+        if source is None or not self.ready or self.packets == self.reported:
+            return None
+        self.source_report = None
+        report = self.sender_report(*source)
+        if report is not None:
+            self.reported = self.packets
+        return report
 
     def sender_report(self, layer: int, ntp: int, rtp_ts: int) -> SenderReport | None:
         """The publisher's SR for `layer`, in this Consumer's SSRC and timestamps, so that lip sync

@@ -316,12 +316,12 @@ class Producer:
 
     def on_sender_report(self, layer: int, ntp: int, rtp_ts: int, now: float) -> None:
         """The source's sender report for `layer`: kept for our receiver reports, and passed on to every
-        Consumer in its own numbers, so that lip sync survives the trip."""
+        Consumer, which reports it in its own numbers, so that lip sync survives the trip."""
         stats = self.stats[layer]
         stats.sr_ntp = ntp
         stats.sr_at = now
         for consumer in self.consumers:
-            consumer.send_sender_report(layer, ntp, rtp_ts)
+            consumer.on_sender_report(layer, ntp, rtp_ts)
 
     def _deferred_keyframe_request(self, layer: int) -> None:
         self.deferred_requests[layer] = None

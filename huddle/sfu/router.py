@@ -35,6 +35,9 @@ THUMBNAIL_WIDTH = 360  # device pixels: a video shown this small gets half the f
 LOUDEST = 3  # audio streams each subscriber gets, besides anyone who just began to speak
 TICK = 0.1  # transport-wide feedback cadence (Chromium's own receive side sends it about this often)
 REPORT_EVERY = 10  # ticks between receiver reports and consent checks
+# RTCP octets per compound packet of sender reports (36 of them), so that SRTCP's additions keep it under
+# the ~1,200 bytes a browser's path is sure to carry.
+REPORTS_SIZE = 1_008
 COUNTS = (
     "rtp_in",
     "rtp_out",
@@ -389,6 +392,26 @@ class Peer:
                 ]
                 if blocks:
                     publish.send_rtcp(rtcp.ReceiverReport(self.rtcp_ssrc, blocks[:31]).serialize())
+        if full:
+            self._send_sender_reports()
+
+    def _send_sender_reports(self) -> None:
+        """Our sender reports for what we forward it, from its publishers' latest, once a second: as few
+        compound packets as hold them (a recorder's, one per track), not a datagram per publisher's report."""
+        transport: WebRtcTransport | LocalTransport | None = None
+        chunk = bytearray()
+        for consumer in self.consumers.values():
+            report = consumer.report()
+            if report is None:
+                continue
+            data = report.serialize()
+            if consumer.transport is not transport or len(chunk) + len(data) > REPORTS_SIZE:
+                if transport is not None and chunk:
+                    transport.send_rtcp(bytes(chunk))
+                transport, chunk = consumer.transport, bytearray()
+            chunk += data
+        if transport is not None and chunk:
+            transport.send_rtcp(bytes(chunk))
 
     def _send_twcc(self, transport: WebRtcTransport) -> None:
         arrivals, self.twcc = self.twcc, []

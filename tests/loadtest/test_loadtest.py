@@ -81,6 +81,14 @@ async def test_three_synthetic_participants_get_every_stream_at_its_layer_withou
         assert sub.videos_unexpected == 0
         assert sub.audio_received == sub.audio_expected == 2
         assert sub.delay_p99_ms is not None and sub.delay_p99_ms < 200, summary
+        # Lip sync: every stream has the SFU's sender reports, and read through them each packet's timestamp
+        # gives its publisher's clock when it was sent (within the publisher's own pacing), whatever the SFU
+        # did to the SSRC, the timestamps and the layers.
+        for stream in sub.streams:
+            assert stream.reports >= 2 and stream.sync_max_ms is not None, (sub.participant, stream)
+            assert stream.sync_max_ms < 20, (sub.participant, stream)
+        # Together, in compound packets: not a datagram per report.
+        assert sub.rtcp_datagrams * 2 <= sum(s.reports for s in sub.streams), (sub.participant, sub)
 
     # Dynacast: each publisher sends the layers someone shows, and pauses the others. Participant 0 is on
     # the others' stage (f) and on nobody's thumbnails; 1 is on 0's stage and 2's thumbnails; 2 only on

@@ -29,9 +29,14 @@ class FakeTransport:
 
     def __init__(self) -> None:
         self.sent: list[bytes] = []
+        self.rtcp: list[bytes] = []
 
     def send_rtp(self, packet: bytes | bytearray) -> bool:
         self.sent.append(bytes(packet))
+        return True
+
+    def send_rtcp(self, packet: bytes) -> bool:
+        self.rtcp.append(packet)
         return True
 
 
@@ -574,6 +579,28 @@ def test_sender_report_is_translated_to_the_consumer():
     assert report.octet_count == sum(len(RtpPacket.parse(p).payload) for p in stream)
     assert report.reports == []
     report.serialize()
+
+
+def test_a_publishers_report_goes_on_once_and_only_while_packets_flow():
+    producer = make_producer()
+    consumer, transport = make_consumer(producer)
+    stream = video_stream(10, 5000, 20)
+    for p in stream[:10]:
+        producer.receive(p, 0)
+    assert consumer.report() is None  # no report from the publisher yet
+    producer.on_sender_report(0, 1 << 40, 5000, now=1.0)
+    consumer.on_sender_report(1, 1 << 40, 7777)  # another layer's, as in the same compound packet
+    assert transport.rtcp == []  # kept for the subscriber's next reports, not sent on its own
+    report = consumer.report()
+    assert report is not None and report.ssrc == consumer.ssrc
+    assert report.rtp_timestamp == rtp.timestamp(transport.sent[0]) and report.packet_count == 10
+    assert consumer.report() is None  # carried on once
+    producer.on_sender_report(0, 2 << 40, 8000, now=2.0)
+    assert consumer.report() is None  # nothing forwarded since the last one: nothing to report
+    for p in stream[10:]:
+        producer.receive(p, 0)
+    report = consumer.report()
+    assert report is not None and report.ntp_timestamp == 2 << 40 and report.packet_count == 20
 
 
 def test_no_sender_report_before_the_first_packet():
