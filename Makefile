@@ -11,7 +11,7 @@ run: $(STAMP)
 test: $(STAMP)
 	scripts/system-deps test
 	$(VENV)/bin/ruff check .
-	scripts/in-netns $(VENV)/bin/pytest $(PYTEST_ARGS)
+	scripts/test-parts $(PYTEST_ARGS)
 
 # Load scenarios against our SFU (and Janus, side by side); one table, JSON under bench/results/.
 .PHONY: bench
