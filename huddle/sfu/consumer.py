@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 # Packets kept per video consumer: 1.7 s of a 1.5 Mbit/s layer, ample for NACKs. Each consumer keeps its own
 # rewritten copies, so this bounds memory: a 100-person call has about 1,000 video consumers.
 CACHE_SIZE = 256
+NTP_UNITS = 1 << 32  # an NTP timestamp's units per second
 # Chosen once, like the port's path: the compiled rewriter queues into the compiled batch, so both or neither.
 COMPILED = fastpath.COMPILED and _rewrite is not None
 Rewriter = _rewrite.StreamRewriter if COMPILED else StreamRewriter  # type: ignore[union-attr]
@@ -99,9 +100,9 @@ class Consumer(_Fields):
         self.packets = 0
         self.octets = 0
         self.retransmits = 0
-        # The publisher's latest sender report for a layer, (layer, NTP time, RTP timestamp), until the
-        # subscriber's next reports carry it on; and `packets` as of the last one sent.
-        self.source_report: tuple[int, int, int] | None = None
+        # The publisher's latest sender report for a layer, (layer, NTP time, RTP timestamp, when it came),
+        # until the subscriber's next reports carry it on; and `packets` as of the last one sent.
+        self.source_report: tuple[int, int, int, float] | None = None
         self.reported = 0
         # Sent packets by output sequence number (video only): the rewritten copy (reference path), or
         # (publisher's packet, rewritten head) from the compiled forward; `cached()` reads either.
@@ -230,20 +231,26 @@ class Consumer(_Fields):
             return None
         return entry
 
-    def on_sender_report(self, layer: int, ntp: int, rtp_ts: int) -> None:
+    def on_sender_report(self, layer: int, ntp: int, rtp_ts: int, at: float) -> None:
         """Kept for the subscriber's next reports (`report`), not sent at once: a publisher's report would
         otherwise become a datagram to each of its viewers, 99 in a 100-person call. Video: the layer
-        being forwarded only (a publisher reports all its layers at once)."""
+        being forwarded only (a publisher reports all its layers at once). `at`: when it came (monotonic)."""
         if self.cache is None or layer == self.current:
-            self.source_report = (layer, ntp, rtp_ts)
+            self.source_report = (layer, ntp, rtp_ts, at)
 
-    def report(self) -> SenderReport | None:
-        """Our sender report, from the publisher's latest, when packets went out since the last one."""
+    def report(self, now: float) -> SenderReport | None:
+        """Our sender report, from the publisher's latest, when packets went out since the last one. Moved
+        on to `now` along both of its clocks, as if the publisher had sent it now: a receiver may take an
+        SR's arrival for its sending (the recorder lines tracks up by that), and it came up to 1 s ago."""
         source = self.source_report
         if source is None or not self.ready or self.packets == self.reported:
             return None
         self.source_report = None
-        report = self.sender_report(*source)
+        layer, ntp, rtp_ts, at = source
+        elapsed = max(0.0, now - at)
+        ntp += round(elapsed * NTP_UNITS)
+        rtp_ts = (rtp_ts + round(elapsed * self.producer.clock_rate)) & 0xFFFFFFFF
+        report = self.sender_report(layer, ntp & 0xFFFFFFFFFFFFFFFF, rtp_ts)
         if report is not None:
             self.reported = self.packets
         return report

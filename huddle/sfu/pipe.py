@@ -162,7 +162,7 @@ class PipeConsumer:
                 sent += 1
         return sent
 
-    def on_sender_report(self, layer: int, ntp: int, rtp_ts: int) -> None:
+    def on_sender_report(self, layer: int, ntp: int, rtp_ts: int, at: float) -> None:
         """Sent down the pipe at once: the node at the other end keeps it for its own subscribers."""
         if layer not in self.layers:
             return

@@ -321,7 +321,7 @@ class Producer:
         stats.sr_ntp = ntp
         stats.sr_at = now
         for consumer in self.consumers:
-            consumer.on_sender_report(layer, ntp, rtp_ts)
+            consumer.on_sender_report(layer, ntp, rtp_ts, now)
 
     def _deferred_keyframe_request(self, layer: int) -> None:
         self.deferred_requests[layer] = None

@@ -393,15 +393,15 @@ class Peer:
                 if blocks:
                     publish.send_rtcp(rtcp.ReceiverReport(self.rtcp_ssrc, blocks[:31]).serialize())
         if full:
-            self._send_sender_reports()
+            self._send_sender_reports(now)
 
-    def _send_sender_reports(self) -> None:
+    def _send_sender_reports(self, now: float) -> None:
         """Our sender reports for what we forward it, from its publishers' latest, once a second: as few
         compound packets as hold them (a recorder's, one per track), not a datagram per publisher's report."""
         transport: WebRtcTransport | LocalTransport | None = None
         chunk = bytearray()
         for consumer in self.consumers.values():
-            report = consumer.report()
+            report = consumer.report(now)
             if report is None:
                 continue
             data = report.serialize()

@@ -587,20 +587,23 @@ def test_a_publishers_report_goes_on_once_and_only_while_packets_flow():
     stream = video_stream(10, 5000, 20)
     for p in stream[:10]:
         producer.receive(p, 0)
-    assert consumer.report() is None  # no report from the publisher yet
+    assert consumer.report(1.0) is None  # no report from the publisher yet
     producer.on_sender_report(0, 1 << 40, 5000, now=1.0)
-    consumer.on_sender_report(1, 1 << 40, 7777)  # another layer's, as in the same compound packet
+    consumer.on_sender_report(1, 1 << 40, 7777, 1.0)  # another layer's, as in the same compound packet
     assert transport.rtcp == []  # kept for the subscriber's next reports, not sent on its own
-    report = consumer.report()
+    report = consumer.report(1.0)
     assert report is not None and report.ssrc == consumer.ssrc
     assert report.rtp_timestamp == rtp.timestamp(transport.sent[0]) and report.packet_count == 10
-    assert consumer.report() is None  # carried on once
+    assert consumer.report(1.0) is None  # carried on once
     producer.on_sender_report(0, 2 << 40, 8000, now=2.0)
-    assert consumer.report() is None  # nothing forwarded since the last one: nothing to report
+    assert consumer.report(2.0) is None  # nothing forwarded since the last one: nothing to report
     for p in stream[10:]:
         producer.receive(p, 0)
-    report = consumer.report()
-    assert report is not None and report.ntp_timestamp == 2 << 40 and report.packet_count == 20
+    # Sent 0.75 s after it came: both clocks moved on by that much, so that it reads as sent now.
+    report = consumer.report(2.75)
+    assert report is not None and report.packet_count == 20
+    assert report.ntp_timestamp == (2 << 40) + 3 * (1 << 30)
+    assert report.rtp_timestamp == (rtp.timestamp(transport.sent[0]) + 3000 + 67500) & 0xFFFFFFFF
 
 
 def test_no_sender_report_before_the_first_packet():
