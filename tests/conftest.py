@@ -20,7 +20,8 @@ TESTS = Path(__file__).parent
 PARTS = {
     "media": ("e2e", "interop", "loadtest", "bench", "cluster/test_heavy_calls.py"),
     "services": ("cluster", "recording"),
-    "checks": ("unit", "signaling"),
+    # With the cluster's ZooKeeper tests, so that both parts of the first phase take about as long.
+    "checks": ("unit", "signaling", "cluster/test_nodes.py"),
 }
 
 
