@@ -38,7 +38,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-$(STAMP): pyproject.toml setup.py huddle/rtc/_fastpath.c huddle/rtc/_fastpath.h huddle/rtc/_srtp_gcm.c huddle/sfu/_rewrite.c
+$(STAMP): pyproject.toml setup.py huddle/rtc/_fastpath.c huddle/rtc/_fastpath.h huddle/sfu/_rewrite.c
 	scripts/system-deps run
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip

@@ -1,19 +1,19 @@
 /* The media port's per-packet work in C: SRTP protect and batched UDP sends (huddle.rtc.batch wraps it).
 
    protect(function, session, packet, out) -> length
-       Copy an RTP packet into `out` and protect it there with `function` for `session` (addresses as
-       ints): libsrtp's srtp_protect through the function pointer that pylibsrtp's own cffi module exposes,
-       so the bytes are those of pylibsrtp by construction, or huddle/rtc/_srtp_gcm.c's. What this saves is
-       cffi's per-call conversions and the buffer slice assignment.
+       Copy an RTP packet into `out` and protect it there with libsrtp's srtp_protect, called through the
+       function pointer that pylibsrtp's own cffi module exposes (`function`, `session`: addresses as
+       ints). The cipher is pylibsrtp's libsrtp itself, so the bytes are those of pylibsrtp by
+       construction; what this saves is cffi's per-call conversions and the buffer slice assignment.
 
-   Batch(fd, capacity, slot)
+   Batch(fd, capacity, slot, protect=0)
        Datagrams queued with add(data, address) are copied into slots of its own and sent with one
        sendmmsg(2) by flush(). A datagram the kernel refuses does not stop the ones after it: each is tried
        once, in order, as a loop of sendto would, and flush() says how many went, how many found the send
        buffer full (EAGAIN) and how many failed otherwise. `packets` and `octets` count what was queued.
        Other extension modules queue RTP through the table in _fastpath.h: written straight into a slot,
-       protected there with the protect function the caller names, and sent as soon as the batch is full
-       (the next flush() reports those sends too).
+       protected there with `protect` (srtp_protect's address), and sent as soon as the batch is full (the
+       next flush() reports those sends too).
 
    Nothing here keeps a Python object: addresses are parsed into sockaddrs when queued, and the socket is
    an fd whose owner must flush before closing it. */
@@ -29,6 +29,8 @@
 
 #include "_fastpath.h"
 
+typedef int (*protect_fn)(void *session, void *packet, int *length);
+
 /* The longest trailer srtp_protect may append (a GCM tag, or an MKI and an 80-bit tag): srtp.TRAILER. */
 #define TRAILER 30
 
@@ -41,7 +43,7 @@ static PyObject *fastpath_protect(PyObject *module, PyObject *const *args, Py_ss
         PyErr_SetString(PyExc_TypeError, "protect(function, session, packet, out)");
         return NULL;
     }
-    huddle_protect_fn function = (huddle_protect_fn)PyLong_AsVoidPtr(args[0]);
+    protect_fn function = (protect_fn)PyLong_AsVoidPtr(args[0]);
     void *session = PyLong_AsVoidPtr(args[1]);
     if (PyErr_Occurred()) return NULL;
     if (function == NULL || session == NULL) {
@@ -80,6 +82,7 @@ typedef struct {
     unsigned capacity;
     unsigned count;
     Py_ssize_t slot;
+    protect_fn protect;
     /* What sends made by commit() on a full batch did, until flush() reports it. */
     unsigned sent, blocked, failed;
     unsigned long long packets, octets;
@@ -108,11 +111,18 @@ static void Batch_dealloc(Batch *self) {
 }
 
 static int Batch_init(Batch *self, PyObject *args, PyObject *kwargs) {
-    static char *names[] = {"fd", "capacity", "slot", NULL};
+    static char *names[] = {"fd", "capacity", "slot", "protect", NULL};
     int fd;
     unsigned capacity = 64;
     Py_ssize_t slot = 2048;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "i|In", names, &fd, &capacity, &slot)) return -1;
+    PyObject *protect = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "i|InO", names, &fd, &capacity, &slot, &protect))
+        return -1;
+    protect_fn function = NULL;
+    if (protect != NULL) {
+        function = (protect_fn)PyLong_AsVoidPtr(protect);
+        if (PyErr_Occurred()) return -1;
+    }
     if (capacity == 0 || capacity > 1024 || slot < 64 + TRAILER || slot > 65536) {
         PyErr_SetString(PyExc_ValueError, "capacity must be 1-1024 and slot 64-65536 bytes");
         return -1;
@@ -133,6 +143,7 @@ static int Batch_init(Batch *self, PyObject *args, PyObject *kwargs) {
     self->capacity = capacity;
     self->count = 0;
     self->slot = slot;
+    self->protect = function;
     self->sent = self->blocked = self->failed = 0;
     self->packets = self->octets = 0;
     self->data = PyMem_Malloc((size_t)capacity * (size_t)slot);
@@ -273,8 +284,8 @@ static char *Batch_reserve(PyObject *batch, PyObject *address, Py_ssize_t *room)
         return NULL;
     }
     Batch *self = (Batch *)batch;
-    if (self->data == NULL) {
-        PyErr_SetString(PyExc_ValueError, "uninitialised Batch");
+    if (self->data == NULL || self->protect == NULL) {
+        PyErr_SetString(PyExc_ValueError, "a Batch made without protect cannot take RTP");
         return NULL;
     }
     if (self->count >= self->capacity) Batch_send(self);  /* only if a commit() never came */
@@ -286,7 +297,7 @@ static char *Batch_reserve(PyObject *batch, PyObject *address, Py_ssize_t *room)
     return self->iov[i].iov_base;
 }
 
-static int Batch_commit(PyObject *batch, char *slot, huddle_protect_fn protect, void *session, Py_ssize_t length) {
+static int Batch_commit(PyObject *batch, char *slot, void *session, Py_ssize_t length) {
     Batch *self = (Batch *)batch;
     unsigned i = self->count;
     if (i >= self->capacity || slot != self->iov[i].iov_base || length < 0 || length > self->slot - TRAILER) {
@@ -294,7 +305,7 @@ static int Batch_commit(PyObject *batch, char *slot, huddle_protect_fn protect, 
         return -1;
     }
     int size = (int)length;
-    if (protect(session, self->iov[i].iov_base, &size)) return 0;
+    if (self->protect(session, self->iov[i].iov_base, &size)) return 0;
     self->iov[i].iov_len = (size_t)size;
     self->count = i + 1;
     self->packets++;

@@ -9,22 +9,17 @@
 
 #define HUDDLE_FASTPATH_CAPSULE "huddle.rtc._fastpath._C_API"
 
-/* srtp_protect's signature: protect `*length` bytes of RTP in place (the buffer has room for the trailer),
-   0 on success with the new length in `*length`, else libsrtp's error number. libsrtp's own, or
-   huddle/rtc/_srtp_gcm.c's for one AES-GCM stream. */
-typedef int (*huddle_protect_fn)(void *session, void *packet, int *length);
-
 typedef struct {
     /* The next free slot of `batch` (a huddle.rtc._fastpath.Batch), addressed to `address` (parsed as
        Batch.add does); `*room` is how many bytes of plain RTP it takes (SRTP's trailer follows). NULL with
        an exception set when `batch` is not a Batch or `address` is not one it takes. Nothing is queued
        until commit(). */
     char *(*reserve)(PyObject *batch, PyObject *address, Py_ssize_t *room);
-    /* Protect the `length` bytes of RTP written into `slot` (what reserve() returned) with `protect` for
-       `session`, and queue them; a full batch is sent at once. 1 when queued, 0 when protect refused (the
-       slot stays free), -1 with an exception set when `slot` is no longer the next free one (the batch was
-       used in between). */
-    int (*commit)(PyObject *batch, char *slot, huddle_protect_fn protect, void *session, Py_ssize_t length);
+    /* Protect the `length` bytes of RTP written into `slot` (what reserve() returned) with the batch's
+       srtp_protect for the libsrtp session `session`, and queue them; a full batch is sent at once. 1 when
+       queued, 0 when libsrtp refused (the slot stays free), -1 with an exception set when `slot` is no
+       longer the next free one (the batch was used in between). */
+    int (*commit)(PyObject *batch, char *slot, void *session, Py_ssize_t length);
 } HuddleFastpathApi;
 
 #endif

@@ -5,8 +5,7 @@ around libsrtp's srtp_protect) and sending it (one sendto system call per datagr
 protects with the same libsrtp (pylibsrtp's own, called through its cffi function pointer, so the bytes
 cannot differ) and sends the datagrams one incoming packet fans out to with one sendmmsg(2). A Consumer's
 compiled StreamRewriter (huddle/sfu/_rewrite.c) writes its packets straight into the batch, which protects
-them there with its stream's own protect: libsrtp's, or for AES-GCM huddle/rtc/_srtp_gcm.c's, which
-tests/unit/test_srtp_gcm.py holds to libsrtp's bytes (see huddle.sfu.consumer).
+them there with that same function (see huddle.sfu.consumer).
 
 Which path is in use is decided once, at import: the compiled one whenever the extension was built (every
 `pip install` builds it; setup.py), unless HUDDLE_FASTPATH=0 asks for the reference (to compare the two).
@@ -37,8 +36,7 @@ COMPILED = _fastpath is not None and os.environ.get("HUDDLE_FASTPATH", "1") != "
 # the first viewers need not wait for the last ones' copies.
 BATCH_SIZE = 64
 SLOT = 2048  # longer than any datagram the port sends (MTU-bound RTP, DTLS flights of ~1,200 bytes)
-# libsrtp's srtp_protect, as pylibsrtp's cffi module has it: the compiled path calls it through this (and
-# huddle.rtc._srtp_gcm's protect, of the same signature, for an AES-GCM stream of its own).
+# libsrtp's srtp_protect, as pylibsrtp's cffi module has it: the compiled path calls it through this.
 PROTECT = int(ffi.cast("uintptr_t", ffi.addressof(lib, "srtp_protect")))
 # protect(PROTECT, session, packet, out) -> length: srtp_protect a copy of `packet` in the writable buffer
 # `out` (with room for the longest trailer) for the libsrtp session at address `session`; ValueError when
@@ -105,5 +103,5 @@ def new_batch(sock: socket.socket, *, compiled: bool = COMPILED) -> Batch:
     if compiled:
         if _fastpath is None:
             raise RuntimeError("huddle.rtc._fastpath is not built (pip install -e .)")
-        return _fastpath.Batch(sock.fileno(), BATCH_SIZE, SLOT)  # type: ignore[no-any-return]
+        return _fastpath.Batch(sock.fileno(), BATCH_SIZE, SLOT, PROTECT)  # type: ignore[no-any-return]
     return PyBatch(sock)

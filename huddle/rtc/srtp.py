@@ -15,16 +15,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import pylibsrtp
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from pylibsrtp import Policy, Session
 from pylibsrtp._binding import ffi, lib
 
 from huddle.rtc import fastpath
-
-try:
-    from huddle.rtc import _srtp_gcm
-except ImportError:  # a checkout used without `pip install -e .`: libsrtp for every stream
-    _srtp_gcm = None
 
 __all__ = [
     "DEFAULT_PROFILES",
@@ -45,21 +39,6 @@ REPLAY_WINDOW = 1024
 # The longest RTP packet `protect_view` takes: a UDP datagram on a 1500-byte path, before SRTP's trailer.
 MAX_PACKET = 1500
 TRAILER = 16 + 4 + 10  # the longest SRTP(C) trailer libsrtp may add (GCM tag, or MKI and an 80-bit tag)
-
-
-# RFC 3711 §4.3.1's labels for the SRTP session key and salt.
-_LABEL_KEY = 0x00
-_LABEL_SALT = 0x02
-
-
-def session_key(master_key: bytes, master_salt: bytes, label: int, length: int) -> bytes:
-    """RFC 3711 §4.3's key derivation (the AES-CM PRF, no key derivation rate): the first `length` bytes of
-    AES-CTR's keystream under the master key, from (master salt XOR label at byte 7) || 0x0000. A 96-bit
-    GCM master salt is padded with zeros to the 112 bits the PRF takes, as libsrtp does."""
-    block = bytearray(master_salt.ljust(14, b"\0"))
-    block[7] ^= label
-    encryptor = Cipher(algorithms.AES(master_key), modes.CTR(bytes(block) + b"\0\0")).encryptor()
-    return encryptor.update(bytes(length)) + encryptor.finalize()
 
 
 class SrtpError(Exception):
@@ -164,9 +143,9 @@ class SrtpSession:
     def __init__(self, keys: SrtpKeys) -> None:
         self.profile = keys.profile
         self.keys = keys
-        # Outgoing SSRCs with a protect state of their own (see stream_handle): what keeps that state alive,
-        # the protect function's address and the state's.
-        self._streams: dict[int, tuple[Any, int, int]] = {}
+        # Outgoing SSRCs with a libsrtp session of their own (see stream_handle): the session, its srtp_t and
+        # that pointer's address.
+        self._streams: dict[int, tuple[Session, Any, int]] = {}
         try:
             self._outbound = Session(
                 _policy(keys.profile, keys.local_key, keys.local_salt, Policy.SSRC_ANY_OUTBOUND)
@@ -187,37 +166,26 @@ class SrtpSession:
         # Consumer's compiled forward), which take addresses as ints; valid while this session is alive.
         self.handle = int(ffi.cast("uintptr_t", self._out_session))
 
-    def stream_handle(self, ssrc: int) -> tuple[int, int]:
-        """A protect function of srtp_protect's signature and the state it takes, both as addresses, for the
-        outgoing `ssrc` alone, with this session's keys.
+    def stream_handle(self, ssrc: int) -> int:
+        """The address of a libsrtp session of its own for the outgoing `ssrc`, with this session's keys.
 
         libsrtp finds a packet's stream by walking its session's list of every SSRC protected so far (about
         20 for a subscriber of a call), a cache miss per step and 5 % of a forwarding server's CPU; the
-        compiled forward protects each consumer's packets with a state that holds its SSRC alone. For
-        AES-GCM, the profile browsers choose, that is huddle.rtc._srtp_gcm: libsrtp's protect without the
-        bookkeeping a sender does not need. For the other profile it is a libsrtp session of its own. Every
-        packet of that SSRC is then protected there (protect_view routes them), so its rollover counter and
-        replay window stay one. The compiled path's alone: the reference path protects through cffi."""
-        if _protect is None:
-            raise RuntimeError("stream_handle() is for the compiled path, which is not in use here")
+        compiled forward protects each consumer's packets with a session that holds its SSRC alone. Every
+        packet of that SSRC is then protected there (protect_view routes them), so its rollover counter
+        and replay window stay one."""
         stream = self._streams.get(ssrc)
         if stream is None:
             keys = self.keys
-            if keys.profile is SrtpProfile.AEAD_AES_128_GCM and _srtp_gcm is not None:
-                key = session_key(keys.local_key, keys.local_salt, _LABEL_KEY, keys.profile.key_length)
-                salt = session_key(keys.local_key, keys.local_salt, _LABEL_SALT, keys.profile.salt_length)
-                gcm = _srtp_gcm.GcmStream(ssrc, key, salt, REPLAY_WINDOW)
-                stream = self._streams[ssrc] = (gcm, _srtp_gcm.PROTECT, gcm.handle)
-            else:
-                policy = _policy(keys.profile, keys.local_key, keys.local_salt, Policy.SSRC_SPECIFIC)
-                policy.ssrc_value = ssrc
-                try:
-                    session = Session(policy)
-                except (pylibsrtp.Error, ValueError, TypeError) as exc:
-                    raise SrtpError(f"cannot create SRTP session: {exc}") from exc
-                address = int(ffi.cast("uintptr_t", session._srtp[0]))
-                stream = self._streams[ssrc] = (session, _PROTECT, address)
-        return stream[1], stream[2]
+            policy = _policy(keys.profile, keys.local_key, keys.local_salt, Policy.SSRC_SPECIFIC)
+            policy.ssrc_value = ssrc
+            try:
+                session = Session(policy)
+            except (pylibsrtp.Error, ValueError, TypeError) as exc:
+                raise SrtpError(f"cannot create SRTP session: {exc}") from exc
+            out = session._srtp[0]
+            stream = self._streams[ssrc] = (session, out, int(ffi.cast("uintptr_t", out)))
+        return stream[2]
 
     @classmethod
     def from_keying(cls, profile: SrtpProfile, key_material: bytes, is_server: bool) -> SrtpSession:
@@ -239,14 +207,14 @@ class SrtpSession:
         """Protect an RTP packet into this session's own buffer: the view is valid until the next call,
         long enough to hand it to `sendto` (which copies). The forwarding path sends every packet once per
         subscriber, so it avoids the copies and allocations of `protect`."""
+        session, handle = self._out_session, self.handle
+        if self._streams:
+            stream = self._streams.get(int.from_bytes(packet[8:12], "big"))
+            if stream is not None:
+                _, session, handle = stream
         if _protect is not None:
-            function, handle = _PROTECT, self.handle
-            if self._streams:
-                stream = self._streams.get(int.from_bytes(packet[8:12], "big"))
-                if stream is not None:
-                    _, function, handle = stream
             try:
-                return self._out_view[: _protect(function, handle, packet, self._out_buffer)]
+                return self._out_view[: _protect(_PROTECT, handle, packet, self._out_buffer)]
             except (ValueError, TypeError) as exc:
                 raise SrtpError(f"protect RTP: {exc}") from exc
         n = len(packet)
@@ -255,7 +223,7 @@ class SrtpSession:
         self._out_buffer[0:n] = packet
         length = self._out_length
         length[0] = n
-        status = lib.srtp_protect(self._out_session, self._out_data, length)
+        status = lib.srtp_protect(session, self._out_data, length)
         if status:
             raise SrtpError(f"protect RTP: libsrtp error {status}")
         return self._out_view[: length[0]]

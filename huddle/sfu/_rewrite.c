@@ -10,8 +10,8 @@
        Consumer.forward (huddle/sfu/consumer.py) for each consumer, line for line, where it sends the compiled
        way: the consumer's fields (ConsumerFields, its base class) are read as a struct, the packet is copied
        straight into the next slot of the port's held batch (huddle.rtc._fastpath.Batch, through
-       _fastpath.h), rewritten there, kept in the consumer's cache and protected in place with the protect
-       state of the consumer's SSRC alone (SrtpSession.stream_handle). Any other consumer (a pipe's, one
+       _fastpath.h), rewritten there, kept in the consumer's cache and protected in place with the libsrtp
+       session of the consumer's SSRC alone (SrtpSession.stream_handle). Any other consumer (a pipe's, one
        on ICE-TCP or not connected yet) goes through its own forward(). Returns how many copies went out.
        What a cache keeps is (packet, head): `packet` itself, which the caller must not change afterwards,
        and the rewritten bytes it starts with; the rewritten packet is head + packet[len(head):].
@@ -615,8 +615,8 @@ static PyObject *Rewriter_drop(Rewriter *self, PyObject *args, PyObject *kwargs)
 /* One consumer's compiled send of a packet already in hand: -1 with an exception set, 0 refused by the
    rewriter, 1 queued, 2 refused by libsrtp (the slot stays free). */
 static int forward_packet(Rewriter *self, PyObject *packet_obj, const Py_buffer *packet, const PacketArgs *a,
-                          const Vp8Fields *fields, PyObject *cache, PyObject *batch, huddle_protect_fn protect,
-                          void *session, PyObject *address) {
+                          const Vp8Fields *fields, PyObject *cache, PyObject *batch, void *session,
+                          PyObject *address) {
     Py_ssize_t room;
     char *slot = fastpath->reserve(batch, address, &room);
     if (slot == NULL) return -1;
@@ -642,7 +642,7 @@ static int forward_packet(Rewriter *self, PyObject *packet_obj, const Py_buffer 
         PyList_SET_ITEM(cache, at, entry);
         Py_XDECREF(old);
     }
-    int queued = fastpath->commit(batch, slot, protect, session, packet->len);
+    int queued = fastpath->commit(batch, slot, session, packet->len);
     return queued < 0 ? -1 : (queued ? 1 : 2);
 }
 
@@ -652,6 +652,12 @@ static int check_cache(PyObject *cache) {
         return -1;
     }
     return 0;
+}
+
+static void *session_arg(PyObject *handle) {
+    void *session = PyLong_AsVoidPtr(handle);
+    if (session == NULL && !PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "null session");
+    return session;
 }
 
 /* Attribute names fanout() reads, interned once. */
@@ -673,11 +679,9 @@ typedef struct {
     PyObject_HEAD
     PyObject *webrtc, *ready, *rewriter, *cache, *current, *target, *max_tid, *audible;
     long long packets, octets;
-    /* The protect function and state of this consumer's SSRC alone (SrtpSession.stream_handle), for
-       `srtp_owner`. */
+    /* The libsrtp session of this consumer's SSRC alone (SrtpSession.stream_handle), for `srtp_owner`. */
     PyObject *srtp_owner;
     long long session_ssrc;
-    huddle_protect_fn protect;
     void *session;
 } Fields;
 
@@ -785,32 +789,23 @@ done:
     return r;
 }
 
-/* The consumer's own protect function and state from `srtp` (an SrtpSession's stream_handle), asked for
-   once and kept in c->protect and c->session; -1 with an exception set. */
-static int consumer_session(Fields *c, PyObject *srtp, long long ssrc) {
-    if (srtp == c->srtp_owner && ssrc == c->session_ssrc) return 0;
+/* The consumer's own libsrtp session from `srtp` (an SrtpSession's stream_handle), asked for once and kept;
+   NULL with an exception set. */
+static void *consumer_session(Fields *c, PyObject *srtp, long long ssrc) {
+    if (srtp == c->srtp_owner && ssrc == c->session_ssrc) return c->session;
     PyObject *number = PyLong_FromLongLong(ssrc);
-    if (number == NULL) return -1;
+    if (number == NULL) return NULL;
     PyObject *handle = PyObject_CallMethodOneArg(srtp, str_stream_handle, number);
     Py_DECREF(number);
-    if (handle == NULL) return -1;
-    void *protect = NULL, *session = NULL;
-    if (PyTuple_Check(handle) && PyTuple_GET_SIZE(handle) == 2) {
-        protect = PyLong_AsVoidPtr(PyTuple_GET_ITEM(handle, 0));
-        session = PyLong_AsVoidPtr(PyTuple_GET_ITEM(handle, 1));
-    }
+    if (handle == NULL) return NULL;
+    void *session = session_arg(handle);
     Py_DECREF(handle);
-    if (PyErr_Occurred()) return -1;
-    if (protect == NULL || session == NULL) {
-        PyErr_SetString(PyExc_ValueError, "stream_handle() must give (protect, session) addresses, not null");
-        return -1;
-    }
+    if (session == NULL) return NULL;
     Py_INCREF(srtp);
     Py_XSETREF(c->srtp_owner, srtp);
     c->session_ssrc = ssrc;
-    c->protect = (huddle_protect_fn)protect;
     c->session = session;
-    return 0;
+    return session;
 }
 
 /* 1 when Consumer.forward turns this packet away before it changes anything: a video layer other than the one
@@ -846,13 +841,14 @@ static int passes_over(Fields *c, long long layer, int keyframe) {
 static int fan_one(PyObject *consumer, Fanned *f) {
     int route = 0;
     PyObject *batch = NULL, *srtp = NULL, *address = NULL;
+    void *session = NULL;
     Fields *c = (Fields *)consumer;
     if (PyObject_TypeCheck(consumer, &FieldsType) && c->webrtc != NULL && c->webrtc != Py_None) {
         int over = passes_over(c, f->a.source, f->keyframe);
         if (over != 0) return over < 0 ? -1 : 0;
         if ((route = compiled_route(c->webrtc, &batch, &srtp, &address)) < 0) return -1;
         if (route && (c->rewriter == NULL || !Py_IS_TYPE(c->rewriter, &RewriterType))) route = 0;
-        if (route && consumer_session(c, srtp, ((Rewriter *)c->rewriter)->ssrc) < 0) route = -1;
+        if (route && (session = consumer_session(c, srtp, ((Rewriter *)c->rewriter)->ssrc)) == NULL) route = -1;
         Py_XDECREF(srtp);
         if (route <= 0) {
             Py_XDECREF(batch);
@@ -911,8 +907,7 @@ static int fan_one(PyObject *consumer, Fanned *f) {
         }
         if (!rw->live) switch_to(rw, layer); /* audio: first packet, or back among the loudest */
     }
-    int sent = forward_packet(rw, f->packet_obj, &f->packet, &f->a, &f->fields, cache, batch, c->protect,
-                              c->session, address);
+    int sent = forward_packet(rw, f->packet_obj, &f->packet, &f->a, &f->fields, cache, batch, session, address);
     if (sent < 0) goto done;
     if (sent == 0) {
         r = 0;
