@@ -129,8 +129,8 @@ async def measure(kind: str, subscribers: int, packets: int, rounds: int) -> dic
         transport = WebRtcTransport(
             port, certificate, label=f"s{n}", on_rtp=lambda t, d: None, on_rtcp=lambda t, d: None
         )
+        transport.ice.selected = sink.getsockname()  # the ICE pair, then DTLS's keys
         transport.srtp = SrtpSession.from_keying(profile, os.urandom(profile.keying_material_length), True)
-        transport.ice.selected = sink.getsockname()
         consumer = Consumer(producer, SimpleNamespace(participant=SimpleNamespace(id=f"s{n}")))  # type: ignore[arg-type]
         consumer.transport = transport
         consumer.ready = True

@@ -13,7 +13,15 @@
        buffer full (EAGAIN) and how many failed otherwise. `packets` and `octets` count what was queued.
        Other extension modules queue RTP through the table in _fastpath.h: written straight into a slot,
        protected there with `protect` (srtp_protect's address), and sent as soon as the batch is full (the
-       next flush() reports those sends too).
+       next flush() reports those sends too). `holding`: whether the port is handling a received datagram,
+       so that sends wait in the batch until its flush() (huddle.rtc.port.MediaPort.holding).
+
+   Route()
+       Where a transport's RTP goes the compiled way, kept by the transport (huddle.rtc.transport) whenever
+       its SRTP session or its ICE pair changes: set(batch, srtp, address) parses the address once, so a
+       Consumer's per-packet send reads a struct instead of looking up four attributes and parsing a tuple
+       for every copy. A route is on only with a Batch, an SRTP session and a UDP address the batch takes
+       (`on` says so); anything else (ICE-TCP, not connected) goes the reference way.
 
    Nothing here keeps a Python object: addresses are parsed into sockaddrs when queued, and the socket is
    an fd whose owner must flush before closing it. */
@@ -86,6 +94,7 @@ typedef struct {
     /* What sends made by commit() on a full batch did, until flush() reports it. */
     unsigned sent, blocked, failed;
     unsigned long long packets, octets;
+    int holding;
     char *data;
     struct iovec *iov;
     struct mmsghdr *msgs;
@@ -278,27 +287,122 @@ static PyObject *Batch_flush(Batch *self, PyObject *unused) {
     return result;
 }
 
-static char *Batch_reserve(PyObject *batch, PyObject *address, Py_ssize_t *room) {
-    if (!PyObject_TypeCheck(batch, &BatchType)) {
-        PyErr_SetString(PyExc_TypeError, "a huddle.rtc._fastpath.Batch is needed");
+typedef struct {
+    PyObject_HEAD
+    PyObject *batch; /* a Batch that takes RTP, or NULL: the route is off */
+    PyObject *srtp;
+    struct sockaddr_storage address;
+    socklen_t address_length;
+} Route;
+
+static PyTypeObject RouteType;
+
+static int route_on(Route *route) { return route->batch != NULL; }
+
+static int Route_traverse(Route *self, visitproc visit, void *arg) {
+    Py_VISIT(self->batch);
+    Py_VISIT(self->srtp);
+    return 0;
+}
+
+static int Route_clear(Route *self) {
+    Py_CLEAR(self->batch);
+    Py_CLEAR(self->srtp);
+    return 0;
+}
+
+static void Route_dealloc(Route *self) {
+    PyObject_GC_UnTrack(self);
+    Route_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* set(batch, srtp, address) -> whether the route is on: off unless `batch` is a Batch that takes RTP,
+   `srtp` is not None and the batch takes `address` (a TCP address or None turns it off, as does any
+   address the batch cannot send to). */
+static PyObject *Route_set(Route *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "set(batch, srtp, address)");
         return NULL;
     }
-    Batch *self = (Batch *)batch;
-    if (self->data == NULL || self->protect == NULL) {
-        PyErr_SetString(PyExc_ValueError, "a Batch made without protect cannot take RTP");
+    Route_clear(self);
+    PyObject *batch = args[0], *srtp = args[1], *address = args[2];
+    if (!PyObject_TypeCheck(batch, &BatchType) || ((Batch *)batch)->data == NULL ||
+        ((Batch *)batch)->protect == NULL || srtp == Py_None)
+        Py_RETURN_FALSE;
+    socklen_t length = parse_address(((Batch *)batch)->family, address, &self->address);
+    if (length == 0) {
+        if (!PyErr_ExceptionMatches(PyExc_ValueError)) return NULL;
+        PyErr_Clear();
+        Py_RETURN_FALSE;
+    }
+    self->address_length = length;
+    Py_INCREF(batch);
+    Py_INCREF(srtp);
+    self->batch = batch;
+    self->srtp = srtp;
+    Py_RETURN_TRUE;
+}
+
+static PyObject *Route_on(Route *self, void *closure) { return PyBool_FromLong(route_on(self)); }
+
+static PyMethodDef Route_methods[] = {
+    {"set", (PyCFunction)(void (*)(void))Route_set, METH_FASTCALL,
+     "set(batch, srtp, address) -> bool: route RTP to `address` through `batch`, protected by `srtp`"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Route_getset[] = {
+    {"on", (getter)Route_on, NULL, "whether RTP can go this way", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject RouteType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "huddle.rtc._fastpath.Route",
+    .tp_basicsize = sizeof(Route),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "Where a transport's RTP goes the compiled way: a batch, an SRTP session, a parsed address.",
+    .tp_new = PyType_GenericNew,
+    .tp_traverse = (traverseproc)Route_traverse,
+    .tp_clear = (inquiry)Route_clear,
+    .tp_dealloc = (destructor)Route_dealloc,
+    .tp_methods = Route_methods,
+    .tp_getset = Route_getset,
+};
+
+static PyObject *Route_srtp(PyObject *route) {
+    if (!PyObject_TypeCheck(route, &RouteType)) {
+        PyErr_SetString(PyExc_TypeError, "a huddle.rtc._fastpath.Route is needed");
         return NULL;
     }
-    if (self->count >= self->capacity) Batch_send(self);  /* only if a commit() never came */
+    Route *self = (Route *)route;
+    if (!route_on(self) || !((Batch *)self->batch)->holding) return Py_None;
+    return self->srtp;
+}
+
+static char *Route_reserve(PyObject *route, Py_ssize_t *room) {
+    Route *r = (Route *)route;
+    if (!PyObject_TypeCheck(route, &RouteType) || !route_on(r)) {
+        PyErr_SetString(PyExc_ValueError, "reserve() on a route that is off");
+        return NULL;
+    }
+    Batch *self = (Batch *)r->batch;
+    if (self->count >= self->capacity) Batch_send(self); /* only if a commit() never came */
     unsigned i = self->count;
-    socklen_t length = parse_address(self->family, address, &self->addrs[i]);
-    if (length == 0) return NULL;
-    self->msgs[i].msg_hdr.msg_namelen = length;
+    memcpy(&self->addrs[i], &r->address, r->address_length);
+    self->msgs[i].msg_hdr.msg_namelen = r->address_length;
     *room = self->slot - TRAILER;
     return self->iov[i].iov_base;
 }
 
-static int Batch_commit(PyObject *batch, char *slot, void *session, Py_ssize_t length) {
-    Batch *self = (Batch *)batch;
+static int Route_commit(PyObject *route, char *slot, void *session, Py_ssize_t length) {
+    Route *r = (Route *)route;
+    if (!PyObject_TypeCheck(route, &RouteType) || !route_on(r)) {
+        PyErr_SetString(PyExc_ValueError, "commit() on a route that is off");
+        return -1;
+    }
+    Batch *self = (Batch *)r->batch;
     unsigned i = self->count;
     if (i >= self->capacity || slot != self->iov[i].iov_base || length < 0 || length > self->slot - TRAILER) {
         PyErr_SetString(PyExc_RuntimeError, "commit() of a slot that is not the next free one");
@@ -314,7 +418,7 @@ static int Batch_commit(PyObject *batch, char *slot, void *session, Py_ssize_t l
     return 1;
 }
 
-static const HuddleFastpathApi api = {Batch_reserve, Batch_commit};
+static const HuddleFastpathApi api = {Route_srtp, Route_reserve, Route_commit};
 
 static PyObject *Batch_len(Batch *self, void *closure) { return PyLong_FromUnsignedLong(self->count); }
 
@@ -332,7 +436,18 @@ static PyMethodDef Batch_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+static PyObject *Batch_get_holding(Batch *self, void *closure) { return PyBool_FromLong(self->holding); }
+
+static int Batch_set_holding(Batch *self, PyObject *value, void *closure) {
+    int holding = value == NULL ? 0 : PyObject_IsTrue(value);
+    if (holding < 0) return -1;
+    self->holding = holding;
+    return 0;
+}
+
 static PyGetSetDef Batch_getset[] = {
+    {"holding", (getter)Batch_get_holding, (setter)Batch_set_holding,
+     "whether the port holds sends until flush(): only then does a Route send through this batch", NULL},
     {"count", (getter)Batch_len, NULL, "datagrams queued", NULL},
     {"capacity", (getter)Batch_capacity, NULL, "datagrams a flush sends at most", NULL},
     {"packets", (getter)Batch_packets, NULL, "datagrams queued since it was made", NULL},
@@ -368,12 +483,18 @@ static struct PyModuleDef module = {
 };
 
 PyMODINIT_FUNC PyInit__fastpath(void) {
-    if (PyType_Ready(&BatchType) < 0) return NULL;
+    if (PyType_Ready(&BatchType) < 0 || PyType_Ready(&RouteType) < 0) return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
     Py_INCREF(&BatchType);
     if (PyModule_AddObject(m, "Batch", (PyObject *)&BatchType) < 0) {
         Py_DECREF(&BatchType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(&RouteType);
+    if (PyModule_AddObject(m, "Route", (PyObject *)&RouteType) < 0) {
+        Py_DECREF(&RouteType);
         Py_DECREF(m);
         return NULL;
     }

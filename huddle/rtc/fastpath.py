@@ -29,7 +29,17 @@ except ImportError:  # a checkout used without `pip install -e .`: the reference
 if TYPE_CHECKING:
     from huddle.rtc.ice import Address
 
-__all__ = ["BATCH_SIZE", "COMPILED", "PROTECT", "Batch", "PyBatch", "new_batch", "protect"]
+__all__ = [
+    "BATCH_SIZE",
+    "COMPILED",
+    "PROTECT",
+    "Batch",
+    "PyBatch",
+    "Route",
+    "new_batch",
+    "new_route",
+    "protect",
+]
 
 COMPILED = _fastpath is not None and os.environ.get("HUDDLE_FASTPATH", "1") != "0"
 # Datagrams a flush sends at most: one packet fanned out to a 100-person call goes in two system calls, and
@@ -47,7 +57,10 @@ protect = _fastpath.protect if COMPILED else None  # type: ignore[union-attr]
 class Batch(Protocol):
     """Datagrams for one UDP socket, queued by `add` (which returns how many are queued; ValueError for an
     address or size it does not take) and sent in order by `flush` -> (sent, would_block, failed).
-    `packets` and `octets` count every datagram queued since it was made."""
+    `packets` and `octets` count every datagram queued since it was made; `holding` says whether the port
+    holds its sends for the next flush (the compiled forward queues into a batch only then)."""
+
+    holding: bool
 
     @property
     def count(self) -> int: ...
@@ -66,12 +79,13 @@ class Batch(Protocol):
 class PyBatch:
     """The reference the compiled Batch must match: a copy of each datagram, then a loop of sendto."""
 
-    __slots__ = ("_queue", "_sock", "octets", "packets")
+    __slots__ = ("_queue", "_sock", "holding", "octets", "packets")
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
         self._queue: list[tuple[bytes, Any]] = []
         self.packets = self.octets = 0
+        self.holding = False
 
     @property
     def count(self) -> int:
@@ -97,6 +111,20 @@ class PyBatch:
             except OSError:
                 failed += 1
         return sent, blocked, failed
+
+
+class Route(Protocol):
+    """Where a transport's RTP goes the compiled way: `set(batch, srtp, address)` -> whether it can."""
+
+    @property
+    def on(self) -> bool: ...
+
+    def set(self, batch: Batch | None, srtp: object, address: Address | None) -> bool: ...
+
+
+def new_route() -> Route | None:
+    """A transport's Route on the compiled path; None on the reference path, which needs none."""
+    return _fastpath.Route() if COMPILED else None  # type: ignore[union-attr, no-any-return]
 
 
 def new_batch(sock: socket.socket, *, compiled: bool = COMPILED) -> Batch:

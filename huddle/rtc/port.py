@@ -59,7 +59,8 @@ class MediaPort:
         self._sock: socket.socket | None = None
         self._batch: fastpath.Batch | None = None
         self._holding = False
-        # The batch while holding (see `holding`): a Consumer's compiled forward queues into it directly.
+        # The batch while holding (see `holding`), for send_to; the compiled forward queues into it along the
+        # transports' routes (huddle.rtc.transport), which check the batch's own `holding`.
         self.held: fastpath.Batch | None = None
         # When the kernel received the datagram being handled (its SO_TIMESTAMPNS, in µs): transport-wide
         # congestion feedback must report arrival times that the event loop's own delays do not distort,
@@ -82,7 +83,15 @@ class MediaPort:
     @holding.setter
     def holding(self, value: bool) -> None:
         self._holding = value
-        self.held = self._batch if value else None
+        batch = self._batch
+        self.held = batch if value else None
+        if batch is not None:
+            batch.holding = value
+
+    @property
+    def batch(self) -> fastpath.Batch | None:
+        """The batch of the open socket, None when closed: transports route the compiled forward into it."""
+        return self._batch
 
     @property
     def packets_out(self) -> int:

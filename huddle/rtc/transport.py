@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from huddle.rtc import rtp
+from huddle.rtc import fastpath, rtp
 from huddle.rtc.certificate import Certificate
 from huddle.rtc.dtls import Closed, DtlsEndpoint, DtlsState, Failed, HandshakeComplete
 from huddle.rtc.ice import Address, IceLite, new_credentials
@@ -51,7 +51,10 @@ class WebRtcTransport:
         ufrag, pwd = new_credentials()
         self.ice = IceLite(ufrag, pwd)
         self.dtls: DtlsEndpoint | None = None
-        self.srtp: SrtpSession | None = None
+        # Where the compiled forward sends this transport's RTP (huddle.rtc._fastpath.Route; None on the
+        # reference path): kept up to date whenever the SRTP session or the ICE pair changes.
+        self.route = fastpath.new_route()
+        self._srtp: SrtpSession | None = None
         self.created = time.monotonic()
         self.closed = False
         self._early_dtls: list[tuple[bytes, Address]] = []
@@ -62,8 +65,23 @@ class WebRtcTransport:
     # -- Negotiation ----------------------------------------------------------------------------------------
 
     @property
+    def srtp(self) -> SrtpSession | None:
+        return self._srtp
+
+    @srtp.setter
+    def srtp(self, session: SrtpSession | None) -> None:
+        self._srtp = session
+        self.update_route()
+
+    def update_route(self) -> None:
+        """Point the compiled forward's route at the port's batch, the SRTP session and the selected ICE
+        pair as they are now (off while any is missing, or for ICE-TCP)."""
+        if self.route is not None:
+            self.route.set(self.port.batch, self._srtp, self.ice.selected)
+
+    @property
     def connected(self) -> bool:
-        return self.srtp is not None and not self.closed
+        return self._srtp is not None and not self.closed
 
     def set_remote(self, ufrag: str | None, fingerprint: str) -> None:
         """The peer's ICE ufrag and DTLS fingerprint, from its SDP."""
@@ -85,9 +103,12 @@ class WebRtcTransport:
 
     def receive_stun(self, data: bytes, request: stun.StunMessage, addr: Address) -> str | None:
         """A connectivity check for us; returns the reason when it is refused."""
+        selected = self.ice.selected
         result = self.ice.check(data, request, addr, time.monotonic())
         if result.error is not None:
             return result.error
+        if self.ice.selected != selected:
+            self.update_route()
         if addr not in self._addresses:
             self._addresses.add(addr)
             self.port.bind(addr, self)
@@ -99,17 +120,17 @@ class WebRtcTransport:
         """A datagram from an address that passed ICE; returns the reason when it is dropped."""
         first = data[0]
         if 127 < first < 192:
-            if self.srtp is None:
+            if self._srtp is None:
                 return "srtp_not_ready"
             if rtp.is_rtcp(data):
                 try:
-                    plain = self.srtp.unprotect_rtcp(data)
+                    plain = self._srtp.unprotect_rtcp(data)
                 except SrtpError:
                     return "srtcp_auth"
                 self.on_rtcp(self, plain)
             else:
                 try:
-                    plain = self.srtp.unprotect(data)
+                    plain = self._srtp.unprotect(data)
                 except SrtpError:
                     return "srtp_auth"
                 self.on_rtp(self, plain)
@@ -181,7 +202,7 @@ class WebRtcTransport:
     # -- Sending --------------------------------------------------------------------------------------------
 
     def send_rtp(self, packet: bytes | bytearray) -> bool:
-        srtp, addr = self.srtp, self.ice.selected
+        srtp, addr = self._srtp, self.ice.selected
         if srtp is None or addr is None:
             return False
         try:
@@ -191,7 +212,7 @@ class WebRtcTransport:
         return True
 
     def send_rtcp(self, packet: bytes) -> bool:
-        srtp, addr = self.srtp, self.ice.selected
+        srtp, addr = self._srtp, self.ice.selected
         if srtp is None or addr is None:
             return False
         try:

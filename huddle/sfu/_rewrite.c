@@ -9,8 +9,8 @@
    fanout(consumers, packet, payload_offset, layer, seq, ts, clock_rate, now, info, size)
        Consumer.forward (huddle/sfu/consumer.py) for each consumer, line for line, where it sends the compiled
        way: the consumer's fields (ConsumerFields, its base class) are read as a struct, the packet is copied
-       straight into the next slot of the port's held batch (huddle.rtc._fastpath.Batch, through
-       _fastpath.h), rewritten there, kept in the consumer's cache and protected in place with the libsrtp
+       straight into the next slot of the port's held batch along its transport's route
+       (huddle.rtc._fastpath.Route, through _fastpath.h), rewritten there, kept in the consumer's cache and protected in place with the libsrtp
        session of the consumer's SSRC alone (SrtpSession.stream_handle). Any other consumer (a pipe's, one
        on ICE-TCP or not connected yet) goes through its own forward(). Returns how many copies went out.
        What a cache keeps is (packet, head): `packet` itself, which the caller must not change afterwards,
@@ -615,10 +615,9 @@ static PyObject *Rewriter_drop(Rewriter *self, PyObject *args, PyObject *kwargs)
 /* One consumer's compiled send of a packet already in hand: -1 with an exception set, 0 refused by the
    rewriter, 1 queued, 2 refused by libsrtp (the slot stays free). */
 static int forward_packet(Rewriter *self, PyObject *packet_obj, const Py_buffer *packet, const PacketArgs *a,
-                          const Vp8Fields *fields, PyObject *cache, PyObject *batch, void *session,
-                          PyObject *address) {
+                          const Vp8Fields *fields, PyObject *cache, PyObject *route, void *session) {
     Py_ssize_t room;
-    char *slot = fastpath->reserve(batch, address, &room);
+    char *slot = fastpath->reserve(route, &room);
     if (slot == NULL) return -1;
     if (packet->len > room) {
         PyErr_Format(PyExc_ValueError, "packet of %zd bytes is longer than %zd", packet->len, room);
@@ -642,7 +641,7 @@ static int forward_packet(Rewriter *self, PyObject *packet_obj, const Py_buffer 
         PyList_SET_ITEM(cache, at, entry);
         Py_XDECREF(old);
     }
-    int queued = fastpath->commit(batch, slot, session, packet->len);
+    int queued = fastpath->commit(route, slot, session, packet->len);
     return queued < 0 ? -1 : (queued ? 1 : 2);
 }
 
@@ -661,8 +660,7 @@ static void *session_arg(PyObject *handle) {
 }
 
 /* Attribute names fanout() reads, interned once. */
-static PyObject *str_port, *str_held, *str_srtp, *str_stream_handle, *str_ice, *str_selected, *str_forward,
-    *str_is_keyframe;
+static PyObject *str_stream_handle, *str_forward, *str_is_keyframe;
 
 /* Whether `value` (an int, or None or NULL) is the int `n`; -1 with an exception set. */
 static int is_int(PyObject *value, long long n) {
@@ -677,7 +675,7 @@ static int is_int(PyObject *value, long long n) {
    as much as the Python it replaced). Python sees ordinary attributes. */
 typedef struct {
     PyObject_HEAD
-    PyObject *webrtc, *ready, *rewriter, *cache, *current, *target, *max_tid, *audible;
+    PyObject *route, *ready, *rewriter, *cache, *current, *target, *max_tid, *audible;
     long long packets, octets;
     /* The libsrtp session of this consumer's SSRC alone (SrtpSession.stream_handle), for `srtp_owner`. */
     PyObject *srtp_owner;
@@ -686,7 +684,7 @@ typedef struct {
 } Fields;
 
 static int Fields_traverse(Fields *self, visitproc visit, void *arg) {
-    Py_VISIT(self->webrtc);
+    Py_VISIT(self->route);
     Py_VISIT(self->ready);
     Py_VISIT(self->rewriter);
     Py_VISIT(self->cache);
@@ -699,7 +697,7 @@ static int Fields_traverse(Fields *self, visitproc visit, void *arg) {
 }
 
 static int Fields_clear(Fields *self) {
-    Py_CLEAR(self->webrtc);
+    Py_CLEAR(self->route);
     Py_CLEAR(self->ready);
     Py_CLEAR(self->rewriter);
     Py_CLEAR(self->cache);
@@ -718,7 +716,7 @@ static void Fields_dealloc(Fields *self) {
 }
 
 static PyMemberDef Fields_members[] = {
-    {"_webrtc", T_OBJECT, offsetof(Fields, webrtc), 0, "the WebRtcTransport the compiled path sends through"},
+    {"_route", T_OBJECT, offsetof(Fields, route), 0, "the transport's Route the compiled path sends along"},
     {"ready", T_OBJECT, offsetof(Fields, ready), 0, "forwarding has started"},
     {"rewriter", T_OBJECT, offsetof(Fields, rewriter), 0, "the StreamRewriter"},
     {"cache", T_OBJECT, offsetof(Fields, cache), 0, "sent video packets (None: audio)"},
@@ -759,36 +757,6 @@ typedef struct {
     int64_t tid;
 } Fanned;
 
-/* What a WebRtcTransport's compiled send needs (its port's held batch, its SrtpSession, the ICE pair's UDP
-   address): 1 with new references in *batch, *srtp and *address, 0 when it has none now (the reference path
-   sends), -1 with an exception set. */
-static int compiled_route(PyObject *webrtc, PyObject **batch, PyObject **srtp, PyObject **address) {
-    *srtp = *address = NULL;
-    PyObject *port = PyObject_GetAttr(webrtc, str_port);
-    if (port == NULL) return -1;
-    *batch = PyObject_GetAttr(port, str_held);
-    Py_DECREF(port);
-    if (*batch == NULL) return -1;
-    int r = 0;
-    PyObject *ice = NULL;
-    if (*batch == Py_None) goto done;
-    if ((*srtp = PyObject_GetAttr(webrtc, str_srtp)) == NULL) goto fail;
-    if (*srtp == Py_None) goto done;
-    if ((ice = PyObject_GetAttr(webrtc, str_ice)) == NULL) goto fail;
-    if ((*address = PyObject_GetAttr(ice, str_selected)) == NULL) goto fail;
-    if (*address == Py_None || (PyTuple_Check(*address) && PyTuple_GET_SIZE(*address) == 3)) goto done;
-    Py_DECREF(ice);
-    return 1;
-fail:
-    r = -1;
-done:
-    Py_CLEAR(*batch);
-    Py_CLEAR(*srtp);
-    Py_CLEAR(*address);
-    Py_XDECREF(ice);
-    return r;
-}
-
 /* The consumer's own libsrtp session from `srtp` (an SrtpSession's stream_handle), asked for once and kept;
    NULL with an exception set. */
 static void *consumer_session(Fields *c, PyObject *srtp, long long ssrc) {
@@ -826,7 +794,7 @@ static int turned_away(Fields *c, long long layer, int keyframe) {
     return audible < 0 ? -1 : !audible;
 }
 
-/* 1 when a Consumer on a WebRtcTransport takes nothing of this packet and changes nothing: not ready, or (with
+/* 1 when a Consumer with a Route takes nothing of this packet and changes nothing: not ready, or (with
    a compiled rewriter) turned_away(); 0 when its forward must run; -1 with an exception set. */
 static int passes_over(Fields *c, long long layer, int keyframe) {
     int ready = truthy(c->ready);
@@ -836,25 +804,19 @@ static int passes_over(Fields *c, long long layer, int keyframe) {
 }
 
 /* Consumer.forward (huddle/sfu/consumer.py) for one consumer, line for line, where it sends the compiled way;
-   anything else (not a Consumer on a WebRtcTransport, ICE-TCP, not connected yet, a Python rewriter) goes
+   anything else (not a Consumer with a Route, ICE-TCP, not connected yet, a Python rewriter) goes
    to its own forward(). -1 with an exception set, else whether a packet went out. */
 static int fan_one(PyObject *consumer, Fanned *f) {
     int route = 0;
-    PyObject *batch = NULL, *srtp = NULL, *address = NULL;
     void *session = NULL;
     Fields *c = (Fields *)consumer;
-    if (PyObject_TypeCheck(consumer, &FieldsType) && c->webrtc != NULL && c->webrtc != Py_None) {
+    if (PyObject_TypeCheck(consumer, &FieldsType) && c->route != NULL && c->route != Py_None) {
         int over = passes_over(c, f->a.source, f->keyframe);
         if (over != 0) return over < 0 ? -1 : 0;
-        if ((route = compiled_route(c->webrtc, &batch, &srtp, &address)) < 0) return -1;
-        if (route && (c->rewriter == NULL || !Py_IS_TYPE(c->rewriter, &RewriterType))) route = 0;
-        if (route && (session = consumer_session(c, srtp, ((Rewriter *)c->rewriter)->ssrc)) == NULL) route = -1;
-        Py_XDECREF(srtp);
-        if (route <= 0) {
-            Py_XDECREF(batch);
-            Py_XDECREF(address);
-            if (route < 0) return -1;
-        }
+        PyObject *srtp = fastpath->srtp(c->route);
+        if (srtp == NULL) return -1;
+        route = srtp != Py_None && c->rewriter != NULL && Py_IS_TYPE(c->rewriter, &RewriterType);
+        if (route && (session = consumer_session(c, srtp, ((Rewriter *)c->rewriter)->ssrc)) == NULL) return -1;
     }
     if (!route) {
         PyObject *args[] = {consumer, f->packet_obj, f->layer_obj, f->seq_obj, f->ts_obj,
@@ -870,8 +832,10 @@ static int fan_one(PyObject *consumer, Fanned *f) {
        releases the GIL. */
     PyObject *cache = c->cache == NULL ? Py_None : c->cache;
     Rewriter *rw = (Rewriter *)c->rewriter;
+    PyObject *via = c->route;
     Py_INCREF(cache);
     Py_INCREF(rw);
+    Py_INCREF(via);
     long long layer = f->a.source;
     if (check_cache(cache) < 0) goto done;
     if (cache != Py_None) { /* video */
@@ -907,7 +871,7 @@ static int fan_one(PyObject *consumer, Fanned *f) {
         }
         if (!rw->live) switch_to(rw, layer); /* audio: first packet, or back among the loudest */
     }
-    int sent = forward_packet(rw, f->packet_obj, &f->packet, &f->a, &f->fields, cache, batch, session, address);
+    int sent = forward_packet(rw, f->packet_obj, &f->packet, &f->a, &f->fields, cache, via, session);
     if (sent < 0) goto done;
     if (sent == 0) {
         r = 0;
@@ -919,8 +883,7 @@ static int fan_one(PyObject *consumer, Fanned *f) {
 done:
     Py_DECREF(cache);
     Py_DECREF(rw);
-    Py_XDECREF(batch);
-    Py_XDECREF(address);
+    Py_DECREF(via);
     return r;
 }
 
@@ -940,7 +903,7 @@ static PyObject *taken(PyObject *module, PyObject *const *args, Py_ssize_t nargs
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(consumers); i++) {
         PyObject *consumer = PyList_GET_ITEM(consumers, i);
         Fields *c = (Fields *)consumer;
-        if (!PyObject_TypeCheck(consumer, &FieldsType) || c->webrtc == NULL || c->webrtc == Py_None)
+        if (!PyObject_TypeCheck(consumer, &FieldsType) || c->route == NULL || c->route == Py_None)
             Py_RETURN_TRUE;
         int over = passes_over(c, layer, keyframe);
         if (over < 0) return NULL;
@@ -1075,12 +1038,7 @@ PyMODINIT_FUNC PyInit__rewrite(void) {
         {&str_tid, "tid"},
         {&str_start_of_partition, "start_of_partition"},
         {&str_partition_index, "partition_index"},
-        {&str_port, "port"},
-        {&str_held, "held"},
-        {&str_srtp, "srtp"},
         {&str_stream_handle, "stream_handle"},
-        {&str_ice, "ice"},
-        {&str_selected, "selected"},
         {&str_forward, "forward"},
         {&str_is_keyframe, "is_keyframe"},
     };

@@ -52,7 +52,7 @@ else:
 
     class _Fields:  # type: ignore[no-redef]
         __slots__ = (
-            "_webrtc",
+            "_route",
             "audible",
             "cache",
             "current",
@@ -119,8 +119,8 @@ class Consumer(_Fields):
     @transport.setter
     def transport(self, transport: WebRtcTransport | None) -> None:
         self._transport = transport
-        # The compiled forward sends through a WebRtcTransport's own port and session, nothing else.
-        self._webrtc = transport if COMPILED and isinstance(transport, WebRtcTransport) else None
+        # The compiled forward sends along a WebRtcTransport's route, nothing else.
+        self._route = transport.route if COMPILED and isinstance(transport, WebRtcTransport) else None
 
     @property
     def kind(self) -> str:

@@ -16,6 +16,7 @@ import socket
 from collections import Counter
 from collections.abc import Iterator
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -33,6 +34,7 @@ from huddle.sfu.consumer import Consumer
 from huddle.sfu.producer import UNUSED_EXTENSION_ID, Producer
 from huddle.sfu.rewrite import SEQ_WINDOW, StreamRewriter
 from huddle.sfu.vp8 import parse_descriptor
+from huddle.stun import message as stun
 
 CERTIFICATE = Certificate.generate()
 LAYER_SSRCS = (0x11111111, 0x22222222, 0x33333333)
@@ -314,8 +316,8 @@ async def _forward(
             transport = WebRtcTransport(
                 port, CERTIFICATE, label=f"s{n}", on_rtp=lambda t, d: None, on_rtcp=lambda t, d: None
             )
+            transport.ice.selected = sink.getsockname()  # the ICE pair, then DTLS's keys
             transport.srtp = SrtpSession.from_keying(profile, material, True)
-            transport.ice.selected = sink.getsockname()
             consumer = Consumer(producer, SimpleNamespace(participant=SimpleNamespace(id=f"s{n}")))  # type: ignore[arg-type]
             # Output counters just below their wraps, the same in both runs.
             consumer.ssrc = 0x5000 + n
@@ -665,7 +667,7 @@ def test_the_compiled_rewriter_refuses_a_packet_too_short_for_what_it_writes() -
 
 async def test_a_fan_out_refused_on_the_way_leaves_the_batch_and_the_cache_as_they_were() -> None:
     """A packet libsrtp refuses (a header longer than the packet) is not queued; an address the batch does not
-    take is an error raised before anything is queued or cached."""
+    take is the reference path's to try."""
     profile = SrtpProfile.AEAD_AES_128_GCM
     producer = Producer(_Publisher(), "video", "0", {100: offer.VP8_PT}, PUBLISHER_TABLE, ["q", "h", "f"])  # type: ignore[arg-type]
     port = MediaPort(Metrics())
@@ -676,8 +678,8 @@ async def test_a_fan_out_refused_on_the_way_leaves_the_batch_and_the_cache_as_th
         transport = WebRtcTransport(
             port, CERTIFICATE, label="s", on_rtp=lambda t, d: None, on_rtcp=lambda t, d: None
         )
+        transport.ice.selected = sink.getsockname()  # the ICE pair, then DTLS's keys
         transport.srtp = SrtpSession.from_keying(profile, bytes(profile.keying_material_length), True)
-        transport.ice.selected = sink.getsockname()
         consumer = Consumer(producer, SimpleNamespace(participant=SimpleNamespace(id="s")))  # type: ignore[arg-type]
         consumer.transport = transport
         consumer.ready = True
@@ -695,14 +697,78 @@ async def test_a_fan_out_refused_on_the_way_leaves_the_batch_and_the_cache_as_th
         too_long = b"\x8f\x64" + bytes(14)  # 15 CSRCs said, none there
         assert fan_out(too_long) == 0
         assert batch.count == 1
-        cache = list(consumer.cache or [])  # (it keeps the refused packet, as the reference does)
-        transport.ice.selected = ("not-an-address", 9)
-        with pytest.raises(ValueError):
-            fan_out(RtpPacket(payload_type=100, seq=2, timestamp=0, ssrc=1, payload=bytes(20)).serialize())
-        assert batch.count == 1 and consumer.cache == cache
-        port.flush()
+        # An ICE pair the batch cannot send to (IPv6, for the port's IPv4 socket) turns the route off: the
+        # next packet goes the reference way, which sends what the batch held before it fails on its own.
+        transport.ice.selected = ("::1", 9)
+        transport.update_route()
+        assert transport.route is not None and not transport.route.on
+        packet = RtpPacket(payload_type=100, seq=2, timestamp=0, ssrc=1, payload=bytes(20)).serialize()
+        assert fan_out(packet) == 1
+        assert batch.count == 0
         assert len(_receive(sink, 1)) == 1
+        assert _nothing_more(sink)
     finally:
         producer.close()
         sink.close()
+        await port.close()
+
+
+def _connectivity_check(transport: WebRtcTransport, remote_ufrag: str, nominate: bool) -> tuple[bytes, Any]:
+    """A browser's connectivity check for `transport` (RFC 8445 §7.1.1), and its parsed form."""
+    attributes = [
+        stun.Attribute(stun.USERNAME, f"{transport.ice.ufrag}:{remote_ufrag}".encode()),
+        stun.Attribute(stun.ICE_CONTROLLING, bytes(8)),
+        stun.Attribute(stun.PRIORITY, (0x6E7F1EFF).to_bytes(4, "big")),
+    ]
+    if nominate:
+        attributes.append(stun.Attribute(stun.USE_CANDIDATE, b""))
+    message = stun.StunMessage(stun.BINDING, stun.MessageClass.REQUEST, os.urandom(12), attributes)
+    data = stun.encode(message, integrity_key=transport.ice.pwd.encode(), fingerprint=True)
+    return data, stun.parse(data)
+
+
+async def test_the_compiled_forward_follows_the_pair_the_browser_nominates() -> None:
+    """A browser that moves to another candidate pair (a network change) nominates it with a connectivity
+    check: the compiled forward sends there from the next packet, and nowhere before a pair is chosen."""
+    profile = SrtpProfile.AEAD_AES_128_GCM
+    material = os.urandom(profile.keying_material_length)
+    producer = Producer(_Publisher(), "video", "0", {100: offer.VP8_PT}, PUBLISHER_TABLE, ["q", "h", "f"])  # type: ignore[arg-type]
+    port = MediaPort(Metrics())
+    await port.start("127.0.0.1", 0)
+    first, second = _sink(), _sink()
+    receiver = SrtpSession.from_keying(profile, material, False)
+    try:
+        producer.add_ssrc(LAYER_SSRCS[0], 0)
+        transport = WebRtcTransport(
+            port, CERTIFICATE, label="s", on_rtp=lambda t, d: None, on_rtcp=lambda t, d: None
+        )
+        transport.set_remote("brw1", "")
+        transport.srtp = SrtpSession.from_keying(profile, material, True)
+        assert transport.route is not None and not transport.route.on  # no pair yet
+        consumer = Consumer(producer, SimpleNamespace(participant=SimpleNamespace(id="s")))  # type: ignore[arg-type]
+        consumer.transport = transport
+        consumer.ready = True
+        producer.consumers.append(consumer)
+
+        def forward(seq: int) -> None:
+            port.holding = True
+            producer.receive(_vp8(0, seq, keyframe=seq == 0), 0)
+            port.flush()
+
+        forward(0)  # nowhere to go yet
+        for sink, nominate in ((first, False), (second, True)):
+            data, request = _connectivity_check(transport, "brw1", nominate)
+            assert transport.receive_stun(data, request, sink.getsockname()) is None
+            sink.recv(4096)  # the check's answer
+            forward(1 if sink is first else 2)
+            packet = RtpPacket.parse(receiver.unprotect(sink.recv(4096)))
+            assert packet.ssrc == consumer.ssrc
+            # Sent the compiled way: its cache keeps (publisher's packet, rewritten head), not a copy.
+            compiled = sum(isinstance(entry, tuple) for entry in consumer.cache or [])
+            assert compiled == (1 if sink is first else 2)
+        assert _nothing_more(first) and _nothing_more(second)
+    finally:
+        producer.close()
+        first.close()
+        second.close()
         await port.close()
