@@ -59,9 +59,6 @@ class MediaPort:
         self._sock: socket.socket | None = None
         self._batch: fastpath.Batch | None = None
         self._holding = False
-        # The batch while holding (see `holding`), for send_to; the compiled forward queues into it along the
-        # transports' routes (huddle.rtc.transport), which check the batch's own `holding`.
-        self.held: fastpath.Batch | None = None
         # When the kernel received the datagram being handled (its SO_TIMESTAMPNS, in µs): transport-wide
         # congestion feedback must report arrival times that the event loop's own delays do not distort,
         # or the publisher's bandwidth estimate reads our scheduling jitter as network congestion.
@@ -83,10 +80,10 @@ class MediaPort:
     @holding.setter
     def holding(self, value: bool) -> None:
         self._holding = value
-        batch = self._batch
-        self.held = batch if value else None
-        if batch is not None:
-            batch.holding = value
+        # The batch keeps it too: send_to and the compiled forward (along the transports' routes, see
+        # huddle.rtc.transport) queue into the batch only while it holds.
+        if self._batch is not None:
+            self._batch.holding = value
 
     @property
     def batch(self) -> fastpath.Batch | None:
@@ -257,8 +254,8 @@ class MediaPort:
 
     def send_to(self, data: bytes | bytearray | memoryview, addr: Address) -> None:
         """Send a datagram (copied before this returns): now, or with the batch when `holding`."""
-        batch = self.held
-        if batch is not None and len(addr) != 3:
+        batch = self._batch
+        if batch is not None and batch.holding and len(addr) != 3:
             try:
                 if batch.add(data, addr) >= fastpath.BATCH_SIZE:
                     self._send_batch(batch)

@@ -686,8 +686,8 @@ async def test_a_fan_out_refused_on_the_way_leaves_the_batch_and_the_cache_as_th
         producer.consumers.append(consumer)
         port.holding = True
         assert producer.receive(_vp8(0, 0, keyframe=True), 0) == 1
-        batch = port.held
-        assert batch is not None and batch.count == 1
+        batch = port.batch
+        assert batch is not None and batch.holding and batch.count == 1
 
         def fan_out(packet: bytes) -> int:
             return _rewrite.fanout(  # type: ignore[no-any-return]
